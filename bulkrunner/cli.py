@@ -1,0 +1,359 @@
+"""The ``bulkrunner`` command. ``serve`` runs the server under waitress; every other command
+talks to it over HTTP through :class:`~bulkrunner.client.Client` and loads no server code.
+
+Exit codes (contract section 5): 0 success; 1 the job ended failed or cancelled; 2 usage or
+input error, including a 4xx from the server; 3 the server cannot be reached; 4
+``wait --timeout`` elapsed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import update_wrapper
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from bulkrunner import display
+from bulkrunner.client import FINISHED, Client
+from bulkrunner.config import (EXECUTOR_TYPES, TOKEN_ENV, URL_ENV, Config, find_config_file,
+                               load_config)
+from bulkrunner.errors import ApiError, BulkrunnerError, ConfigError, ServerUnreachable
+from bulkrunner.models import STATES, ParamSpec
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    """What every command shares: the options of the group, and a lazily made client."""
+
+    def __init__(self, config: str | None, url: str | None, token: str | None) -> None:
+        self.config_path = config
+        self.url_opt = url
+        self.token_opt = token
+        self._config: Config | None = None
+        self._client: Client | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(find_config_file(self.config_path))
+        return self._config
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            url = self.url_opt or self.config.url
+            token = self.token_opt or (self.config.server.token or None)
+            try:
+                self._client = Client(url, token)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--url") from None
+        return self._client
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(f: F) -> F:
+    """Turn bulkrunner errors into a sentence on stderr and the contract's exit code."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except ServerUnreachable as e:
+            _fail(e.message, EXIT_UNREACHABLE)
+        except ApiError as e:
+            fields = e.details.get("fields") if isinstance(e.details, dict) else None
+            msg = e.message
+            if isinstance(fields, dict) and len(fields) > 1:
+                msg = "the server refused the submission:\n" + "\n".join(
+                    f"  {k}: {v}" for k, v in fields.items())
+            _fail(msg, EXIT_USAGE)
+        except ConfigError as e:
+            _fail(e.message, EXIT_USAGE)
+        except BulkrunnerError as e:
+            _fail(e.message, EXIT_USAGE)
+    return update_wrapper(wrapper, f)  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", metavar="FILE", envvar="BULKRUNNER_CONFIG",
+              help="Config file (default: $BULKRUNNER_CONFIG, else ./bulkrunner.toml).")
+@click.option("--url", metavar="URL", envvar=URL_ENV,
+              help="Server URL (default: $BULKRUNNER_URL, else the config's host and port).")
+@click.option("--token", metavar="TOKEN", envvar=TOKEN_ENV,
+              help="API token (default: $BULKRUNNER_TOKEN).")
+@click.version_option(package_name="bulkrunner")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, url: str | None, token: str | None) -> None:
+    """bulkrunner: durable bulk jobs for plain Python functions.
+
+    Start the server with `bulkrunner serve`, then submit work with
+    `bulkrunner submit TASK --param k=v` and follow it with `bulkrunner wait ID`.
+    """
+    ctx.obj = Ctx(config, url, token)
+
+
+# --------------------------------------------------------------------------- serve
+@cli.command()
+@click.option("--host", help="Interface to listen on (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (0 picks a free one).")
+@click.option("--executor", type=click.Choice(EXECUTOR_TYPES), help="Where items run.")
+@click.option("--max-workers", type=click.IntRange(min=1), help="Items running at once.")
+@click.option("--db", "db", metavar="PATH", help="SQLite database file.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@pass_ctx
+def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
+          max_workers: int | None, db: str | None, log_level: str) -> None:
+    """Run the job server (waitress) until SIGTERM or Ctrl-C."""
+    from bulkrunner.server import run_server
+
+    try:
+        cfg = obj.config.with_overrides(
+            server={"host": host, "port": port},
+            executor={"type": executor, "max_workers": max_workers},
+            store={"path": db})
+        code = run_server(cfg, log_level=log_level)
+    except ConfigError as e:
+        _fail(e.message, EXIT_USAGE)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- submit
+def _parse_params(pairs: tuple[str, ...], specs: Callable[[], dict[str, ParamSpec]]
+                  ) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if ":=" in pair and pair.index(":=") < pair.find("=") + 1:
+            name, _, raw = pair.partition(":=")
+            try:
+                out[name] = json.loads(raw)
+            except ValueError:
+                raise click.BadParameter(f"{pair!r}: the value after ':=' must be JSON",
+                                         param_hint="--param") from None
+            continue
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r}: write K=V, or K:=JSON", param_hint="--param")
+        spec = specs().get(name)
+        if spec is None:
+            out[name] = text  # unknown here: the server names the problem
+            continue
+        try:
+            out[name] = spec.from_text(text)
+        except ValueError as e:
+            raise click.BadParameter(f"{name}: {e}", param_hint="--param") from None
+    return out
+
+
+def _read_items(path: str) -> tuple[bytes, str]:
+    if path == "-":
+        return sys.stdin.buffer.read(), "stdin.jsonl"
+    p = Path(path)
+    try:
+        return p.read_bytes(), p.name
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}",
+                                 param_hint="--items") from None
+
+
+@cli.command()
+@click.argument("task", required=False)
+@click.option("--param", "-p", "params", multiple=True, metavar="K=V",
+              help="A param, coerced by the task's type hint; K:=JSON passes JSON as is.")
+@click.option("--items", "items_path", metavar="FILE|-",
+              help="Items from a CSV or JSON Lines file (by extension; '-' is JSON Lines "
+                   "on stdin).")
+@click.option("--priority", type=int, help="Higher runs first (default 0).")
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per item.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Seconds per attempt.")
+@click.option("--key", help="Idempotency key: the same key and body return the same job.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the job and show progress.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@pass_ctx
+@handles_errors
+def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str | None,
+           priority: int | None, max_attempts: int | None, timeout: float | None,
+           key: str | None, wait_: bool, as_json: bool) -> None:
+    """Submit a job; prints its id (so ID=$(bulkrunner submit ...) works)."""
+    client = obj.client
+    cache: dict[str, ParamSpec] | None = None
+
+    def specs() -> dict[str, ParamSpec]:
+        nonlocal cache
+        if cache is None:
+            listing = client.tasks()
+            name = task or listing.get("default")
+            found = next((t for t in listing["tasks"] if t["name"] == name), None)
+            cache = {p["name"]: ParamSpec.from_dict(p) for p in found["params"]} if found else {}
+        return cache
+
+    values = _parse_params(params, specs)
+    opts = {"priority": priority, "max_attempts": max_attempts, "timeout": timeout, "key": key}
+    if items_path:
+        data, name = _read_items(items_path)
+        job = client.submit_file(data, name, task, values, **opts)
+    else:
+        job = client.submit(task, values, **opts)
+    if wait_:
+        if not as_json:
+            click.echo(job["id"])
+        _wait_and_exit(client, job["id"], None, as_json)
+    click.echo(json.dumps(job, indent=2) if as_json else job["id"])
+
+
+# --------------------------------------------------------------------------- status / wait
+@cli.command()
+@click.argument("ident", metavar="[ID]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.option("--watch", is_flag=True, help="Redraw until the job finishes.")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state (list).")
+@click.option("--task", help="Only jobs of this task (list).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="How many jobs to list.")
+@pass_ctx
+@handles_errors
+def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str | None,
+           task: str | None, limit: int) -> None:
+    """Show one job (by id or unique prefix), or a table of recent jobs."""
+    client = obj.client
+    if ident is None:
+        page = client.jobs(state=state, task=task, limit=limit)
+        click.echo(json.dumps(page, indent=2) if as_json else display.table(page["jobs"]))
+        return
+    if watch:
+        import time
+
+        tty = sys.stdout.isatty()
+        while True:
+            job = client.job(ident)
+            text = json.dumps(job, indent=2) if as_json else display.summary(job)
+            if tty:
+                click.echo("\x1b[H\x1b[2J" + text)
+            if job["state"] in FINISHED:
+                if not tty:
+                    click.echo(text)
+                sys.exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
+            time.sleep(0.5)
+    job = client.job(ident)
+    click.echo(json.dumps(job, indent=2) if as_json else display.summary(job))
+
+
+def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: bool) -> NoReturn:
+    err = click.get_text_stream("stderr")
+    bar = display.ProgressLine(tty=err.isatty())
+
+    def show(job: dict[str, Any]) -> None:
+        text = bar.update(job)
+        if text:
+            err.write(text)
+            err.flush()
+
+    try:
+        job = client.wait(ident, timeout=timeout, on_update=show)
+    except TimeoutError as e:
+        if bar.tty:
+            err.write("\n")
+        _fail(str(e), EXIT_TIMEOUT)
+    if bar.tty:
+        err.write("\n")
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+    elif job["state"] != "succeeded":
+        click.echo(display.summary(job), err=True)
+    sys.exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("ident", metavar="ID")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after SECONDS (exit 4).")
+@click.option("--json", "as_json", is_flag=True, help="Print the finished job as JSON.")
+@pass_ctx
+@handles_errors
+def wait(obj: Ctx, ident: str, timeout: float | None, as_json: bool) -> None:
+    """Wait for a job to finish: exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    _wait_and_exit(obj.client, ident, timeout, as_json)
+
+
+# --------------------------------------------------------------------------- actions
+@cli.command()
+@click.argument("ident", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@pass_ctx
+@handles_errors
+def cancel(obj: Ctx, ident: str, as_json: bool) -> None:
+    """Cancel a job: queued items never run, running ones are stopped."""
+    job = obj.client.cancel(ident)
+    click.echo(json.dumps(job, indent=2) if as_json else
+               f"cancelled {job['id']} ({job['items']['cancelled']} item(s) cancelled)")
+
+
+@cli.command()
+@click.argument("ident", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@pass_ctx
+@handles_errors
+def retry(obj: Ctx, ident: str, as_json: bool) -> None:
+    """Re-queue a job's failed and cancelled items; succeeded ones are kept."""
+    job = obj.client.retry(ident)
+    click.echo(json.dumps(job, indent=2) if as_json else
+               f"retrying {job['id']}: {job['items']['queued']} item(s) queued again")
+
+
+@cli.command()
+@click.argument("ident", metavar="ID")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write to FILE instead of stdout.")
+@pass_ctx
+@handles_errors
+def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
+    """Download every item's params, state, result and error."""
+    chunks = obj.client.results(ident, fmt)
+    if output:
+        with open(output, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+    else:
+        out = click.get_binary_stream("stdout")
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@pass_ctx
+@handles_errors
+def tasks(obj: Ctx, as_json: bool) -> None:
+    """List the tasks the server runs, with their params."""
+    listing = obj.client.tasks()
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for t in listing["tasks"]:
+        default = " (default)" if t["name"] == listing.get("default") else ""
+        click.echo(f"{t['name']}{default}")
+        doc = (t.get("doc") or "").strip().splitlines()
+        if doc:
+            click.echo(f"    {doc[0]}")
+        for p in t["params"]:
+            req = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+            choices = f", one of {p['choices']}" if p.get("choices") else ""
+            click.echo(f"    --param {p['name']}=<{p['type']}>  ({req}{choices})")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    cli(prog_name="bulkrunner")

@@ -1,0 +1,206 @@
+"""A thin HTTP client for the bulkrunner API (used by the CLI, public for Python users).
+
+Standard library only (``http.client``) so that ``bulkrunner status`` starts in a few tens
+of milliseconds. Server errors come back as :class:`~bulkrunner.errors.ApiError` with the
+server's stable code; a server that cannot be reached is
+:class:`~bulkrunner.errors.ServerUnreachable`.
+
+    with Client("http://127.0.0.1:8470") as c:
+        job = c.submit("echo", {"msg": "hi"})
+        done = c.wait(job["id"])
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from bulkrunner.errors import ApiError, ServerUnreachable
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class Client:
+    """One keep-alive connection to a bulkrunner server."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8470", token: str | None = None,
+                 timeout: float = 60.0) -> None:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._prefix = parts.path.rstrip("/")
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self.token = token
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------------ transport
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = (http.client.HTTPSConnection if self._scheme == "https"
+                   else http.client.HTTPConnection)
+            self._conn = cls(self._host, self._port, timeout=self.timeout)
+        return self._conn
+
+    def request(self, method: str, path: str, *, body: bytes | None = None,
+                content_type: str | None = None, stream: bool = False) -> Any:
+        """Send a request; return the decoded JSON (or the response when ``stream``)."""
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.request(method, self._prefix + path, body=body, headers=headers)
+                resp = conn.getresponse()
+                break
+            except (ConnectionRefusedError, OSError, http.client.HTTPException) as e:
+                self.close()
+                # A kept-alive connection the server has since closed: try once more.
+                if attempt == 2 or isinstance(e, ConnectionRefusedError) or \
+                        isinstance(e, TimeoutError):
+                    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                    raise ServerUnreachable(
+                        f"cannot reach the bulkrunner server at {self.url} ({reason}); "
+                        "start it with 'bulkrunner serve', or point --url or "
+                        "$BULKRUNNER_URL at it", {"url": self.url}) from None
+        if resp.status >= 400:
+            data = resp.read()
+            raise _api_error(resp.status, data)
+        if stream:
+            return resp
+        data = resp.read()
+        return json.loads(data) if data else None
+
+    def _json(self, method: str, path: str, payload: Any = None) -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        return self.request(method, path, body=body,
+                            content_type="application/json" if body is not None else None)
+
+    # ------------------------------------------------------------------ API
+    def submit(self, task: str | None = None, params: dict[str, Any] | None = None, *,
+               items: list[dict[str, Any]] | None = None, priority: int | None = None,
+               max_attempts: int | None = None, timeout: float | None = None,
+               key: str | None = None) -> dict[str, Any]:
+        """Submit a job; returns the job."""
+        body: dict[str, Any] = {"task": task, "params": params or {}, "items": items,
+                                "priority": priority, "max_attempts": max_attempts,
+                                "timeout": timeout, "key": key}
+        return self._json("POST", "/api/v1/jobs",  # type: ignore[no-any-return]
+                          {k: v for k, v in body.items() if v is not None})
+
+    def submit_file(self, data: bytes, filename: str, task: str | None = None,
+                    params: dict[str, Any] | None = None, *, priority: int | None = None,
+                    max_attempts: int | None = None, timeout: float | None = None,
+                    key: str | None = None) -> dict[str, Any]:
+        """Submit a job whose items come from a CSV or JSON Lines file."""
+        fields = {"task": task, "params": json.dumps(params) if params else None,
+                  "priority": priority, "max_attempts": max_attempts, "timeout": timeout,
+                  "key": key}
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in fields.items():
+            if value is not None:
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+                             f"\r\n\r\n{value}\r\n".encode())
+        ctype = "text/csv" if filename.lower().endswith(".csv") else "application/x-ndjson"
+        safe = os.path.basename(filename).replace('"', "")
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="items"; '
+                     f'filename="{safe}"\r\nContent-Type: {ctype}\r\n\r\n'.encode() + data
+                     + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        return self.request("POST", "/api/v1/jobs",  # type: ignore[no-any-return]
+                            body=b"".join(parts),
+                            content_type=f"multipart/form-data; boundary={boundary}")
+
+    def job(self, ident: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}")  # type: ignore[no-any-return]
+
+    def jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
+             before: str | None = None) -> dict[str, Any]:
+        q = {k: v for k, v in {"state": state, "task": task, "limit": limit,
+                               "before": before}.items() if v is not None}
+        return self._json("GET", f"/api/v1/jobs?{urlencode(q)}")  # type: ignore[no-any-return]
+
+    def cancel(self, ident: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/cancel")  # type: ignore[no-any-return]
+
+    def retry(self, ident: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/retry")  # type: ignore[no-any-return]
+
+    def items(self, ident: str, *, state: str | None = None, limit: int = 100,
+              after: str | None = None) -> dict[str, Any]:
+        q = {k: v for k, v in {"state": state, "limit": limit, "after": after}.items()
+             if v is not None}
+        return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}/items?"  # type: ignore[no-any-return]
+                                 f"{urlencode(q)}")
+
+    def results(self, ident: str, fmt: str = "jsonl") -> Iterator[bytes]:
+        """The export, streamed in chunks."""
+        resp = self.request("GET", f"/api/v1/jobs/{quote(ident, safe='')}/results?"
+                                   f"{urlencode({'format': fmt})}", stream=True)
+        try:
+            while chunk := resp.read(64 * 1024):
+                yield chunk
+        finally:
+            resp.close()
+
+    def tasks(self) -> dict[str, Any]:
+        return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
+
+    def health(self) -> dict[str, Any]:
+        try:
+            return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+        except ApiError as e:
+            if e.status == 503:
+                return {"status": e.details.get("status", "unavailable"), **e.details}
+            raise
+
+    def wait(self, ident: str, *, timeout: float | None = None, poll: float = 0.25,
+             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job finishes; returns it. Raises TimeoutError past ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(poll, 0.05)
+        while True:
+            job = self.job(ident)
+            if on_update is not None:
+                on_update(job)
+            if job["state"] in FINISHED:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job['id']} is still {job['state']} after "
+                                   f"{timeout:g} s")
+            time.sleep(delay if deadline is None else
+                       max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 2, poll)
+
+
+def _api_error(status: int, data: bytes) -> ApiError:
+    try:
+        err = json.loads(data)["error"]
+        return ApiError(status, err["code"], err["message"], err.get("details") or {})
+    except (ValueError, KeyError, TypeError):
+        text = data.decode("utf-8", "replace").strip()[:300]
+        return ApiError(status, "http_error", f"HTTP {status}: {text or 'no body'}")

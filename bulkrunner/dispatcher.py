@@ -1,0 +1,258 @@
+"""The dispatcher: moves items from the store's queue onto the executor and back.
+
+One thread. Each turn it records the outcomes that came back, fails attempts that passed
+their deadline, flushes progress, and claims as many queued items as the executor has free
+slots (``max_workers``), so the queue stays in SQLite and memory stays flat however many
+items wait. At start it re-queues what a crashed server left running; at stop it drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any
+
+from bulkrunner.config import Config
+from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
+from bulkrunner.store import Claimed, Finish, Store, backoff_delay
+from bulkrunner.tasks import Registry
+from bulkrunner.worker import Outcome, WorkUnit, error_dict
+
+log = logging.getLogger("bulkrunner.dispatcher")
+
+#: ``observer(event, data)``: called from the dispatcher thread (metrics, logs). Events:
+#: "claimed", "finished", "timeout", "worker_died", "recovered".
+Observer = Callable[[str, dict[str, Any]], None]
+
+_PROGRESS_FLUSH = 0.5      # seconds between progress writes
+_IDLE_POLL = 0.5           # seconds between looks at the queue when nothing wakes us
+
+
+class Dispatcher:
+    """Keeps the executor busy with queued items and records how each attempt ended."""
+
+    def __init__(self, cfg: Config, store: Store, registry: Registry,
+                 executor_factory: Callable[..., Executor] = make_executor) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self._factory = executor_factory
+        self.executor: Executor | None = None
+        self.max_workers = cfg.executor.max_workers
+        self.observers: list[Observer] = []
+        self._inflight: dict[Future[Outcome], WorkUnit] = {}
+        self._timed_out: set[Future[Outcome]] = set()
+        self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._progress: dict[tuple[int, int], tuple[float | None, str | None]] = {}
+        self._progress_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.draining = False
+        self._thread: threading.Thread | None = None
+        self._backoff = backoff_delay(cfg.jobs.retry_backoff, cfg.jobs.retry_backoff_max)
+        self.recovered: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Re-queue what a previous server left running, build the executor, start."""
+        t0 = time.monotonic()
+        self.recovered = self.store.requeue_running(interrupted=True)
+        if any(self.recovered.values()):
+            log.info("recovery: re-queued %(requeued)d interrupted items, failed %(failed)d "
+                     "interrupted too often", self.recovered)
+            self._emit("recovered", {**self.recovered, "seconds": time.monotonic() - t0})
+        self.executor = self._factory(self.cfg, self._report, self.registry.modules())
+        self._thread = threading.Thread(target=self._run, name="bulkrunner-dispatcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look at the queue now (new items were committed)."""
+        self._wake.set()
+
+    def abort(self, keys: list[tuple[int, int]]) -> None:
+        """Stop the running attempts of these items (their state is already recorded)."""
+        for k in keys:
+            self._aborts.put(k)
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def drain(self, grace: float) -> None:
+        """Stop claiming, give running items ``grace`` seconds, then stop the executor and
+        put what is still running back in the queue for the next start."""
+        self.draining = True
+        self._wake.set()
+        deadline = time.monotonic() + grace
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.executor is not None:
+            self.executor.shutdown()
+        left = self.store.requeue_running(interrupted=False)
+        if left["requeued"]:
+            log.info("shutdown: %d running items go back to the queue for the next start",
+                     left["requeued"])
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        last_flush = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+            try:
+                self._turn()
+                now = time.monotonic()
+                if now - last_flush >= _PROGRESS_FLUSH:
+                    self._flush_progress()
+                    last_flush = now
+            except Exception:  # background code logs and carries on
+                log.exception("dispatcher error; retrying in a moment")
+                time.sleep(0.5)
+        self._turn(claim=False)
+        self._flush_progress()
+
+    def _next_wait(self) -> float:
+        now = time.time()
+        deadlines = [u.deadline for f, u in self._inflight.items()
+                     if u.deadline is not None and f not in self._timed_out]
+        if deadlines:
+            return max(0.0, min(min(deadlines) - now, _IDLE_POLL))
+        return _IDLE_POLL
+
+    def _turn(self, claim: bool = True) -> None:
+        finishes: list[Finish] = []
+        while True:
+            try:
+                fut = self._done.get_nowait()
+            except queue.Empty:
+                break
+            unit = self._inflight.pop(fut, None)
+            if unit is None:
+                continue
+            if fut in self._timed_out:
+                self._timed_out.discard(fut)
+                continue
+            finishes.append(self._finish_for(unit, fut))
+        self._handle_aborts()
+        finishes += self._expire()
+        if finishes:
+            self.store.finish(finishes, self._backoff)
+            self._emit("finished", {"finishes": finishes})
+        if claim and not self.draining and self.executor is not None:
+            free = self.max_workers - len(self._inflight)
+            if free > 0:
+                ok, _ = self.executor.health()
+                if ok:
+                    for c in self.store.claim(free):
+                        self._submit(c)
+
+    def _submit(self, c: Claimed) -> None:
+        assert self.executor is not None
+        if c.task not in self.registry:
+            self.store.finish([Finish(c.job_seq, c.index, c.claim, retryable=False, error={
+                "type": "UnknownTask", "message": f"the task {c.task!r} is no longer in the "
+                "config; add it back and retry the job", "traceback": ""})])
+            return
+        task = self.registry.get(c.task)
+        unit = WorkUnit(job_id=c.job_id, job_seq=c.job_seq, index=c.index, claim=c.claim,
+                        task=c.task, target=task.target, params=c.params, timeout=c.timeout,
+                        deadline=time.time() + c.timeout if c.timeout > 0 else None,
+                        context_param=task.context_param,
+                        max_result_size=self.cfg.jobs.max_result_size)
+        try:
+            fut = self.executor.submit(unit)
+        except Exception as e:
+            log.warning("executor refused item %s of job %s: %s", c.index, c.job_id, e)
+            self.store.finish([Finish(c.job_seq, c.index, c.claim, charge=False)])
+            return
+        self._inflight[fut] = unit
+        self._emit("claimed", {"unit": unit})
+        fut.add_done_callback(self._on_done)
+
+    def _on_done(self, fut: Future[Outcome]) -> None:
+        # Runs on a worker or executor thread: only hand over, never block.
+        self._done.put(fut)
+        self._wake.set()
+
+    def _finish_for(self, unit: WorkUnit, fut: Future[Outcome]) -> Finish:
+        key = dict(job_seq=unit.job_seq, index=unit.index, claim=unit.claim)
+        try:
+            out = fut.result()
+        except WorkerDied as e:
+            self._emit("worker_died", {"unit": unit, "message": str(e)})
+            return Finish(**key, error={"type": "WorkerDied", "message": str(e),
+                                        "traceback": ""})
+        except (ExecutorLost, CancelledError):
+            return Finish(**key, charge=False)
+        except Exception as e:  # an executor error that names no culprit: not the item's
+            log.warning("item %s of job %s lost by the executor: %r", unit.index, unit.job_id, e)
+            return Finish(**key, charge=False)
+        return Finish(**key, ok=out.ok, result=out.result, error=out.error, worker=out.worker,
+                      retryable=out.retryable)
+
+    def _expire(self) -> list[Finish]:
+        now = time.time()
+        out = []
+        for fut, unit in list(self._inflight.items()):
+            if unit.deadline is None or now < unit.deadline or fut in self._timed_out:
+                continue
+            if fut.done():
+                continue  # it finished in time; its outcome is being collected
+            self._timed_out.add(fut)
+            out.append(Finish(unit.job_seq, unit.index, unit.claim, error={
+                "type": "TimeoutError",
+                "message": f"the attempt passed its timeout of {unit.timeout:g} s",
+                "traceback": ""}))
+            self._emit("timeout", {"unit": unit})
+            assert self.executor is not None
+            self.executor.abort(unit)
+        return out
+
+    def _handle_aborts(self) -> None:
+        keys = set()
+        while True:
+            try:
+                keys.add(self._aborts.get_nowait())
+            except queue.Empty:
+                break
+        if not keys or self.executor is None:
+            return
+        for fut, unit in list(self._inflight.items()):
+            if unit.key in keys:
+                # The item is already recorded as cancelled; drop whatever comes back.
+                self._timed_out.add(fut)
+                self.executor.abort(unit)
+
+    # ------------------------------------------------------------------ progress
+    def _report(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
+        with self._progress_lock:
+            old = self._progress.get(key, (None, None))
+            self._progress[key] = (frac if frac is not None else old[0],
+                                   msg if msg is not None else old[1])
+
+    def _flush_progress(self) -> None:
+        with self._progress_lock:
+            updates, self._progress = self._progress, {}
+        if updates:
+            self.store.record_progress(updates)
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        for obs in self.observers:
+            try:
+                obs(event, data)
+            except Exception:
+                log.exception("observer failed on %s", event)
+
+
+__all__ = ["Dispatcher", "Observer", "error_dict"]

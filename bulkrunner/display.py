@@ -1,0 +1,130 @@
+"""How the CLI shows jobs: a summary, a table, and a progress line. Pure formatting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import datetime
+from typing import Any
+
+STATE_MARK = {"queued": "…", "running": "▸", "succeeded": "✓", "failed": "✗",
+              "cancelled": "⊘"}
+
+
+def _when(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    try:
+        d = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone()
+    except ValueError:
+        return ts
+    return d.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(value: Any, width: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def summary(job: dict[str, Any]) -> str:
+    """A readable multi-line summary of one job."""
+    c = job["items"]
+    lines = [
+        f"job       {job['id']}",
+        f"task      {job['task']}",
+        f"state     {job['state']}",
+        f"items     {c['total']} total: {c['succeeded']} succeeded, {c['failed']} failed, "
+        f"{c['running']} running, {c['queued']} queued, {c['cancelled']} cancelled",
+        f"progress  {job['progress'] * 100:.0f}%",
+    ]
+    if job.get("params"):
+        lines.append(f"params    {_short(job['params'], 200)}")
+    if job.get("message"):
+        lines.append(f"message   {job['message']}")
+    lines.append(f"created   {_when(job.get('created_at'))}")
+    if job.get("started_at"):
+        lines.append(f"started   {_when(job['started_at'])}")
+    if job.get("finished_at"):
+        lines.append(f"finished  {_when(job['finished_at'])}")
+    if job.get("result") is not None:
+        lines.append(f"result    {_short(job['result'], 2000)}")
+    err = job.get("error")
+    if err:
+        lines.append(f"error     {err.get('type')}: {err.get('message')}")
+        tb = (err.get("traceback") or "").rstrip()
+        if tb:
+            lines.append("traceback\n" + "\n".join("  " + ln for ln in tb.splitlines()))
+    return "\n".join(lines)
+
+
+def table(jobs: list[dict[str, Any]]) -> str:
+    """Recent jobs as a fixed-width table."""
+    if not jobs:
+        return "no jobs"
+    rows = [("ID", "TASK", "STATE", "ITEMS", "PROGRESS", "CREATED")]
+    for j in jobs:
+        c = j["items"]
+        rows.append((j["id"][:12], _short(j["task"], 20), j["state"],
+                     f"{c['succeeded'] + c['failed'] + c['cancelled']}/{c['total']}",
+                     f"{j['progress'] * 100:.0f}%", _when(j["created_at"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+class ProgressLine:
+    """A one-line progress bar with counts, rate and ETA, redrawn in place on a terminal;
+    on anything else a plain line whenever the counts change (at most once a second)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.start = time.monotonic()
+        self.first_done: int | None = None
+        self._last_plain = ""
+        self._last_plain_at = 0.0
+
+    def render(self, job: dict[str, Any]) -> str:
+        c = job["items"]
+        done = c["succeeded"] + c["failed"] + c["cancelled"]
+        if self.first_done is None:
+            self.first_done = done
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = (done - self.first_done) / elapsed
+        left = c["total"] - done
+        eta = f"ETA {_dur(left / rate)}" if rate > 0 and left else ""
+        frac = job["progress"]
+        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 70))
+        bar = "█" * int(frac * width) + "░" * (width - int(frac * width))
+        parts = [f"{job['state']:<9}", f"{bar} {frac * 100:3.0f}%",
+                 f"{done}/{c['total']}"]
+        if c["failed"]:
+            parts.append(f"{c['failed']} failed")
+        if rate > 0:
+            parts.append(f"{rate:.1f}/s")
+        if eta:
+            parts.append(eta)
+        if job.get("message"):
+            parts.append(_short(job["message"], 40))
+        return "  ".join(parts)
+
+    def update(self, job: dict[str, Any]) -> str | None:
+        """The text to write for this update, or None when nothing should be written."""
+        text = self.render(job)
+        if self.tty:
+            cols = shutil.get_terminal_size((80, 20)).columns
+            return "\r" + text[: cols - 1].ljust(cols - 1)
+        c = job["items"]
+        key = f"{job['state']} {c['succeeded']} {c['failed']} {c['cancelled']}"
+        now = time.monotonic()
+        finished = job["state"] in ("succeeded", "failed", "cancelled")
+        if key != self._last_plain and (finished or now - self._last_plain_at >= 1.0):
+            self._last_plain, self._last_plain_at = key, now
+            return text + "\n"
+        return None
+
+
+def _dur(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
+        f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,264 @@
+"""States, the Job and Item records, and the param schema shared by server and client.
+
+Pure data: no I/O, no third-party imports, so the CLI can load it in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    """The state of a job or of an item (contract section 2)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+STATES = tuple(s.value for s in State)
+
+
+def derive_state(counts: dict[str, int]) -> State:
+    """A job's state from its item counts, as the contract's table defines it."""
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    if counts["queued"] or counts["running"]:
+        return State.RUNNING if counts["running"] or done else State.QUEUED
+    if counts["cancelled"]:
+        return State.CANCELLED
+    if counts["failed"]:
+        return State.FAILED
+    return State.SUCCEEDED
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as UTC ISO 8601 with milliseconds and a ``Z``."""
+    if ts is None:
+        return None
+    d = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+@dataclass
+class Item:
+    """One call of the task function."""
+
+    index: int
+    params: dict[str, Any]
+    state: State
+    attempts: int = 0
+    result: Any = None
+    error: dict[str, Any] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float | None = None
+    message: str | None = None
+    worker: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "params": self.params, "state": self.state.value,
+            "attempts": self.attempts, "result": self.result, "error": self.error,
+            "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
+            "progress": self.progress, "message": self.message, "worker": self.worker,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class Job:
+    """One submission of a task, with the counts of its items."""
+
+    id: str
+    task: str
+    params: dict[str, Any]
+    state: State
+    priority: int
+    created_at: float
+    counts: dict[str, int]
+    max_attempts: int = 1
+    timeout: float = 0.0
+    key: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    message: str | None = None
+    progress: float = 0.0
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts[s] for s in STATES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "task": self.task, "params": self.params,
+            "state": self.state.value, "priority": self.priority,
+            "max_attempts": self.max_attempts, "timeout": self.timeout, "key": self.key,
+            "created_at": iso(self.created_at), "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "items": {"total": self.total, **{s: self.counts[s] for s in STATES}},
+            "progress": self.progress, "message": self.message,
+            "result": self.result, "error": self.error,
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Param schema. The server derives it from a function's signature (tasks.py); the client
+# reads it back from GET /api/v1/tasks to coerce ``--param k=v`` text by the type hint.
+
+TYPES = ("str", "int", "float", "bool", "list", "dict", "any")
+_TRUE = {"1", "true", "yes", "y", "on", "t"}
+_FALSE = {"0", "false", "no", "n", "off", "f", ""}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What one parameter of a task accepts.
+
+    ``type`` is one of ``TYPES``; ``choices`` limits the value (``Literal`` or ``Enum``);
+    ``item_type`` is the element type of a ``list[...]``; ``nullable`` admits ``None``.
+    """
+
+    name: str
+    type: str = "any"
+    required: bool = True
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    item_type: str | None = None
+    nullable: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "type": self.type,
+                             "required": self.required, "default": self.default}
+        if self.choices is not None:
+            d["choices"] = list(self.choices)
+        if self.item_type:
+            d["item_type"] = self.item_type
+        if self.nullable:
+            d["nullable"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParamSpec:
+        ch = d.get("choices")
+        return cls(name=d["name"], type=d.get("type", "any"),
+                   required=bool(d.get("required", True)), default=d.get("default"),
+                   choices=tuple(ch) if ch is not None else None,
+                   item_type=d.get("item_type"), nullable=bool(d.get("nullable", False)))
+
+    def check(self, value: Any) -> str | None:
+        """Return what is wrong with a JSON value for this param, or None when it fits."""
+        if value is None:
+            return None if self.nullable or self.type == "any" else f"must be {self.type}, not null"
+        problem = _check_type(self.type, value)
+        if problem:
+            return problem
+        if self.type == "list" and self.item_type and self.item_type != "any":
+            for i, v in enumerate(value):
+                p = _check_type(self.item_type, v)
+                if p:
+                    return f"[{i}] {p}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(json.dumps(c) for c in self.choices)}"
+        return None
+
+    def from_text(self, text: str) -> Any:
+        """Coerce a command-line or CSV string by this param's type.
+
+        Raises:
+            ValueError: with a sentence saying what was expected.
+        """
+        if self.nullable and text.lower() in ("null", "none"):
+            return None
+        t = self.type
+        if self.choices is not None:
+            for c in self.choices:
+                if str(c) == text:
+                    return c
+            raise ValueError(f"must be one of {', '.join(str(c) for c in self.choices)}, "
+                             f"not {text!r}")
+        if t == "str":
+            return text
+        if t == "int":
+            try:
+                return int(text.strip())
+            except ValueError:
+                raise ValueError(f"must be an integer, not {text!r}") from None
+        if t == "float":
+            try:
+                v = float(text.strip())
+            except ValueError:
+                raise ValueError(f"must be a number, not {text!r}") from None
+            if not math.isfinite(v):
+                raise ValueError(f"must be a finite number, not {text!r}")
+            return v
+        if t == "bool":
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"must be true or false, not {text!r}")
+        if t in ("list", "dict"):
+            try:
+                v = json.loads(text)
+            except ValueError:
+                raise ValueError(f"must be a JSON {'array' if t == 'list' else 'object'}, "
+                                 f"not {text!r}") from None
+            problem = self.check(v)
+            if problem:
+                raise ValueError(problem)
+            return v
+        # "any": a JSON literal when it parses as one, else the text itself.
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+
+def _check_type(t: str, value: Any) -> str | None:
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "list": lambda v: isinstance(v, list),
+        "dict": lambda v: isinstance(v, dict),
+    }.get(t)
+    if ok is None or ok(value):
+        return None
+    return f"must be {_ARTICLE.get(t, t)}, not {_json_type(value)}"
+
+
+_ARTICLE = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+            "list": "a list", "dict": "an object"}
+
+
+def _json_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__

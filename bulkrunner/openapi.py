@@ -1,0 +1,176 @@
+"""The OpenAPI 3 description of the HTTP API (served at ``/openapi.json``).
+
+Written by hand, kept true by a test that compares it with the app's routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bulkrunner import __version__
+from bulkrunner.models import STATES
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_ID = {"name": "id", "in": "path", "required": True,
+       "description": "A job id or a unique prefix of one.",
+       "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+_STATE = {"name": "state", "in": "query", "required": False,
+          "schema": {"type": "string", "enum": list(STATES)}}
+
+
+def _ok(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document, as a dict."""
+    errors = {"400": _ERR, "401": _ERR, "404": _ERR, "409": _ERR, "413": _ERR, "415": _ERR,
+              "422": _ERR, "503": _ERR}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "bulkrunner", "version": __version__,
+                 "description": "Durable bulk jobs over HTTP. With a token configured, every "
+                                "route but /healthz needs 'Authorization: Bearer <token>'."},
+        "paths": {
+            "/api/v1/jobs": {
+                "post": {
+                    "operationId": "submitJob", "summary": "Submit a job",
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Submit"}},
+                        "multipart/form-data": {"schema": {
+                            "type": "object", "required": ["items"], "properties": {
+                                "items": {"type": "string", "format": "binary",
+                                          "description": "CSV (header row = param names) or "
+                                                         "JSON Lines"},
+                                "task": {"type": "string"},
+                                "params": {"type": "string", "description": "JSON object"},
+                                "priority": {"type": "integer"},
+                                "max_attempts": {"type": "integer"},
+                                "timeout": {"type": "number"},
+                                "key": {"type": "string"}}}}}},
+                    "responses": {
+                        "202": {**_ok("Job", "Accepted: the job and its items are committed"),
+                                "headers": {"Location": {"schema": {"type": "string"}}}},
+                        "200": _ok("Job", "An idempotent replay: the original job"),
+                        **errors}},
+                "get": {
+                    "operationId": "listJobs", "summary": "List jobs, newest first",
+                    "parameters": [
+                        _STATE,
+                        {"name": "task", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "before", "in": "query", "description": "the `next` cursor",
+                         "schema": {"type": "string"}}],
+                    "responses": {"200": _ok("JobList", "A page of jobs"), **errors}}},
+            "/api/v1/jobs/{id}": {"get": {
+                "operationId": "getJob", "summary": "One job", "parameters": [_ID],
+                "responses": {"200": _ok("Job", "The job"), **errors}}},
+            "/api/v1/jobs/{id}/cancel": {"post": {
+                "operationId": "cancelJob", "summary": "Cancel every unfinished item",
+                "parameters": [_ID],
+                "responses": {"200": _ok("Job", "The cancelled job"), **errors}}},
+            "/api/v1/jobs/{id}/retry": {"post": {
+                "operationId": "retryJob", "summary": "Re-queue failed and cancelled items",
+                "parameters": [_ID],
+                "responses": {"200": _ok("Job", "The job, re-queued"), **errors}}},
+            "/api/v1/jobs/{id}/items": {"get": {
+                "operationId": "listItems", "summary": "The job's items",
+                "parameters": [
+                    _ID, _STATE,
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
+                    {"name": "after", "in": "query", "description": "the `next` cursor",
+                     "schema": {"type": "string"}}],
+                "responses": {"200": _ok("ItemList", "A page of items"), **errors}}},
+            "/api/v1/jobs/{id}/results": {"get": {
+                "operationId": "exportResults", "summary": "Every item, streamed",
+                "parameters": [_ID, {"name": "format", "in": "query", "schema": {
+                    "type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"}}],
+                "responses": {"200": {"description": "One line or row per item", "content": {
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                    "text/csv": {"schema": {"type": "string"}}}}, **errors}}},
+            "/api/v1/tasks": {"get": {
+                "operationId": "listTasks", "summary": "Registered tasks and their params",
+                "responses": {"200": _ok("TaskList", "The tasks"), **errors}}},
+            "/healthz": {"get": {
+                "operationId": "health", "summary": "Liveness, queue depth, executor health",
+                "responses": {"200": _ok("Health", "Serving"),
+                              "503": _ok("Health", "Draining, or the executor is unusable")}}},
+            "/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3 document", "content": {
+                    "application/json": {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {
+            "responses": {"Error": {"description": "An error", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "schemas": _schemas(),
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    nullable_time = {"type": "string", "format": "date-time", "nullable": True}
+    error_obj = {"type": "object", "nullable": True, "properties": {
+        "type": {"type": "string"}, "message": {"type": "string"},
+        "traceback": {"type": "string"}}}
+    counts = {"type": "object", "required": ["total", *STATES], "properties": {
+        k: {"type": "integer"} for k in ("total", *STATES)}}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message", "details"], "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"},
+                "details": {"type": "object"}}}}},
+        "Submit": {"type": "object", "additionalProperties": False, "properties": {
+            "task": {"type": "string"},
+            "params": {"type": "object"},
+            "items": {"type": "array", "items": {"type": "object"}},
+            "priority": {"type": "integer"},
+            "max_attempts": {"type": "integer", "minimum": 1},
+            "timeout": {"type": "number", "minimum": 0},
+            "key": {"type": "string", "minLength": 1, "maxLength": 200}}},
+        "Job": {"type": "object", "required": [
+            "id", "task", "params", "state", "priority", "created_at", "items", "progress"],
+            "properties": {
+                "id": {"type": "string"}, "task": {"type": "string"},
+                "params": {"type": "object"},
+                "state": {"type": "string", "enum": list(STATES)},
+                "priority": {"type": "integer"}, "max_attempts": {"type": "integer"},
+                "timeout": {"type": "number"}, "key": {"type": "string", "nullable": True},
+                "created_at": {"type": "string", "format": "date-time"},
+                "started_at": nullable_time, "finished_at": nullable_time,
+                "items": counts, "progress": {"type": "number"},
+                "message": {"type": "string", "nullable": True},
+                "result": {"nullable": True}, "error": error_obj}},
+        "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+            "next": {"type": "string", "nullable": True}}},
+        "Item": {"type": "object", "required": ["index", "params", "state", "attempts"],
+                 "properties": {
+                     "index": {"type": "integer"}, "params": {"type": "object"},
+                     "state": {"type": "string", "enum": list(STATES)},
+                     "attempts": {"type": "integer"}, "result": {"nullable": True},
+                     "error": error_obj, "started_at": nullable_time,
+                     "finished_at": nullable_time,
+                     "progress": {"type": "number", "nullable": True},
+                     "message": {"type": "string", "nullable": True},
+                     "worker": {"type": "string", "nullable": True},
+                     "errors": {"type": "array", "items": {"type": "object"}}}},
+        "ItemList": {"type": "object", "required": ["items", "next"], "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}},
+            "next": {"type": "string", "nullable": True}}},
+        "TaskList": {"type": "object", "required": ["tasks"], "properties": {"tasks": {
+            "type": "array", "items": {"type": "object", "required": ["name", "doc", "params"],
+                                       "properties": {
+                "name": {"type": "string"}, "doc": {"type": "string"},
+                "params": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "type", "required", "default"],
+                    "properties": {"name": {"type": "string"}, "type": {"type": "string"},
+                                   "required": {"type": "boolean"}, "default": {}}}}}}}}},
+        "Health": {"type": "object", "required": ["status"], "properties": {
+            "status": {"type": "string"}, "executor": {"type": "object"},
+            "queued": {"type": "integer"}, "inflight": {"type": "integer"},
+            "max_workers": {"type": "integer"}}},
+    }

@@ -1,0 +1,110 @@
+"""Run the app under waitress, with a clean stop on SIGTERM and Ctrl-C.
+
+waitress installs no SIGTERM handler, so SIGTERM would kill it outright. Here the first
+SIGTERM or Ctrl-C starts a drain: ``/healthz`` and new submissions answer 503, running items
+get ``server.shutdown_grace`` seconds, then the server stops and exits 0; what did not finish
+is re-queued and runs after the next start. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+from bulkrunner.config import Config
+from bulkrunner.errors import ConfigError
+
+log = logging.getLogger("bulkrunner")
+
+
+def setup_logging(level: str = "info") -> None:
+    """Plain lines on stderr; waitress's queue-depth warnings are rate-limited away."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Under load it writes thousands of lines a second; an unread stderr then blocks us.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def run_server(cfg: Config, *, log_level: str = "info") -> int:
+    """Serve until stopped; returns the exit code."""
+    setup_logging(log_level)
+    if not cfg.server.is_loopback and not cfg.server.token:
+        raise ConfigError(
+            f"refusing to serve on {cfg.server.host} without a token: anyone who can reach "
+            "it could run tasks. Set server.token (or token_file) in the config, or "
+            "$BULKRUNNER_TOKEN, or serve on 127.0.0.1", file=cfg.source, key="server.token")
+
+    from waitress import create_server
+
+    from bulkrunner.app import create_app
+    from bulkrunner.service import Service
+
+    svc = Service(cfg)
+    try:
+        app = create_app(cfg, service=svc)
+    except Exception:
+        svc.close(grace=0)
+        raise
+    try:
+        server = create_server(
+            app, host=cfg.server.host, port=cfg.server.port, threads=cfg.server.threads,
+            connection_limit=cfg.server.connection_limit,
+            max_request_body_size=cfg.server.max_body_size, ident="bulkrunner",
+            channel_timeout=60, cleanup_interval=15)
+    except OSError as e:
+        svc.close(grace=0)
+        raise ConfigError(f"cannot listen on {cfg.server.host}:{cfg.server.port} "
+                          f"({e.strerror}); pick another --port or stop what uses it",
+                          file=cfg.source, key="server.port") from None
+    port = server.effective_port  # type: ignore[union-attr]
+    host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
+    log.info("bulkrunner serving on http://%s:%s (executor %s, %d workers, database %s)",
+             host, port, cfg.executor.type, cfg.executor.max_workers,
+             os.path.abspath(cfg.store.path))
+
+    stopping = threading.Event()
+    drained = threading.Event()
+
+    def drain() -> None:
+        svc.dispatcher.drain(cfg.server.shutdown_grace)
+        drained.set()
+        _thread.interrupt_main()  # wakes server.run() in the main thread
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            raise SystemExit(0)  # second signal: stop now
+        stopping.set()
+        log.info("received %s: draining (up to %g s for running items); signal again to "
+                 "stop at once", signal.Signals(signum).name, cfg.server.shutdown_grace)
+        svc.begin_drain()
+        threading.Thread(target=drain, name="bulkrunner-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        server.close()
+        if not drained.is_set():
+            svc.begin_drain()
+            svc.dispatcher.drain(0)
+        svc.store.close()
+        log.info("bulkrunner stopped")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Task threads cannot be killed and the interpreter would wait for them at exit; their
+    # items are already back in the queue, so leave now.
+    os._exit(0)

@@ -1,0 +1,341 @@
+"""What the web app calls: submit, get, list, cancel, retry, items, export, tasks, health.
+
+The only module that knows both the store and the dispatcher. It validates submissions
+against the task registry before anything is written, so a bad submission stores nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from bulkrunner.config import Config
+from bulkrunner.dispatcher import Dispatcher
+from bulkrunner.errors import InvalidSubmission, QueueFull, ShuttingDown
+from bulkrunner.itemfiles import detect_format, parse_items
+from bulkrunner.models import STATES, Item, Job
+from bulkrunner.store import NewJob, Store
+from bulkrunner.tasks import Registry, Task
+
+log = logging.getLogger("bulkrunner.service")
+
+SUBMIT_KEYS = ("task", "params", "items", "priority", "max_attempts", "timeout", "key")
+MAX_PRIORITY = 1_000_000
+MAX_ATTEMPTS = 100
+_MAX_ITEM_ERRORS = 20
+
+
+class Service:
+    """The job service over one store, one registry and one dispatcher."""
+
+    def __init__(self, cfg: Config, registry: Registry | None = None,
+                 store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry or Registry.from_config(cfg)
+        self.store = store or Store(cfg.store.path)
+        self.dispatcher = Dispatcher(cfg, self.store, self.registry)
+        self.started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.dispatcher.start()
+        self.started = True
+
+    @property
+    def draining(self) -> bool:
+        return self.dispatcher.draining
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (the HTTP layer answers 503)."""
+        self.dispatcher.draining = True
+
+    def close(self, grace: float | None = None) -> None:
+        """Drain the dispatcher (``grace`` seconds for running items) and close the store."""
+        if self.started:
+            self.dispatcher.drain(self.cfg.server.shutdown_grace if grace is None else grace)
+            self.started = False
+        self.store.close()
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, body: Any, *, items: Sequence[Mapping[str, Any]] | None = None,
+               rows: Sequence[int] | None = None) -> tuple[Job, bool]:
+        """Validate and commit a submission. Returns (job, created).
+
+        ``items`` (with their file ``rows`` for messages) come from an uploaded file, and
+        replace ``body["items"]``.
+        """
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; submit again once it is back",
+                               retry_after=10)
+        if not isinstance(body, dict):
+            raise InvalidSubmission({"body": "must be a JSON object like "
+                                             '{"task": "echo", "params": {}}'})
+        unknown = [k for k in body if k not in SUBMIT_KEYS]
+        if unknown:
+            raise InvalidSubmission({k: f"unknown field; a submission takes "
+                                        f"{', '.join(SUBMIT_KEYS)}" for k in unknown[:10]})
+        task = self.registry.get(body.get("task"))
+        fields: dict[str, str] = {}
+        params = body.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidSubmission({"params": "must be an object of param names to values"})
+        priority = _int_field(body, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY, fields)
+        attempts_default = task.max_attempts or self.cfg.jobs.max_attempts
+        max_attempts = _int_field(body, "max_attempts", attempts_default, 1, MAX_ATTEMPTS,
+                                  fields)
+        timeout = _timeout_field(body, task.timeout if task.timeout is not None
+                                 else self.cfg.jobs.timeout, fields)
+        key = body.get("key")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+            fields["key"] = "must be a string of 1 to 200 characters"
+        if items is None:
+            raw_items = body.get("items")
+            if raw_items is not None and not isinstance(raw_items, list):
+                fields["items"] = "must be a list of objects, one per item"
+                raw_items = None
+            items = raw_items
+        if fields:
+            raise InvalidSubmission(fields)
+
+        encoded_items = self._check_params(task, params, items, rows)
+        body_hash = None
+        if key is not None:
+            canon = dict(body, items=list(items) if items is not None else None)
+            body_hash = hashlib.sha256(json.dumps(canon, sort_keys=True, default=str)
+                                       .encode()).hexdigest()
+        new = NewJob(id=uuid.uuid4().hex, task=task.name, params=params, items=encoded_items,
+                     priority=priority, max_attempts=max_attempts, timeout=timeout, key=key,
+                     body_hash=body_hash)
+        job, created = self.store.insert_job(new, check=self._check_room(len(encoded_items)))
+        if created:
+            log.info("job %s submitted: task %s, %d item(s)", job.id, job.task, job.total)
+            self.dispatcher.wake()
+        return job, created
+
+    def _check_room(self, n: int) -> Any:
+        limit = self.cfg.jobs.max_queued
+
+        def check(queued: int) -> None:
+            if queued + n > limit:
+                raise QueueFull(f"the queue is full ({queued} items waiting, the limit is "
+                                f"jobs.max_queued = {limit}); try again later",
+                                retry_after=5, details={"queued": queued, "limit": limit})
+        return check
+
+    def _check_params(self, task: Task, params: dict[str, Any],
+                      items: Sequence[Any] | None,
+                      rows: Sequence[int] | None) -> list[str | None]:
+        """Check job params and every item; return the items' JSON overlays."""
+        max_size = self.cfg.jobs.max_param_size
+        if len(json.dumps(params, default=str)) > max_size:
+            raise InvalidSubmission({"params": f"more than jobs.max_param_size ({max_size} "
+                                               "bytes) of JSON"})
+        if not items:
+            if items is not None:
+                raise InvalidSubmission({"items": "is empty; give at least one item, or "
+                                                  "leave items out for a single call"})
+            problems = task.check(params)
+            if problems:
+                raise InvalidSubmission(problems)
+            return [None]
+        if len(items) > self.cfg.jobs.max_items:
+            raise InvalidSubmission({"items": f"{len(items)} items is more than "
+                                              f"jobs.max_items ({self.cfg.jobs.max_items})"})
+        problems = task.check(params, complete=False)
+        if problems:
+            raise InvalidSubmission(problems)
+        known = {p.name: p for p in task.params}
+        need = {p.name for p in task.params if p.required} - set(params)
+        out: list[str | None] = []
+        bad: dict[str, str] = {}
+        first_row: int | None = None
+        for i, item in enumerate(items):
+            label = f"items[{i}]" if rows is None else f"row {rows[i]}"
+            if not isinstance(item, dict):
+                bad[label] = "must be an object of param names to values"
+            else:
+                for name, value in item.items():
+                    spec = known.get(name)
+                    if spec is None:
+                        if not task.accepts_any:
+                            bad[f"{label}.{name}"] = (f"unknown param; {task.name} takes "
+                                                      f"{', '.join(known) or 'no params'}")
+                        continue
+                    problem = spec.check(value)
+                    if problem:
+                        bad[f"{label}.{name}"] = problem
+                for name in need - item.keys():
+                    bad[f"{label}.{name}"] = "required param is missing"
+                if not bad:
+                    text = json.dumps(item) if item else None
+                    if text is not None and len(text) > max_size:
+                        bad[label] = f"more than jobs.max_param_size ({max_size} bytes) of JSON"
+                    out.append(text)
+            if bad and first_row is None:
+                first_row = rows[i] if rows is not None else i
+            if len(bad) >= _MAX_ITEM_ERRORS:
+                break
+        if bad:
+            extra = {"row": first_row} if rows is not None else {"index": first_row}
+            raise InvalidSubmission(bad, **extra)
+        return out
+
+    def submit_upload(self, form: Mapping[str, str], data: bytes, filename: str | None,
+                      content_type: str | None) -> tuple[Job, bool]:
+        """Submit with items from an uploaded CSV or JSON Lines file."""
+        body = form_to_body(form)
+        task = self.registry.get(body.get("task"))
+        fmt = detect_format(filename, content_type, data)
+        items, rows = parse_items(data, fmt, task)
+        if not items:
+            raise InvalidSubmission({"items": "the file has no rows after the header"})
+        return self.submit(body, items=items, rows=rows)
+
+    # ------------------------------------------------------------------ read and act
+    def get(self, ident: str) -> Job:
+        return self.store.get_job(ident)
+
+    def list(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
+             before: int | None = None) -> tuple[list[Job], int | None]:
+        return self.store.list_jobs(state=state, task=task, limit=limit, before=before)
+
+    def cancel(self, ident: str) -> Job:
+        job, running = self.store.cancel_job(ident)
+        if running:
+            self.dispatcher.abort(running)
+        log.info("job %s cancelled", job.id)
+        return job
+
+    def retry(self, ident: str) -> Job:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry once it is back",
+                               retry_after=10)
+        job = self.store.retry_job(ident)
+        log.info("job %s retried: %d item(s) queued again", job.id, job.counts["queued"])
+        self.dispatcher.wake()
+        return job
+
+    def items(self, ident: str, *, state: str | None = None, limit: int = 100,
+              after: int | None = None) -> tuple[list[Item], int | None]:
+        return self.store.list_items(ident, state=state, limit=limit, after=after)
+
+    def export(self, ident: str, fmt: str) -> Iterator[str]:
+        """The job's items, one JSON line or CSV row each, produced a chunk at a time."""
+        job = self.store.get_job(ident)  # 404 before the stream starts
+        items = self.store.iter_items(job.id)
+        if fmt == "jsonl":
+            return (json.dumps({"index": it.index, "params": it.params, "state": it.state.value,
+                                "attempts": it.attempts, "result": it.result,
+                                "error": it.error}) + "\n" for it in items)
+        names = [p.name for p in self.registry.get(job.task).params] \
+            if job.task in self.registry else []
+        return _csv_rows(items, names)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return [t.to_dict() for t in self.registry]
+
+    def health(self) -> dict[str, Any]:
+        ex = self.dispatcher.executor
+        ok, detail = ex.health() if ex is not None else (False, "not started")
+        status = "draining" if self.draining else ("ok" if ok else "executor_unavailable")
+        return {"status": status, "executor": {"type": self.cfg.executor.type, "ok": ok,
+                                               "detail": detail},
+                "queued": self.store.queued, "inflight": self.dispatcher.inflight,
+                "max_workers": self.dispatcher.max_workers}
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int,
+               fields: dict[str, str]) -> int:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        fields[name] = f"must be a whole number from {lo} to {hi}"
+        return default
+    return v
+
+
+def _timeout_field(body: dict[str, Any], default: float, fields: dict[str, str]) -> float:
+    v = body.get("timeout", default)
+    if v is None:
+        return default
+    if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+            or not 0 <= v <= 366 * 86400):
+        fields["timeout"] = "must be a number of seconds, 0 for none"
+        return default
+    return float(v)
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    return json.dumps(v)
+
+
+def _csv_rows(items: Iterator[Item], names: list[str]) -> Iterator[str]:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header_written = False
+    for it in items:
+        if not header_written:
+            names = names or sorted(it.params)
+            w.writerow(["index", "state", "attempts", *names, "result", "error"])
+            header_written = True
+        err = it.error
+        w.writerow([it.index, it.state.value, it.attempts,
+                    *(_csv_cell(it.params.get(n)) for n in names), _csv_cell(it.result),
+                    f"{err.get('type')}: {err.get('message')}" if err else ""])
+        if buf.tell() > 64 * 1024:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    if not header_written:
+        w.writerow(["index", "state", "attempts", *names, "result", "error"])
+    yield buf.getvalue()
+
+
+__all__ = ["STATES", "Service"]
+
+
+def form_to_body(form: Mapping[str, str]) -> dict[str, Any]:
+    """A submission body from multipart form fields (``params`` is JSON text)."""
+    body: dict[str, Any] = {}
+    fields: dict[str, str] = {}
+    for name, value in form.items():
+        if name not in SUBMIT_KEYS or name == "items":
+            fields[name] = ("unknown form field; a multipart submission takes the file "
+                            f"'items' and the fields {', '.join(k for k in SUBMIT_KEYS if k != 'items')}")
+            continue
+        if value == "":
+            continue
+        if name == "params":
+            try:
+                body[name] = json.loads(value)
+            except (ValueError, RecursionError):
+                fields[name] = "must be a JSON object"
+        elif name in ("priority", "max_attempts"):
+            try:
+                body[name] = int(value)
+            except ValueError:
+                fields[name] = "must be a whole number"
+        elif name == "timeout":
+            try:
+                body[name] = float(value)
+            except ValueError:
+                fields[name] = "must be a number of seconds"
+        else:
+            body[name] = value
+    if fields:
+        raise InvalidSubmission(fields)
+    return body
