@@ -8,6 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from bulkrunner.worker import Cancelled, Context, context  # noqa: E402
+from bulkrunner.worker import Cancelled, Context, context
 
 __all__ = ["Cancelled", "Context", "__version__", "context"]

@@ -164,7 +164,7 @@ def list_jobs() -> Response:
     limit = _int_arg("limit", 20, 1, 1000)
     before = _int_arg("before", None, 0, 2**62)
     task = request.args.get("task") or None
-    jobs, nxt = service().list(state=_state_arg(), task=task, limit=limit or 20, before=before)
+    jobs, nxt = service().list_jobs(state=_state_arg(), task=task, limit=limit or 20, before=before)
     return _json({"jobs": [j.to_dict() for j in jobs],
                   "next": str(nxt) if nxt is not None else None})
 

@@ -19,8 +19,14 @@ import click
 
 from bulkrunner import display
 from bulkrunner.client import FINISHED, Client
-from bulkrunner.config import (EXECUTOR_TYPES, TOKEN_ENV, URL_ENV, Config, find_config_file,
-                               load_config)
+from bulkrunner.config import (
+    EXECUTOR_TYPES,
+    TOKEN_ENV,
+    URL_ENV,
+    Config,
+    find_config_file,
+    load_config,
+)
 from bulkrunner.errors import ApiError, BulkrunnerError, ConfigError, ServerUnreachable
 from bulkrunner.models import STATES, ParamSpec
 
@@ -199,12 +205,13 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
         return cache
 
     values = _parse_params(params, specs)
-    opts = {"priority": priority, "max_attempts": max_attempts, "timeout": timeout, "key": key}
     if items_path:
         data, name = _read_items(items_path)
-        job = client.submit_file(data, name, task, values, **opts)
+        job = client.submit_file(data, name, task, values, priority=priority,
+                                 max_attempts=max_attempts, timeout=timeout, key=key)
     else:
-        job = client.submit(task, values, **opts)
+        job = client.submit(task, values, priority=priority, max_attempts=max_attempts,
+                            timeout=timeout, key=key)
     if wait_:
         if not as_json:
             click.echo(job["id"])

@@ -79,8 +79,7 @@ class Client:
             except (ConnectionRefusedError, OSError, http.client.HTTPException) as e:
                 self.close()
                 # A kept-alive connection the server has since closed: try once more.
-                if attempt == 2 or isinstance(e, ConnectionRefusedError) or \
-                        isinstance(e, TimeoutError):
+                if attempt == 2 or isinstance(e, (ConnectionRefusedError, TimeoutError)):
                     reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
                     raise ServerUnreachable(
                         f"cannot reach the bulkrunner server at {self.url} ({reason}); "

@@ -7,6 +7,7 @@ the key and the fix. Task *import* happens later, in :mod:`bulkrunner.tasks`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -180,7 +181,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>",
 
 
 def _build(cls: type, table: dict[str, Any], sec: str, source: str) -> Any:
-    fields = cls.__dataclass_fields__
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:

@@ -186,20 +186,20 @@ class Dispatcher:
         self._wake.set()
 
     def _finish_for(self, unit: WorkUnit, fut: Future[Outcome]) -> Finish:
-        key = dict(job_seq=unit.job_seq, index=unit.index, claim=unit.claim)
+        seq, idx, claim = unit.job_seq, unit.index, unit.claim
         try:
             out = fut.result()
         except WorkerDied as e:
             self._emit("worker_died", {"unit": unit, "message": str(e)})
-            return Finish(**key, error={"type": "WorkerDied", "message": str(e),
-                                        "traceback": ""})
+            return Finish(seq, idx, claim, error={"type": "WorkerDied", "message": str(e),
+                                                  "traceback": ""})
         except (ExecutorLost, CancelledError):
-            return Finish(**key, charge=False)
+            return Finish(seq, idx, claim, charge=False)
         except Exception as e:  # an executor error that names no culprit: not the item's
             log.warning("item %s of job %s lost by the executor: %r", unit.index, unit.job_id, e)
-            return Finish(**key, charge=False)
-        return Finish(**key, ok=out.ok, result=out.result, error=out.error, worker=out.worker,
-                      retryable=out.retryable)
+            return Finish(seq, idx, claim, charge=False)
+        return Finish(seq, idx, claim, ok=out.ok, result=out.result, error=out.error,
+                      worker=out.worker, retryable=out.retryable)
 
     def _expire(self) -> list[Finish]:
         now = time.time()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -47,7 +47,7 @@ def iso(ts: float | None) -> str | None:
     """Unix seconds as UTC ISO 8601 with milliseconds and a ``Z``."""
     if ts is None:
         return None
-    d = datetime.fromtimestamp(ts, tz=timezone.utc)
+    d = datetime.fromtimestamp(ts, tz=UTC)
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 

@@ -55,7 +55,7 @@ def _worker_main(conn: Connection) -> None:
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "unit", "future", "aborted")
+    __slots__ = ("aborted", "conn", "future", "proc", "unit")
 
     def __init__(self, proc: Any, conn: Connection) -> None:
         self.proc = proc
@@ -89,7 +89,7 @@ class ProcessExecutor:
         self.max_workers = max_workers
         self._reporter = reporter
         methods = mp.get_all_start_methods()
-        self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self._ctx: Any = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
             self._ctx.set_forkserver_preload(["bulkrunner.worker", *(preload or [])])
         self._lock = threading.Lock()

@@ -185,8 +185,9 @@ class Service:
             if len(bad) >= _MAX_ITEM_ERRORS:
                 break
         if bad:
-            extra = {"row": first_row} if rows is not None else {"index": first_row}
-            raise InvalidSubmission(bad, **extra)
+            if rows is not None:
+                raise InvalidSubmission(bad, row=first_row)
+            raise InvalidSubmission(bad, index=first_row)
         return out
 
     def submit_upload(self, form: Mapping[str, str], data: bytes, filename: str | None,
@@ -204,7 +205,7 @@ class Service:
     def get(self, ident: str) -> Job:
         return self.store.get_job(ident)
 
-    def list(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
+    def list_jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
              before: int | None = None) -> tuple[list[Job], int | None]:
         return self.store.list_jobs(state=state, task=task, limit=limit, before=before)
 
@@ -314,8 +315,9 @@ def form_to_body(form: Mapping[str, str]) -> dict[str, Any]:
     fields: dict[str, str] = {}
     for name, value in form.items():
         if name not in SUBMIT_KEYS or name == "items":
+            takes = ", ".join(k for k in SUBMIT_KEYS if k != "items")
             fields[name] = ("unknown form field; a multipart submission takes the file "
-                            f"'items' and the fields {', '.join(k for k in SUBMIT_KEYS if k != 'items')}")
+                            f"'items' and the fields {takes}")
             continue
         if value == "":
             continue

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bulkrunner.errors import AmbiguousId, JobFinished, KeyConflict, NothingToRetry, NotFound
+from bulkrunner.errors import AmbiguousId, JobFinished, KeyConflict, NotFound, NothingToRetry
 from bulkrunner.models import STATES, Item, Job, State, derive_state
 
 T = TypeVar("T")
@@ -183,7 +183,7 @@ class Tx:
 
 
 class _Op:
-    __slots__ = ("fn", "durable", "future")
+    __slots__ = ("durable", "fn", "future")
 
     def __init__(self, fn: Callable[[Tx], Any], durable: bool) -> None:
         self.fn = fn
@@ -419,7 +419,8 @@ class Store:
     def list_jobs(self, *, state: str | None = None, task: str | None = None,
                   limit: int = 20, before: int | None = None) -> tuple[list[Job], int | None]:
         """Newest first; returns the jobs and the cursor of the next page (or None)."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if state:
             where.append("state = ?")
             args.append(state)
@@ -598,8 +599,9 @@ class Store:
                     continue
                 error = dict(f.error or {"type": "Error", "message": "unknown error"})
                 error["attempt"] = attempts
-                history = (_loads(row[4]) or [])[-19:] + [
-                    {k: v for k, v in error.items() if k != "traceback"}]
+                # Every attempt's error is kept (without tracebacks, the last 20).
+                history = [*(_loads(row[4]) or [])[-19:],
+                           {k: v for k, v in error.items() if k != "traceback"}]
                 again = f.retryable and attempts < row[3]
                 new_state = "queued" if again else "failed"
                 c.execute("UPDATE items SET state = ?, attempts = ?, error = ?, errors = ?, "
@@ -703,6 +705,6 @@ def backoff_delay(base: float, cap: float) -> Callable[[int], float]:
     """Exponential backoff with equal jitter: after attempt n, wait in [d/2, d] where
     d = min(cap, base * 2**(n-1))."""
     def delay(attempt: int) -> float:
-        d = min(cap, base * (2 ** max(attempt - 1, 0)))
-        return d / 2 + random.random() * d / 2
+        d = min(cap, base * (2.0 ** max(attempt - 1, 0)))
+        return float(d / 2 + random.random() * d / 2)
     return delay

@@ -67,7 +67,7 @@ class ServerProcess:
         self.log_path = config.parent / f"server-{int(time.time() * 1000)}.log"
 
     def start(self, timeout: float = 30) -> ServerProcess:
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bulkrunner", "--config", str(self.config), "serve",
              *self.args], cwd=self.config.parent, env=self.env, stdout=self._log,

@@ -70,7 +70,10 @@ def sigkill_self() -> None:
 
 def flaky(path: str, fail_times: int = 1) -> int:
     """Fail the first `fail_times` calls (counted in a file), then succeed."""
-    n = int(open(path).read() or 0) if os.path.exists(path) else 0
+    n = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            n = int(f.read() or 0)
     with open(path, "w") as f:
         f.write(str(n + 1))
     if n < fail_times:
