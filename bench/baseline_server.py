@@ -1,0 +1,95 @@
+"""The comparison servers of bench/submit.py, each run as its own process.
+
+``floor``: a Flask route under waitress that does nothing but answer 202 with a small JSON
+body: the most any Flask+waitress submission endpoint can do on this machine.
+
+``seed``: the pattern users write first: parse the JSON, ``ThreadPoolExecutor.submit`` the
+task, keep the future in a dict, answer 202 with its id. Like bulkrunner in the benchmark,
+its workers are first all occupied by a long sleep, so the figure is the submission alone
+(submissions pile up in the pool's in-memory queue; nothing is durable).
+
+Usage: ``python bench/baseline_server.py floor|seed [--threads 8] [--workers 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import FrameType
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from waitress import create_server
+
+
+def echo(**params: Any) -> dict[str, Any]:
+    return params
+
+
+def floor_app() -> Flask:
+    app = Flask("floor")
+
+    @app.post("/api/v1/jobs")
+    def submit() -> tuple[Response, int]:
+        return jsonify({"id": "0"}), 202
+
+    return app
+
+
+def seed_app(workers: int) -> Flask:
+    app = Flask("seed")
+    pool = ThreadPoolExecutor(workers)
+    futures: dict[str, Future[Any]] = {}
+    release = threading.Event()
+    for _ in range(workers):  # occupy every worker, as bulkrunner's are in the benchmark
+        pool.submit(release.wait, 3600)
+    app.extensions["release"] = release
+
+    @app.post("/api/v1/jobs")
+    def submit() -> tuple[Response, int]:
+        body = request.get_json()
+        job_id = uuid.uuid4().hex
+        futures[job_id] = pool.submit(echo, **(body.get("params") or {}))
+        return jsonify({"id": job_id}), 202
+
+    return app
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["floor", "seed"])
+    ap.add_argument("--threads", type=int, default=8, help="waitress threads")
+    ap.add_argument("--workers", type=int, default=4, help="seed pool workers")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    app = floor_app() if args.mode == "floor" else seed_app(args.workers)
+    server = create_server(app, host="127.0.0.1", port=0, threads=args.threads)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"{args.mode} serving on http://127.0.0.1:{server.effective_port}", flush=True)
+    try:
+        server.run()
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    finally:
+        server.close()
+        release = app.extensions.get("release")
+        if release is not None:
+            release.set()
+    time.sleep(0.05)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Shared plumbing for the benchmarks: server subprocesses, wrk runs, /proc readings.
+
+Everything here is loopback only and uses port 0 (the server picks a free port and logs
+it). Each server is its own subprocess with its output in a log file (never a pipe: an
+unread pipe would block the server under load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+WRK = "/usr/bin/wrk"
+_URL_RE = re.compile(r"serving on (http://\S+)")
+
+
+# --------------------------------------------------------------------------- servers
+class Server:
+    """A server subprocess whose log announces ``serving on http://host:port``."""
+
+    def __init__(self, name: str, argv: Sequence[str], workdir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.workdir = workdir
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env.pop("BULKRUNNER_URL", None)
+        self.env.pop("BULKRUNNER_CONFIG", None)
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> Server:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   f"{self.log()}")
+            m = _URL_RE.search(self.log())
+            if m:
+                self.url = m.group(1)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start within {timeout} s:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def bulkrunner_config(workdir: Path, *, max_workers: int = 4, tasks: dict[str, str] | None = None,
+                      threads: int = 8, jobs: str = "") -> Path:
+    """A config for a benchmark server: loopback, port 0, thread executor, ``bench.db``."""
+    lines = ["[server]", 'host = "127.0.0.1"', "port = 0", f"threads = {threads}",
+             "shutdown_grace = 0",
+             "[executor]", 'type = "thread"', f"max_workers = {max_workers}",
+             "[store]", 'path = "bench.db"', "[jobs]", jobs, "[tasks]"]
+    lines += [f'{name} = "{target}"' for name, target in (tasks or {}).items()]
+    path = workdir / "bulkrunner.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bulkrunner_server(workdir: Path, config: Path, log_level: str = "info") -> Server:
+    return Server("bulkrunner", [sys.executable, "-m", "bulkrunner", "--config", str(config),
+                                 "serve", "--log-level", log_level], workdir)
+
+
+# --------------------------------------------------------------------------- HTTP
+def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0
+              ) -> tuple[int, Any]:
+    """One request with the stdlib; returns (status, decoded JSON body)."""
+    data = None if body is None else (body if isinstance(body, bytes)
+                                      else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+# --------------------------------------------------------------------------- wrk
+_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = %(body)s
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"connect\\": %%d, " ..
+    "\\"read\\": %%d, \\"write\\": %%d, \\"status\\": %%d, \\"timeout\\": %%d, " ..
+    "\\"p50\\": %%d, \\"p90\\": %%d, \\"p99\\": %%d, \\"max\\": %%d, \\"mean\\": %%f}\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean))
+end
+"""
+
+
+def write_lua(path: Path, body: dict[str, Any]) -> Path:
+    """A wrk script that POSTs ``body`` as JSON and prints a machine-readable summary."""
+    text = json.dumps(body)
+    path.write_text(_LUA % {"body": "[[" + text + "]]"})
+    return path
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    errors: int          # socket errors (connect, read, write, timeout)
+    non2xx: int          # responses outside 2xx/3xx
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def ok(self) -> int:
+        """Requests answered 2xx (the 202s of a submission benchmark)."""
+        return self.requests - self.non2xx
+
+
+def run_wrk(url: str, script: Path, *, connections: int, threads: int, seconds: float,
+            timeout_s: float = 5.0) -> WrkResult:
+    """Run wrk against ``url`` and parse the summary the script's ``done`` prints."""
+    argv = [WRK, f"-c{connections}", f"-t{threads}", f"-d{max(1, round(seconds))}s", "--latency",
+            f"--timeout={timeout_s:g}s", "-s", str(script), url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    m = re.search(r"WRKJSON (\{.*\})", out.stdout)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    d = json.loads(m.group(1))
+    return WrkResult(requests=d["requests"], seconds=d["duration_us"] / 1e6,
+                     errors=d["connect"] + d["read"] + d["write"] + d["timeout"],
+                     non2xx=d["status"], p50_ms=d["p50"] / 1000, p90_ms=d["p90"] / 1000,
+                     p99_ms=d["p99"] / 1000, max_ms=d["max"] / 1000)
+
+
+# --------------------------------------------------------------------------- /proc
+def proc_status_kb(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# --------------------------------------------------------------------------- stats
+def spread(values: Sequence[float], fmt: str = "{:,.0f}") -> str:
+    """``median (min-max)`` of the runs, or the single value."""
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(med)
+    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
