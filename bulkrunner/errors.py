@@ -135,3 +135,12 @@ class ApiError(BulkrunnerError):
         super().__init__(message, details)
         self.status = status
         self.code = code
+
+
+# Raised through an executor's futures; internal to the server, never sent to a client as is.
+class WorkerDied(Exception):
+    """The worker running an item died; the item is at fault and spends an attempt."""
+
+
+class ExecutorLost(Exception):
+    """An item was lost with its executor through no fault of its own (re-queued free)."""

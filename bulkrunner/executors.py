@@ -17,16 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from bulkrunner.config import Config
-from bulkrunner.errors import ConfigError
+from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
 from bulkrunner.worker import Outcome, Reporter, WorkUnit, run_item
 
-
-class WorkerDied(Exception):
-    """The worker running this item died; the item is at fault and spends an attempt."""
-
-
-class ExecutorLost(Exception):
-    """The item was lost with its executor through no fault of its own."""
+__all__ = ["FACTORIES", "Executor", "ExecutorLost", "ThreadExecutor", "WorkerDied",
+           "make_executor"]
 
 
 class Executor(Protocol):

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from bulkrunner.executors import ExecutorLost, WorkerDied
+from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.worker import Outcome, Reporter, WorkUnit, run_item
 
 log = logging.getLogger("bulkrunner.procpool")

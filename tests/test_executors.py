@@ -1,0 +1,92 @@
+"""The thread executor and the crash-isolated process pool, on their own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import wait
+
+import pytest
+
+from bulkrunner.executors import ExecutorLost, ThreadExecutor, WorkerDied
+from bulkrunner.procpool import ProcessExecutor, describe_exit
+from bulkrunner.worker import WorkUnit
+
+
+def unit(target: str, index: int = 0, timeout: float = 0, **params: object) -> WorkUnit:
+    return WorkUnit(job_id="j", job_seq=1, index=index, claim=1, task="t",
+                    target=f"tests.sample_tasks:{target}", params=params, timeout=timeout,
+                    deadline=time.time() + timeout if timeout else None,
+                    context_param="ctx" if target in ("slow", "progress") else None)
+
+
+@pytest.fixture
+def pool() -> Iterator[ProcessExecutor]:
+    p = ProcessExecutor(3, preload=["tests.sample_tasks"])
+    yield p
+    p.shutdown()
+
+
+def test_a_dead_worker_fails_only_its_own_item(pool: ProcessExecutor) -> None:
+    good = [pool.submit(unit("add", i, a=i)) for i in range(1, 3)]
+    bad = pool.submit(unit("die", 9, code=7))
+    _, pending = wait([*good, bad], timeout=60)
+    assert not pending, "pool did not finish"
+    assert [f.result().result for f in good] == ["2", "3"]
+    with pytest.raises(WorkerDied, match="exit code 7"):
+        bad.result()
+    # The pool replaced the worker and goes on.
+    more = [pool.submit(unit("add", i, a=i)) for i in range(6)]
+    assert [f.result(timeout=60).ok for f in more] == [True] * 6
+    assert pool.rebuilds == 1
+
+
+def test_sigkill_is_named(pool: ProcessExecutor) -> None:
+    f = pool.submit(unit("sigkill_self"))
+    with pytest.raises(WorkerDied, match="signal SIGKILL"):
+        f.result(timeout=60)
+
+
+def test_abort_kills_only_that_worker(pool: ProcessExecutor) -> None:
+    long = unit("stubborn", 0, seconds=30)
+    f = pool.submit(long)
+    other = pool.submit(unit("stubborn", 1, seconds=0.5))
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    pool.abort(long)
+    with pytest.raises(ExecutorLost):
+        f.result(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert other.result(timeout=30).ok
+
+
+def test_progress_travels_over_the_pipe() -> None:
+    seen: list[tuple[object, ...]] = []
+    p = ProcessExecutor(1, lambda *a: seen.append(a), preload=["tests.sample_tasks"])
+    try:
+        assert p.submit(unit("progress", steps=3, delay=0)).result(timeout=60).ok
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s[2] for s in seen] == ["step 1 of 3", "step 2 of 3", "step 3 of 3"]
+    finally:
+        p.shutdown()
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-9).startswith("signal SIGKILL")
+    assert describe_exit(-11) == "signal SIGSEGV"
+
+
+def test_thread_abort_sets_the_cooperative_flag() -> None:
+    ex = ThreadExecutor(2)
+    try:
+        u = unit("slow", seconds=30)
+        f = ex.submit(u)
+        time.sleep(0.1)
+        ex.abort(u)
+        out = f.result(timeout=10)
+        assert out.error is not None and out.error["type"] == "Cancelled"
+    finally:
+        ex.shutdown()

@@ -1,0 +1,233 @@
+"""The store on a real SQLite file: the queue, transitions, counts and recovery."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bulkrunner.errors import (
+    AmbiguousId,
+    JobFinished,
+    KeyConflict,
+    NotFound,
+    NothingToRetry,
+    QueueFull,
+)
+from bulkrunner.models import State
+from bulkrunner.store import MIGRATIONS, Finish, NewJob, Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(str(tmp_path / "t.db"))
+    yield s
+    s.close()
+
+
+def new(n: int = 1, priority: int = 0, key: str | None = None, attempts: int = 1,
+        **params: object) -> NewJob:
+    items = [None] if n == 1 else [json.dumps({"i": i}) for i in range(n)]
+    return NewJob(id=uuid.uuid4().hex, task="t", params=dict(params), items=items,
+                  priority=priority, max_attempts=attempts, key=key, body_hash=str(params))
+
+
+def test_schema_version_and_wal(store: Store, tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "t.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_insert_is_committed_and_counted(store: Store, tmp_path: Path) -> None:
+    job, created = store.insert_job(new(3))
+    assert created and job.state is State.QUEUED and job.total == 3
+    other = sqlite3.connect(tmp_path / "t.db")  # another connection sees it at once
+    assert other.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 3
+    other.close()
+    assert store.queued == 3
+
+
+def test_claim_order_is_priority_then_fifo(store: Store) -> None:
+    low, _ = store.insert_job(new(2))
+    high, _ = store.insert_job(new(1, priority=5))
+    claimed = store.claim(10)
+    assert [(c.job_id, c.index) for c in claimed] == [(high.id, 0), (low.id, 0), (low.id, 1)]
+    assert claimed[1].params == {"i": 0}
+    assert store.claim(10) == []
+    assert store.get_job(low.id).state is State.RUNNING
+    assert store.queued == 0
+
+
+def test_finish_success_and_failure(store: Store) -> None:
+    job, _ = store.insert_job(new(2))
+    a, b = store.claim(2)
+    store.finish([Finish(a.job_seq, a.index, a.claim, ok=True, result="42"),
+                  Finish(b.job_seq, b.index, b.claim, error={"type": "E", "message": "x"})])
+    j = store.get_job(job.id)
+    assert j.state is State.FAILED and j.counts["succeeded"] == 1 and j.counts["failed"] == 1
+    assert j.finished_at is not None and j.progress == 1.0
+    items, _ = store.list_items(job.id)
+    assert items[0].result == 42 and items[1].error == {"type": "E", "message": "x",
+                                                         "attempt": 1}
+
+
+def test_failed_attempt_is_retried_until_attempts_run_out(store: Store) -> None:
+    job, _ = store.insert_job(new(1, attempts=2))
+    (c,) = store.claim(1)
+    store.finish([Finish(c.job_seq, 0, c.claim, error={"type": "E", "message": "1"})])
+    assert store.get_job(job.id).state is State.QUEUED
+    (c,) = store.claim(1)
+    store.finish([Finish(c.job_seq, 0, c.claim, error={"type": "E", "message": "2"})])
+    (item,), _ = store.list_items(job.id)
+    assert item.state is State.FAILED and item.attempts == 2
+    assert [e["message"] for e in item.errors] == ["1", "2"]
+
+
+def test_backoff_delays_the_next_claim(store: Store) -> None:
+    store.insert_job(new(1, attempts=2))
+    (c,) = store.claim(1)
+    store.finish([Finish(c.job_seq, 0, c.claim, error={"type": "E", "message": "x"})],
+                 backoff=lambda attempt: 60.0)
+    assert store.claim(1) == []
+
+
+def test_stale_outcomes_are_ignored(store: Store) -> None:
+    job, _ = store.insert_job(new(1, attempts=3))
+    (c,) = store.claim(1)
+    store.finish([Finish(c.job_seq, 0, c.claim, error={"type": "TimeoutError",
+                                                         "message": "late"})])
+    (c2,) = store.claim(1)
+    assert c2.claim == c.claim + 1
+    # The first attempt's late result arrives now: it must not touch the new attempt.
+    assert store.finish([Finish(c.job_seq, 0, c.claim, ok=True, result="1")]) == 0
+    assert store.get_job(job.id).state is State.RUNNING
+
+
+def test_uncharged_finish_requeues_without_spending_an_attempt(store: Store) -> None:
+    job, _ = store.insert_job(new(1))
+    (c,) = store.claim(1)
+    store.finish([Finish(c.job_seq, 0, c.claim, charge=False)])
+    (item,), _ = store.list_items(job.id)
+    assert item.state is State.QUEUED and item.attempts == 0
+
+
+def test_cancel_and_retry(store: Store) -> None:
+    job, _ = store.insert_job(new(3))
+    running = store.claim(1)
+    j, keys = store.cancel_job(job.id)
+    assert keys == [(running[0].job_seq, 0)]
+    assert j.state is State.CANCELLED and j.counts["cancelled"] == 3
+    assert store.queued == 0
+    with pytest.raises(JobFinished):
+        store.cancel_job(job.id)
+    j = store.retry_job(job.id)
+    assert j.state is State.QUEUED and j.counts["queued"] == 3 and j.finished_at is None
+    for c in store.claim(3):
+        store.finish([Finish(c.job_seq, c.index, c.claim, ok=True, result="null")])
+    assert store.get_job(job.id).state is State.SUCCEEDED
+    with pytest.raises(NothingToRetry):
+        store.retry_job(job.id)
+
+
+def test_recovery_requeues_running_and_fails_after_three_interruptions(store: Store) -> None:
+    job, _ = store.insert_job(new(1))
+    for _ in range(2):
+        store.claim(1)
+        assert store.requeue_running(interrupted=True) == {"requeued": 1, "failed": 0}
+    store.claim(1)
+    assert store.requeue_running(interrupted=True) == {"requeued": 0, "failed": 1}
+    (item,), _ = store.list_items(job.id)
+    assert item.state is State.FAILED and item.attempts == 0
+    assert item.error is not None and item.error["type"] == "Interrupted"
+
+
+def test_graceful_requeue_counts_no_interruption(store: Store) -> None:
+    store.insert_job(new(1))
+    for _ in range(5):
+        store.claim(1)
+        assert store.requeue_running(interrupted=False)["requeued"] == 1
+
+
+def test_ids_resolve_by_unique_prefix(store: Store) -> None:
+    jobs = [store.insert_job(new())[0] for _ in range(40)]
+    j = jobs[0]
+    assert store.get_job(j.id[:10]).id == j.id
+    assert store.get_job(j.id.upper()).id == j.id
+    by_first: dict[str, list[str]] = {}
+    for x in jobs:
+        by_first.setdefault(x.id[0], []).append(x.id)
+    shared = next(k for k, v in by_first.items() if len(v) > 1)
+    with pytest.raises(AmbiguousId):
+        store.get_job(shared)
+    for bad in ("", "zz", "../etc", "a" * 40, "%00"):
+        with pytest.raises(NotFound):
+            store.get_job(bad)
+
+
+def test_idempotency_key(store: Store) -> None:
+    a, created = store.insert_job(new(key="k", x=1))
+    b, created2 = store.insert_job(new(key="k", x=1))
+    assert created and not created2 and a.id == b.id
+    with pytest.raises(KeyConflict):
+        store.insert_job(new(key="k", x=2))
+
+
+def test_backpressure_check_runs_in_the_transaction(store: Store) -> None:
+    store.insert_job(new(5))
+
+    def check(queued: int) -> None:
+        if queued + 5 > 8:
+            raise QueueFull("full")
+
+    with pytest.raises(QueueFull):
+        store.insert_job(new(5), check=check)
+    assert store.queued == 5
+    assert len(store.list_jobs()[0]) == 1
+
+
+def test_concurrent_writers_share_commits(store: Store) -> None:
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            for _ in range(50):
+                store.insert_job(new())
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert store.queued == 400
+    jobs, nxt = store.list_jobs(limit=1000)
+    assert len(jobs) == 400 and nxt is None
+
+
+def test_list_pages_newest_first(store: Store) -> None:
+    ids = [store.insert_job(new())[0].id for _ in range(5)]
+    page, cursor = store.list_jobs(limit=2)
+    assert [j.id for j in page] == ids[::-1][:2] and cursor is not None
+    page2, _ = store.list_jobs(limit=2, before=cursor)
+    assert [j.id for j in page2] == ids[::-1][2:4]
+
+
+def test_export_reads_in_chunks(store: Store) -> None:
+    job, _ = store.insert_job(new(2500))
+    assert [it.index for it in store.iter_items(job.id, chunk=1000)] == list(range(2500))
+
+
+def test_progress_is_recorded(store: Store) -> None:
+    job, _ = store.insert_job(new(2))
+    a, _b = store.claim(2)
+    store.record_progress({(a.job_seq, 0): (0.5, "half")})
+    j = store.get_job(job.id)
+    assert j.progress == 0.25 and j.message == "half"
