@@ -15,7 +15,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from bulkrunner import errors
-from bulkrunner.config import Config, load_config
+from bulkrunner.config import Config, host_is_loopback, load_config
 from bulkrunner.models import STATES
 from bulkrunner.openapi import openapi_document
 from bulkrunner.service import Service
@@ -47,7 +47,9 @@ def create_app(config: Config | None = None, *, service: Service | None = None,
     app.register_error_handler(errors.BulkrunnerError, _bulkrunner_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+    app.before_request(_guard_host_and_origin)
     app.before_request(_authenticate)
+    app.after_request(_security_headers)
     if start and not svc.started:
         svc.start()
     return app
@@ -94,6 +96,48 @@ def _unexpected_error(e: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.path)
     return error_response("internal_error", "the server failed on this request; the server "
                           "log has the details", 500)
+
+
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _guard_host_and_origin() -> Response | None:
+    """Refuse DNS-rebinding and cross-site requests.
+
+    Bound to loopback, the server answers only requests addressed to a loopback name: a
+    foreign page whose host name was re-pointed at 127.0.0.1 still sends its own Host. And a
+    state-changing request from another origin (a foreign page posting a form, which needs
+    no CORS preflight) is refused by its Origin / Sec-Fetch-Site headers, which browsers set
+    and pages cannot forge.
+    """
+    if service().cfg.server.is_loopback:
+        host = _hostname(request.host)
+        if not host_is_loopback(host):
+            return error_response("forbidden_host", f"this server listens on loopback and "
+                                  f"answers only requests for localhost or 127.0.0.1, not "
+                                  f"{host[:100]!r} (a guard against DNS rebinding)", 403)
+    if request.method in _UNSAFE_METHODS:
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        if site in ("cross-site", "same-site") or (
+                origin is not None and origin.partition("://")[2] != request.host):
+            return error_response("cross_origin", "requests from another web site are "
+                                  "refused; use the CLI, the API with a token, or this "
+                                  "server's own page", 403)
+    return None
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _security_headers(resp: Response) -> Response:
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("X-Frame-Options", "DENY")
+    resp.headers.setdefault("Referrer-Policy", "no-referrer")
+    return resp
 
 
 def _authenticate() -> Response | None:
