@@ -62,6 +62,12 @@ class Ctx:
         return self._client
 
 
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
@@ -107,6 +113,7 @@ def cli(ctx: click.Context, config: str | None, url: str | None, token: str | No
     `bulkrunner submit TASK --param k=v` and follow it with `bulkrunner wait ID`.
     """
     ctx.obj = Ctx(config, url, token)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # --------------------------------------------------------------------------- serve

@@ -1,0 +1,131 @@
+"""Safe by default: a token when exposed, loopback-only Host names, no cross-site writes,
+limits on bodies and results, and only registered tasks run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from bulkrunner.cli import cli
+from tests.conftest import ROOT, toml_config, wait_for
+
+TOKEN = "s3cret-token-value"
+
+
+@pytest.fixture
+def secured(app_factory: Any) -> Any:
+    return app_factory(server=f'token = "{TOKEN}"')
+
+
+def _routes(app: Any) -> list[tuple[str, str]]:
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static" or rule.endpoint.startswith("web."):
+            continue
+        path = rule.rule.replace("<ident>", "abc").replace("<int:index>", "0")
+        for m in rule.methods - {"HEAD", "OPTIONS"}:
+            out.append((m, path))
+    return out
+
+
+def test_every_route_but_healthz_needs_the_token(secured: Any) -> None:
+    client = secured.test_client()
+    routes = _routes(secured)
+    assert ("GET", "/healthz") in routes and len(routes) >= 9
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = client.open(path, method=method, headers=headers)
+            if path == "/healthz":
+                assert r.status_code == 200
+                continue
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json["error"]["code"] == "unauthorized"
+            assert TOKEN not in r.get_data(as_text=True)
+    ok = client.get("/api/v1/tasks", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200
+
+
+def test_foreign_host_is_refused_on_loopback(app_factory: Any) -> None:
+    client = app_factory().test_client()
+    r = client.get("/api/v1/tasks", headers={"Host": "evil.example:8470"})
+    assert r.status_code == 403 and r.json["error"]["code"] == "forbidden_host"
+    for host in ("localhost:8470", "127.0.0.1:1", "[::1]:8470", "127.9.9.9"):
+        assert client.get("/api/v1/tasks", headers={"Host": host}).status_code == 200, host
+
+
+def test_cross_site_form_post_is_refused(app_factory: Any) -> None:
+    client = app_factory().test_client()
+    # What a foreign page can send without a CORS preflight.
+    r = client.post("/api/v1/jobs", data={"task": "echo"},
+                    headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json["error"]["code"] == "cross_origin"
+    r = client.post("/api/v1/jobs", data=b'{"task": "echo"}', content_type="text/plain")
+    assert r.status_code == 415
+    r = client.post("/api/v1/jobs", json={"task": "echo"},
+                    headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 403
+    r = client.post("/api/v1/jobs", json={"task": "echo"},
+                    headers={"Origin": "http://localhost"})
+    assert r.status_code == 202
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_body_limit_gives_413(app_factory: Any) -> None:
+    client = app_factory(server="max_body_size = 4096").test_client()
+    r = client.post("/api/v1/jobs", json={"task": "echo", "params": {"x": "y" * 10000}})
+    assert r.status_code == 413 and r.json["error"]["code"] == "body_too_large"
+
+
+def test_item_and_param_limits(app_factory: Any) -> None:
+    client = app_factory(jobs="max_items = 5\nmax_param_size = 100").test_client()
+    r = client.post("/api/v1/jobs", json={"task": "echo", "items": [{}] * 6})
+    assert r.status_code == 422 and "max_items" in r.json["error"]["message"]
+    r = client.post("/api/v1/jobs", json={"task": "echo", "params": {"x": "y" * 200}})
+    assert r.status_code == 422 and "max_param_size" in r.json["error"]["message"]
+
+
+def test_oversized_result_fails_its_item_cleanly(app_factory: Any) -> None:
+    client = app_factory(jobs="max_result_size = 1000").test_client()
+    r = client.post("/api/v1/jobs", json={"task": "big", "params": {"n": 5000}})
+    job_id = r.json["id"]
+    job = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}").json)["state"] in
+                   ("succeeded", "failed") and j, 30, "big job did not finish")
+    assert job["state"] == "failed"
+    assert job["error"]["type"] == "ResultTooLarge"
+    assert job["result"] is None
+
+
+@pytest.mark.parametrize("task", ["os:system", "subprocess:run", "builtins:eval",
+                                  "tests.sample_tasks:add"])
+def test_import_paths_are_never_run(app_factory: Any, task: str) -> None:
+    client = app_factory().test_client()
+    r = client.post("/api/v1/jobs", json={"task": task, "params": {"command": "touch x"}})
+    assert r.status_code == 422
+    assert r.json["error"]["details"]["fields"]["task"].startswith("unknown task")
+
+
+def test_refuses_public_host_without_token(tmp_path: Path) -> None:
+    cfg = toml_config(tmp_path)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "bulkrunner", "--config", str(cfg), "serve",
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60,
+                         env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "refusing to serve on 0.0.0.0 without a token" in out.stderr
+    assert "server.token" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_sends_the_token_from_the_environment(serve: Any, tmp_path: Path) -> None:
+    server = serve(toml_config(tmp_path, server=f'token = "{TOKEN}"'))
+    runner = CliRunner()
+    denied = runner.invoke(cli, ["--url", server.url, "tasks"], env={"BULKRUNNER_TOKEN": ""})
+    assert denied.exit_code == 2 and "token" in denied.output
+    ok = runner.invoke(cli, ["--url", server.url, "submit", "add", "--param", "a=1", "--wait"],
+                       env={"BULKRUNNER_TOKEN": TOKEN})
+    assert ok.exit_code == 0, ok.output
+    assert TOKEN not in server.log()
