@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from bulkrunner import errors
+from bulkrunner import errors, web
 from bulkrunner.config import Config, host_is_loopback, load_config
 from bulkrunner.models import STATES
 from bulkrunner.openapi import openapi_document
@@ -42,6 +42,7 @@ def create_app(config: Config | None = None, *, service: Service | None = None,
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["bulkrunner"] = svc
     app.register_blueprint(api)
+    web.register(app)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/openapi.json", "openapi", openapi)
     app.register_error_handler(errors.BulkrunnerError, _bulkrunner_error)
@@ -142,9 +143,11 @@ def _security_headers(resp: Response) -> Response:
 
 def _authenticate() -> Response | None:
     token = service().cfg.server.token
-    if not token or request.path == "/healthz":
-        return None
+    if not token or request.path == "/healthz" or request.blueprint == "web":
+        return None  # web pages check the page session themselves (bulkrunner.web)
     given = request.headers.get("Authorization", "")
+    if not given and web.session_auth(request):
+        return None
     scheme, _, value = given.partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
         return None

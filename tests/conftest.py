@@ -22,6 +22,7 @@ SAMPLE_TASKS = {
     "die": "tests.sample_tasks:die", "sigkill_self": "tests.sample_tasks:sigkill_self",
     "flaky": "tests.sample_tasks:flaky", "progress": "tests.sample_tasks:progress",
     "record": "tests.sample_tasks:record", "big": "tests.sample_tasks:big",
+    "tally": "tests.sample_tasks:tally",
 }
 
 

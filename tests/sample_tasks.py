@@ -102,3 +102,14 @@ def record(path: str, i: int, delay: float = 0.0) -> int:
 def big(n: int = 2_000_000) -> str:
     """Return a large string."""
     return "x" * n
+
+
+def tally(n: int, loud: bool = False, delay: float = 0.25,
+          ctx: Context | None = None) -> dict[str, object]:
+    """Count to n, one step every `delay` seconds, reporting progress; return the sum."""
+    for i in range(n):
+        if ctx is not None:
+            ctx.check()
+            ctx.progress(i, n, f"counted {i} of {n}")
+        time.sleep(delay)
+    return {"n": n, "loud": loud, "sum": n * (n + 1) // 2}

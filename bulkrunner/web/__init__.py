@@ -1,0 +1,22 @@
+"""The web page at ``GET /``: a form for every task, live progress, results to download.
+
+``register(app)`` adds the blueprint named ``"web"`` (pages, plus static files under
+``/assets``) to the app. ``session_auth(request)`` lets the API accept the page's session
+cookie in place of a Bearer token (see :mod:`bulkrunner.web.auth`).
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from bulkrunner.web.auth import install, session_auth
+from bulkrunner.web.views import bp
+
+
+def register(app: Flask) -> None:
+    """Serve the web page from ``app``, with a session secret of its own."""
+    install(app)
+    app.register_blueprint(bp)
+
+
+__all__ = ["register", "session_auth"]

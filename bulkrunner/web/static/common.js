@@ -1,0 +1,182 @@
+// Shared helpers for the bulkrunner pages: API calls, DOM building, polling, time display.
+"use strict";
+
+window.bulkrunner = (() => {
+  const csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  const csrf = csrfMeta ? csrfMeta.content : "";
+  const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
+  const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+
+  /** Call the JSON API; resolves to {ok, status, data}. A 401 sends the user to log in. */
+  async function api(method, path, body) {
+    const headers = { Accept: "application/json" };
+    if (method !== "GET" && csrf) headers["X-CSRF-Token"] = csrf;
+    let payload;
+    if (body instanceof FormData) {
+      payload = body;
+    } else if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      payload = JSON.stringify(body);
+    }
+    let resp;
+    try {
+      resp = await fetch(path, { method, headers, body: payload, credentials: "same-origin" });
+    } catch (e) {
+      return { ok: false, status: 0, data: { error: { code: "unreachable",
+        message: "The server cannot be reached. Is bulkrunner still running?", details: {} } } };
+    }
+    if (resp.status === 401) {
+      const next = location.pathname + location.search;
+      location.assign("/login?next=" + encodeURIComponent(next));
+    }
+    let data = null;
+    try {
+      data = await resp.json();
+    } catch (e) {
+      data = { error: { code: "bad_response", message: `The server answered ${resp.status}.`,
+                        details: {} } };
+    }
+    return { ok: resp.ok, status: resp.status, data };
+  }
+
+  /** Build an element: el("a", {href: "/"}, "text", child...). */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else node.setAttribute(k, v === true ? "" : v);
+    }
+    for (const c of children) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : String(c));
+    }
+    return node;
+  }
+
+  /** A value as JSON text (strings as they are), cut at `limit` characters. */
+  function jsonText(value, limit = 10000, indent = 2) {
+    const text = typeof value === "string" ? value : JSON.stringify(value, null, indent);
+    return text.length <= limit ? text : `${text.slice(0, limit)}… (${text.length} characters)`;
+  }
+
+  function pad(n) { return String(n).padStart(2, "0"); }
+
+  /** An ISO time as local "YYYY-MM-DD HH:MM:SS". */
+  function localTime(iso) {
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return iso;
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+
+  function timeEl(iso) {
+    if (!iso) return "—";
+    return el("time", { datetime: iso, title: iso }, localTime(iso));
+  }
+
+  /** Show every server-rendered <time> in local time. */
+  function localizeTimes(root) {
+    for (const t of root.querySelectorAll("time[datetime]")) {
+      t.textContent = localTime(t.getAttribute("datetime"));
+      t.title = t.getAttribute("datetime");
+    }
+  }
+
+  function badge(state) {
+    return el("span", { class: `badge state-${state}` }, state);
+  }
+
+  function progress(job) {
+    const c = job.items;
+    const pct = Math.floor((job.progress || 0) * 100);
+    return el("span", { class: "progress" },
+      el("progress", { max: "1", value: String(job.progress || 0), "aria-label": `Progress ${pct}%` }),
+      el("span", { class: "progress-text" }, `${c.succeeded + c.failed + c.cancelled} / ${c.total}`));
+  }
+
+  /** An error as its type and message, with the traceback folded. */
+  function errorBlock(error) {
+    const frag = document.createDocumentFragment();
+    frag.append(el("p", { class: "error-line" }, el("strong", {}, error.type || "Error"),
+      ": ", jsonText(error.message || "", 2000)));
+    if (error.traceback) {
+      frag.append(el("details", { class: "traceback" }, el("summary", {}, "Traceback"),
+        el("pre", {}, error.traceback)));
+    }
+    return frag;
+  }
+
+  /**
+   * Make `tbody` show one row per record, reusing rows whose record did not change (so an
+   * opened traceback stays open while the page polls).
+   */
+  function syncRows(tbody, records, key, render) {
+    const old = new Map();
+    for (const tr of tbody.rows) old.set(tr.dataset.key, tr);
+    const rows = records.map((r) => {
+      const sig = JSON.stringify(r);
+      const k = String(key(r));
+      const prev = old.get(k);
+      if (prev && prev.dataset.sig === sig) return prev;
+      const tr = render(r);
+      if (prev) {
+        // Keep a traceback the user opened open across refreshes.
+        const opened = prev.querySelectorAll("details[open]").length;
+        if (opened) for (const d of tr.querySelectorAll("details")) d.open = true;
+      }
+      tr.dataset.key = k;
+      tr.dataset.sig = sig;
+      return tr;
+    });
+    tbody.replaceChildren(...rows);
+  }
+
+  /**
+   * Call `fn` every `ms` milliseconds while the tab is visible, one call at a time; stop
+   * when it returns false. Returns {stop(), now()}.
+   */
+  function poll(fn, ms) {
+    let timer = null;
+    let stopped = false;
+    let busy = false;
+    async function tick() {
+      timer = null;
+      if (stopped) return;
+      if (document.hidden) { schedule(); return; }
+      busy = true;
+      let again = true;
+      try {
+        again = (await fn()) !== false;
+      } catch (e) {
+        console.error("bulkrunner: refresh failed", e);
+      } finally {
+        busy = false;
+      }
+      if (again) schedule(); else stopped = true;
+    }
+    function schedule() { if (!stopped && timer === null) timer = setTimeout(tick, ms); }
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && !stopped && !busy) { clearTimeout(timer); timer = null; tick(); }
+    });
+    schedule();
+    return {
+      stop() { stopped = true; clearTimeout(timer); timer = null; },
+      now() { stopped = false; clearTimeout(timer); timer = null; if (!busy) tick(); else schedule(); },
+    };
+  }
+
+  /** Query string from an object, leaving out empty values. */
+  function query(params) {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(params)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
+    const s = q.toString();
+    return s ? `?${s}` : "";
+  }
+
+  document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
+
+  return { api, el, jsonText, timeEl, localizeTimes, badge, progress, errorBlock, syncRows,
+           poll, query, STATES, FINISHED };
+})();

@@ -1,0 +1,208 @@
+"""The page's routes: jobs list, task forms, job page, login.
+
+Pages are rendered on the server from the service; the JavaScript in ``static/`` then keeps
+them current by polling the JSON API, and submits, cancels and retries through it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
+
+from bulkrunner import __version__, errors
+from bulkrunner.models import STATES
+from bulkrunner.service import Service
+from bulkrunner.web.auth import COOKIE, SESSION_SECONDS, configured_token, session_nonce, sessions
+from bulkrunner.web.fields import form_fields
+
+bp = Blueprint("web", __name__, template_folder="templates", static_folder="static",
+               static_url_path="/assets")
+
+JOBS_PAGE = 20
+ITEMS_PAGE = 50
+_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+        "object-src 'none'")
+_PUBLIC = frozenset({"web.login", "web.static"})
+
+
+def _service() -> Service:
+    svc: Service = current_app.extensions["bulkrunner"]
+    return svc
+
+
+# ------------------------------------------------------------------ session and headers
+@bp.before_request
+def _require_session() -> BaseResponse | None:
+    if request.endpoint in _PUBLIC or not configured_token():
+        return None
+    if session_nonce(request) is not None:
+        return None
+    return redirect(url_for("web.login", next=_local_path()))
+
+
+@bp.after_request
+def _page_headers(resp: Response) -> Response:
+    resp.headers.setdefault("Content-Security-Policy", _CSP)
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("Referrer-Policy", "same-origin")
+    resp.headers.setdefault("X-Frame-Options", "DENY")
+    if request.endpoint != "web.static":
+        resp.headers.setdefault("Cache-Control", "no-store")  # pages carry the CSRF token
+    return resp
+
+
+@bp.app_template_global()
+def csrf_token() -> str:
+    """The CSRF token of the current session ("" without a token or a session)."""
+    store = sessions()
+    nonce = session_nonce(request) if store is not None else None
+    return store.csrf(nonce) if store is not None and nonce is not None else ""
+
+
+@bp.context_processor
+def _globals() -> dict[str, Any]:
+    return {"token_required": bool(configured_token()), "version": __version__,
+            "states": STATES}
+
+
+def _local_path(raw: str | None = None) -> str:
+    """A same-site path to return to after login (never another host)."""
+    path = request.full_path.rstrip("?") if raw is None else raw
+    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+        return url_for("web.jobs")
+    return path
+
+
+# ------------------------------------------------------------------ login
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> BaseResponse | str | tuple[str, int]:
+    """Ask for the API token once; on the right one, set the session cookie."""
+    token = configured_token()
+    target = _local_path(request.values.get("next", "/"))
+    if not token or session_nonce(request) is not None:
+        return redirect(target)
+    if request.method == "GET":
+        return render_template("login.html", next=target, error=None)
+    given = request.form.get("token", "").strip()
+    store = sessions()
+    if store is None or not hmac.compare_digest(given.encode(), token.encode()):
+        return render_template("login.html", next=target,
+                               error="That token is not right. Check it and try again."), 401
+    resp = redirect(target)
+    resp.set_cookie(COOKIE, store.issue(token), max_age=SESSION_SECONDS, path="/",
+                    httponly=True, samesite="Strict", secure=request.is_secure)
+    return resp
+
+
+@bp.post("/logout")
+def logout() -> BaseResponse:
+    """End the session (the form carries the CSRF token)."""
+    resp = redirect(url_for("web.login"))
+    store, nonce = sessions(), session_nonce(request)
+    given = request.form.get("csrf_token", "")
+    if store is not None and nonce is not None and hmac.compare_digest(
+            given.encode(), store.csrf(nonce).encode()):
+        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
+    return resp
+
+
+# ------------------------------------------------------------------ pages
+@bp.get("/")
+def jobs() -> str:
+    """The jobs list, newest first, filtered by state and task."""
+    svc = _service()
+    state = request.args.get("state", "")
+    state = state if state in STATES else ""
+    task = request.args.get("task", "")[:200]
+    before = _int(request.args.get("before"))
+    found, nxt = svc.list_jobs(state=state or None, task=task or None, limit=JOBS_PAGE,
+                               before=before)
+    names = [t["name"] for t in svc.tasks()]
+    return render_template("jobs.html", jobs=[j.to_dict() for j in found], next=nxt,
+                           state=state, task=task, before=before, task_names=names,
+                           page_size=JOBS_PAGE)
+
+
+@bp.get("/tasks")
+def tasks() -> str:
+    """Every registered task, each linking to its form."""
+    svc = _service()
+    return render_template("tasks.html", tasks=svc.tasks(), default=svc.registry.default)
+
+
+@bp.get("/tasks/<name>")
+def task(name: str) -> str | tuple[str, int]:
+    """The form that starts a job of task ``name``."""
+    spec = next((t for t in _service().tasks() if t["name"] == name), None)
+    if spec is None:
+        return _error_page(404, "No such task", f"There is no task called {name!r}.")
+    return render_template("task.html", task=spec, fields=form_fields(spec["params"]),
+                           columns=[p["name"] for p in spec["params"]])
+
+
+@bp.get("/jobs/<ident>")
+def job(ident: str) -> BaseResponse | str | tuple[str, int]:
+    """One job: counts, progress, outcome and a page of its items."""
+    svc = _service()
+    try:
+        found = svc.get(ident)
+    except errors.NotFound:
+        return _error_page(404, "No such job", f"There is no job with id {ident!r}.")
+    except errors.AmbiguousId as e:
+        return _error_page(409, "Ambiguous id", e.message)
+    if found.id != ident:
+        query = request.query_string.decode()
+        return redirect(url_for("web.job", ident=found.id) + (f"?{query}" if query else ""))
+    state = request.args.get("state", "")
+    state = state if state in STATES else ""
+    after = _int(request.args.get("after"), lo=-1)
+    items, nxt = svc.items(found.id, state=state or None, limit=ITEMS_PAGE, after=after)
+    return render_template("job.html", job=found.to_dict(), items=[i.to_dict() for i in items],
+                           next=nxt, state=state, after=after, page_size=ITEMS_PAGE)
+
+
+def _error_page(status: int, title: str, message: str) -> tuple[str, int]:
+    return render_template("error.html", title=title, message=message), status
+
+
+def _int(raw: str | None, lo: int = 0) -> int | None:
+    """A cursor from the query string; anything else means the first page."""
+    try:
+        v = int(raw or "")
+    except ValueError:
+        return None
+    return v if lo <= v < 2**62 else None
+
+
+# ------------------------------------------------------------------ template filters
+@bp.app_template_filter("short_id")
+def short_id(job_id: str) -> str:
+    """The first 8 characters of an id, as the CLI shows it."""
+    return job_id[:8]
+
+
+@bp.app_template_filter("when")
+def when(iso: str | None) -> str:
+    """An API timestamp as ``2026-11-24 10:00:00 UTC`` (the page shows local time)."""
+    if not iso:
+        return "—"
+    return iso[:19].replace("T", " ") + " UTC"
+
+
+@bp.app_template_filter("json_text")
+def json_text(value: Any, limit: int = 10_000, indent: int | None = 2) -> str:
+    """A value as JSON (strings as they are), cut at ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, indent=indent,
+                                                           ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+@bp.app_template_filter("percent")
+def percent(fraction: float | None) -> str:
+    """0.42 as ``42%``."""
+    return f"{int((fraction or 0) * 100)}%"
