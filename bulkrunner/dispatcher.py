@@ -55,6 +55,8 @@ class Dispatcher:
         self.draining = False
         self._thread: threading.Thread | None = None
         self._backoff = backoff_delay(cfg.jobs.retry_backoff, cfg.jobs.retry_backoff_max)
+        #: time.time() when the earliest retry we scheduled is due (its backoff has passed).
+        self._retry_due: float | None = None
         self.recovered: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -69,6 +71,9 @@ class Dispatcher:
         self.executor = self._factory(self.cfg, self._report, self.registry.modules())
         self._thread = threading.Thread(target=self._run, name="bulkrunner-dispatcher",
                                         daemon=True)
+        if self.store.queued:
+            # Items wait from before (a restart): claim them at once, not after a poll.
+            self._wake.set()
         self._thread.start()
 
     def wake(self) -> None:
@@ -124,10 +129,12 @@ class Dispatcher:
 
     def _next_wait(self) -> float:
         now = time.time()
-        deadlines = [u.deadline for f, u in self._inflight.items()
-                     if u.deadline is not None and f not in self._timed_out]
-        if deadlines:
-            return max(0.0, min(min(deadlines) - now, _IDLE_POLL))
+        due = [u.deadline for f, u in self._inflight.items()
+               if u.deadline is not None and f not in self._timed_out]
+        if self._retry_due is not None:
+            due.append(self._retry_due)
+        if due:
+            return max(0.0, min(min(due) - now, _IDLE_POLL))
         return _IDLE_POLL
 
     def _turn(self, claim: bool = True) -> None:
@@ -146,8 +153,10 @@ class Dispatcher:
             finishes.append(self._finish_for(unit, fut))
         self._handle_aborts()
         finishes += self._expire()
+        if self._retry_due is not None and time.time() >= self._retry_due:
+            self._retry_due = None
         if finishes:
-            self.store.finish(finishes, self._backoff)
+            self.store.finish(finishes, self._backoff_noted)
             self._emit("finished", {"finishes": finishes})
         if claim and not self.draining and self.executor is not None:
             free = self.max_workers - len(self._inflight)
@@ -179,6 +188,16 @@ class Dispatcher:
         self._inflight[fut] = unit
         self._emit("claimed", {"unit": unit})
         fut.add_done_callback(self._on_done)
+
+    def _backoff_noted(self, attempt: int) -> float:
+        # The store calls this (on its writer thread, while finish() waits) for each item
+        # it puts back in the queue to retry; note when the retry is due so the loop wakes
+        # then instead of up to _IDLE_POLL later, which would stretch short backoffs.
+        delay = self._backoff(attempt)
+        due = time.time() + delay
+        if self._retry_due is None or due < self._retry_due:
+            self._retry_due = due
+        return delay
 
     def _on_done(self, fut: Future[Outcome]) -> None:
         # Runs on a worker or executor thread: only hand over, never block.
