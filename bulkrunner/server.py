@@ -9,12 +9,14 @@ is re-queued and runs after the next start. A second signal stops at once.
 from __future__ import annotations
 
 import _thread
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError
@@ -31,6 +33,42 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # Under load it writes thousands of lines a second; an unread stderr then blocks us.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def _answer_errors_in_json(server: Any, max_body_size: int) -> None:
+    """Make waitress answer the requests it refuses itself (a body past
+    ``server.max_body_size``, headers too large, malformed HTTP) with the contract's JSON
+    error body. Its own answer is plain text, and such requests never reach the app."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    messages = {
+        400: ("invalid_request", "the request is not valid HTTP"),
+        413: ("body_too_large", f"the request body is larger than server.max_body_size "
+                                f"({max_body_size} bytes)"),
+        431: ("headers_too_large", "the request headers are too large"),
+        501: ("not_implemented", "the server does not implement this part of HTTP"),
+    }
+
+    class JsonErrorTask(ErrorTask):  # type: ignore[misc]
+        def execute(self) -> None:
+            err = self.request.error
+            code, message = messages.get(err.code, ("internal_error", "the server failed on "
+                                                    "this request"))
+            if err.code in (400, 501) and err.body:
+                message = f"{message}: {err.body}"
+            body = json.dumps({"error": {"code": code, "message": message,
+                                         "details": {}}}).encode()
+            self.status = f"{err.code} {err.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):  # type: ignore[misc]
+        error_task_class = JsonErrorTask
+
+    server.channel_class = JsonErrorChannel  # read when each connection is accepted
 
 
 def run_server(cfg: Config, *, log_level: str = "info") -> int:
@@ -64,6 +102,7 @@ def run_server(cfg: Config, *, log_level: str = "info") -> int:
         raise ConfigError(f"cannot listen on {cfg.server.host}:{cfg.server.port} "
                           f"({e.strerror}); pick another --port or stop what uses it",
                           file=cfg.source, key="server.port") from None
+    _answer_errors_in_json(server, cfg.server.max_body_size)
     port = server.effective_port  # type: ignore[union-attr]
     host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
     log.info("bulkrunner serving on http://%s:%s (executor %s, %d workers, database %s)",
