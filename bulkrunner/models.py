@@ -167,6 +167,9 @@ class ParamSpec:
         problem = _check_type(self.type, value)
         if problem:
             return problem
+        if isinstance(value, float) and not math.isfinite(value):
+            # Python's json reads NaN and Infinity, but they cannot be written back as JSON.
+            return f"must be a finite number, not {value}"
         if self.type == "list" and self.item_type and self.item_type != "any":
             for i, v in enumerate(value):
                 p = _check_type(self.item_type, v)

@@ -136,23 +136,24 @@ class Service:
                       rows: Sequence[int] | None) -> list[str | None]:
         """Check job params and every item; return the items' JSON overlays."""
         max_size = self.cfg.jobs.max_param_size
-        if len(json.dumps(params, default=str)) > max_size:
+        text = _strict_dumps(params)
+        if text is not None and len(text) > max_size:
             raise InvalidSubmission({"params": f"more than jobs.max_param_size ({max_size} "
                                                "bytes) of JSON"})
-        if not items:
-            if items is not None:
-                raise InvalidSubmission({"items": "is empty; give at least one item, or "
-                                                  "leave items out for a single call"})
-            problems = task.check(params)
-            if problems:
-                raise InvalidSubmission(problems)
-            return [None]
-        if len(items) > self.cfg.jobs.max_items:
+        if items is not None and not items:
+            raise InvalidSubmission({"items": "is empty; give at least one item, or "
+                                              "leave items out for a single call"})
+        if items and len(items) > self.cfg.jobs.max_items:
             raise InvalidSubmission({"items": f"{len(items)} items is more than "
                                               f"jobs.max_items ({self.cfg.jobs.max_items})"})
-        problems = task.check(params, complete=False)
+        # Job-level params of a bulk may leave required params to the items.
+        problems = task.check(params, complete=not items)
         if problems:
             raise InvalidSubmission(problems)
+        if text is None:
+            raise InvalidSubmission({"params": _NOT_FINITE})
+        if not items:
+            return [None]
         known = {p.name: p for p in task.params}
         need = {p.name for p in task.params if p.required} - set(params)
         out: list[str | None] = []
@@ -176,8 +177,10 @@ class Service:
                 for name in need - item.keys():
                     bad[f"{label}.{name}"] = "required param is missing"
                 if not bad:
-                    text = json.dumps(item) if item else None
-                    if text is not None and len(text) > max_size:
+                    text = _strict_dumps(item) if item else None
+                    if item and text is None:
+                        bad[label] = _NOT_FINITE
+                    elif text is not None and len(text) > max_size:
                         bad[label] = f"more than jobs.max_param_size ({max_size} bytes) of JSON"
                     out.append(text)
             if bad and first_row is None:
@@ -252,6 +255,18 @@ class Service:
                                                "detail": detail},
                 "queued": self.store.queued, "inflight": self.dispatcher.inflight,
                 "max_workers": self.dispatcher.max_workers}
+
+
+_NOT_FINITE = "holds NaN or Infinity, which JSON cannot carry; send finite numbers"
+
+
+def _strict_dumps(value: Any) -> str | None:
+    """``value`` as JSON text, or None when it holds NaN or Infinity (which Python's json
+    reads from a request but which no JSON answer could carry back)."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return None
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int,
