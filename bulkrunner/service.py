@@ -313,12 +313,18 @@ def _csv_rows(items: Iterator[Item], names: list[str]) -> Iterator[str]:
                     *(_csv_cell(it.params.get(n)) for n in names), _csv_cell(it.result),
                     f"{err.get('type')}: {err.get('message')}" if err else ""])
         if buf.tell() > 64 * 1024:
-            yield buf.getvalue()
+            yield _encodable(buf.getvalue())
             buf.seek(0)
             buf.truncate()
     if not header_written:
         w.writerow(["index", "state", "attempts", *names, "result", "error"])
-    yield buf.getvalue()
+    yield _encodable(buf.getvalue())
+
+
+def _encodable(text: str) -> str:
+    """``text`` with unpaired surrogates (legal in JSON strings as ``\\ud800``, but not
+    encodable as UTF-8) written as backslash escapes, so the response can be encoded."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 __all__ = ["STATES", "Service"]
