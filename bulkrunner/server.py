@@ -115,7 +115,10 @@ def run_server(cfg: Config, *, log_level: str = "info") -> int:
     def drain() -> None:
         svc.dispatcher.drain(cfg.server.shutdown_grace)
         drained.set()
-        _thread.interrupt_main()  # wakes server.run() in the main thread
+        _thread.interrupt_main()  # stops server.run() in the main thread...
+        # ...once it runs Python again: wake its select(), which would otherwise sleep out
+        # its one-second timeout first, so the exit comes right after the grace period.
+        server.pull_trigger()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stopping.is_set():
