@@ -97,6 +97,9 @@ class Service:
         key = body.get("key")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
             fields["key"] = "must be a string of 1 to 200 characters"
+        elif key is not None and not _is_unicode(key):
+            # JSON's "\ud800" escape decodes to a lone surrogate, which SQLite cannot store.
+            fields["key"] = "must be valid Unicode text (it holds an unpaired surrogate)"
         if items is None:
             raw_items = body.get("items")
             if raw_items is not None and not isinstance(raw_items, list):
@@ -267,6 +270,15 @@ def _strict_dumps(value: Any) -> str | None:
         return json.dumps(value, allow_nan=False)
     except ValueError:
         return None
+
+
+def _is_unicode(text: str) -> bool:
+    """False when ``text`` holds an unpaired surrogate (it has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int,
