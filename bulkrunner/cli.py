@@ -334,9 +334,13 @@ def retry(obj: Ctx, ident: str, as_json: bool) -> None:
 @handles_errors
 def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
     """Download every item's params, state, result and error."""
-    chunks = obj.client.results(ident, fmt)
+    chunks = obj.client.results(ident, fmt)  # raises before any file is created
     if output:
-        with open(output, "wb") as f:
+        try:
+            f = open(output, "wb")  # noqa: SIM115 (closed below; open errors are input errors)
+        except OSError as e:
+            _fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        with f:
             for chunk in chunks:
                 f.write(chunk)
     else:

@@ -157,14 +157,14 @@ class Client:
                                  f"{urlencode(q)}")
 
     def results(self, ident: str, fmt: str = "jsonl") -> Iterator[bytes]:
-        """The export, streamed in chunks."""
+        """The export, streamed in chunks.
+
+        The request is sent at once, so an unknown id or an unreachable server raises here
+        rather than at the first chunk (a caller can then open its output file safely).
+        """
         resp = self.request("GET", f"/api/v1/jobs/{quote(ident, safe='')}/results?"
                                    f"{urlencode({'format': fmt})}", stream=True)
-        try:
-            while chunk := resp.read(64 * 1024):
-                yield chunk
-        finally:
-            resp.close()
+        return _chunks(resp)
 
     def tasks(self) -> dict[str, Any]:
         return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
@@ -194,6 +194,14 @@ class Client:
             time.sleep(delay if deadline is None else
                        max(0.0, min(delay, deadline - time.monotonic())))
             delay = min(delay * 2, poll)
+
+
+def _chunks(resp: http.client.HTTPResponse) -> Iterator[bytes]:
+    try:
+        while chunk := resp.read(64 * 1024):
+            yield chunk
+    finally:
+        resp.close()
 
 
 def _api_error(status: int, data: bytes) -> ApiError:
