@@ -346,6 +346,17 @@ def test_results_formats_and_output_file(server: ServerProcess, tmp_path: Path) 
     assert "csv" in br(server, "results", ident, "--format", "xml").stderr
 
 
+def test_results_errors_leave_no_file(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "never.csv"
+    err = error_line(br(server, "results", "f" * 32, "--output", str(out)), 2)
+    assert "no job with id" in err
+    assert not out.exists(), "a failed download must not leave an empty file behind"
+    ident = submit(server, "noop")
+    unwritable = tmp_path / "no-such-dir" / "out.csv"
+    err = error_line(br(server, "results", ident, "--output", str(unwritable)), 2)
+    assert str(unwritable) in err
+
+
 # --------------------------------------------------------------------------- tasks
 def test_tasks(server: ServerProcess) -> None:
     out = ok(br(server, "tasks"))
@@ -379,6 +390,32 @@ def test_bad_url_is_a_usage_error() -> None:
     r = invoke(["--url", "ftp://example.org", "status"])
     assert r.exit_code == 2, r.output
     assert "ftp://example.org" in r.output and "Traceback" not in r.output
+
+
+def test_url_defaults_to_the_configs_host_and_port(server: ServerProcess, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n')
+    assert invoke(["--config", str(cfg), "tasks"]).exit_code == 0
+    monkeypatch.setenv("BULKRUNNER_CONFIG", str(cfg))
+    assert invoke(["tasks"]).exit_code == 0
+    (tmp_path / "bulkrunner.toml").write_text(cfg.read_text())  # ./bulkrunner.toml
+    monkeypatch.delenv("BULKRUNNER_CONFIG")
+    assert invoke(["tasks"]).exit_code == 0
+
+
+def test_token(serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "server"  # not the cwd: the CLI would read the token from its config
+    home.mkdir()
+    srv = serve(toml_config(home, server='token = "s3cret"'))
+    err = error_line(invoke(["--url", srv.url, "status"]), 2)
+    assert "token" in err
+    assert error_line(invoke(["--url", srv.url, "--token", "wrong", "tasks"]), 2)
+    assert invoke(["--url", srv.url, "--token", "s3cret", "status"]).exit_code == 0
+    monkeypatch.setenv("BULKRUNNER_TOKEN", "s3cret")
+    ident = ok(invoke(["--url", srv.url, "submit", "add", "-p", "a=1", "--wait"])).strip()
+    assert ID.match(ident)
 
 
 # --------------------------------------------------------------------------- serve config
