@@ -184,6 +184,31 @@ def test_kill9_mid_bulk_then_restart_loses_nothing(serve: Any, tmp_path: Path,
         f"{[i for i, n in counts.items() if n > 1]}"
 
 
+def test_item_running_at_three_server_crashes_fails_as_interrupted(
+        serve: Any, tmp_path: Path) -> None:
+    """slow: an item that was running at 3 kill -9s fails, so it cannot crash-loop a server."""
+    cfg = _config(tmp_path, executor="thread", max_workers=2)
+    runs = tmp_path / "runs.txt"
+    server = serve(cfg)
+    with Client(server.url) as c:
+        job = c.submit("record", {"path": str(runs), "i": 0, "delay": 30})
+    for crash in (1, 2, 3):
+        with Client(server.url) as c:
+            wait_for(lambda: c.job(job["id"])["state"] == "running", 10,
+                     f"the item to run before crash {crash}")
+        assert server.proc is not None
+        server.proc.kill()
+        server.wait(10)
+        server = serve(cfg)
+    with Client(server.url) as c:
+        done = _wait_job(c, job["id"], 10)
+        (item,) = _all_items(c, job["id"])
+    assert done["state"] == "failed", done
+    assert item["error"]["type"] == "Interrupted" and "3 times" in item["error"]["message"], item
+    assert item["attempts"] == 0, item  # interruptions are not the item's attempts
+    assert "failed 1 interrupted too often" in server.log()
+
+
 # --------------------------------------------------------------------------- 2. dead workers
 def test_worker_exit_fails_only_its_own_item(serve: Any, tmp_path: Path) -> None:
     """slow: os._exit and SIGKILL in a process worker fail only that item, with the cause."""
@@ -266,7 +291,10 @@ def test_timeout_fails_a_10s_task_within_3s(serve: Any, tmp_path: Path, executor
 
         later = _wait_job(c, c.submit("add", {"a": 1, "b": 1})["id"], 10)
         assert later["state"] == "succeeded" and later["result"] == 2, later
-        if executor == "process":
+        if executor == "thread":
+            # The failed attempt's thread runs on and keeps its slot until it returns.
+            assert c.health()["inflight"] == 1, c.health()
+        else:
             wait_for(lambda: "2 of 2" in c.health()["executor"]["detail"], 10,
                      "the killed workers to be replaced")
 
