@@ -334,20 +334,20 @@ def retry(obj: Ctx, ident: str, as_json: bool) -> None:
 @handles_errors
 def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
     """Download every item's params, state, result and error."""
-    chunks = obj.client.results(ident, fmt)  # raises before any file is created
-    if output:
-        try:
-            f = open(output, "wb")  # noqa: SIM115 (closed below; open errors are input errors)
-        except OSError as e:
-            _fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
-        with f:
-            for chunk in chunks:
-                f.write(chunk)
-    else:
-        out = click.get_binary_stream("stdout")
-        for chunk in chunks:
-            out.write(chunk)
-        out.flush()
+    with obj.client.results(ident, fmt) as download:  # raises before any file is created
+        if output:
+            try:
+                f = open(output, "wb")  # noqa: SIM115 (closed below; open errors are input errors)
+            except OSError as e:
+                _fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+            with f:
+                for chunk in download:
+                    f.write(chunk)
+        else:
+            out = click.get_binary_stream("stdout")
+            for chunk in download:
+                out.write(chunk)
+            out.flush()
 
 
 @cli.command()

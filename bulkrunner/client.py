@@ -156,15 +156,15 @@ class Client:
         return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}/items?"  # type: ignore[no-any-return]
                                  f"{urlencode(q)}")
 
-    def results(self, ident: str, fmt: str = "jsonl") -> Iterator[bytes]:
-        """The export, streamed in chunks.
+    def results(self, ident: str, fmt: str = "jsonl") -> Download:
+        """The export, streamed: iterate over the returned :class:`Download` for chunks.
 
         The request is sent at once, so an unknown id or an unreachable server raises here
         rather than at the first chunk (a caller can then open its output file safely).
         """
         resp = self.request("GET", f"/api/v1/jobs/{quote(ident, safe='')}/results?"
                                    f"{urlencode({'format': fmt})}", stream=True)
-        return _chunks(resp)
+        return Download(resp)
 
     def tasks(self) -> dict[str, Any]:
         return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
@@ -196,12 +196,29 @@ class Client:
             delay = min(delay * 2, poll)
 
 
-def _chunks(resp: http.client.HTTPResponse) -> Iterator[bytes]:
-    try:
-        while chunk := resp.read(64 * 1024):
-            yield chunk
-    finally:
-        resp.close()
+class Download:
+    """A streamed response body, read in chunks. Reading it to the end closes it; close it
+    (or use ``with``) when you stop early."""
+
+    def __init__(self, resp: http.client.HTTPResponse, chunk_size: int = 64 * 1024) -> None:
+        self._resp = resp
+        self._chunk_size = chunk_size
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while chunk := self._resp.read(self._chunk_size):
+                yield chunk
+        finally:
+            self._resp.close()
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _api_error(status: int, data: bytes) -> ApiError:
