@@ -63,8 +63,12 @@ class Client:
         return self._conn
 
     def request(self, method: str, path: str, *, body: bytes | None = None,
-                content_type: str | None = None, stream: bool = False) -> Any:
-        """Send a request; return the decoded JSON (or the response when ``stream``)."""
+                content_type: str | None = None, stream: bool = False,
+                accept: tuple[int, ...] = ()) -> Any:
+        """Send a request; return the decoded JSON (or the response when ``stream``).
+
+        Statuses in ``accept`` are returned like a success instead of raising.
+        """
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -85,7 +89,7 @@ class Client:
                         f"cannot reach the bulkrunner server at {self.url} ({reason}); "
                         "start it with 'bulkrunner serve', or point --url or "
                         "$BULKRUNNER_URL at it", {"url": self.url}) from None
-        if resp.status >= 400:
+        if resp.status >= 400 and resp.status not in accept:
             data = resp.read()
             raise _api_error(resp.status, data)
         if stream:
@@ -170,12 +174,9 @@ class Client:
         return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
 
     def health(self) -> dict[str, Any]:
-        try:
-            return self._json("GET", "/healthz")  # type: ignore[no-any-return]
-        except ApiError as e:
-            if e.status == 503:
-                return {"status": e.details.get("status", "unavailable"), **e.details}
-            raise
+        """The health report; its ``status`` is "ok", "draining" or "executor_unavailable"
+        (the server answers 503 for the last two, which is not an error here)."""
+        return self.request("GET", "/healthz", accept=(503,))  # type: ignore[no-any-return]
 
     def wait(self, ident: str, *, timeout: float | None = None, poll: float = 0.25,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
