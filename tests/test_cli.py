@@ -51,6 +51,8 @@ def invoke(args: list[str], input: str | bytes | None = None) -> Result:
 
 
 def br(server: ServerProcess, *args: str, input: str | bytes | None = None) -> Result:
+    """Run the CLI against the server. ``wait`` gets --timeout 30 in the tests that use it,
+    so a job that never finishes fails with exit 4 instead of hanging."""
     return invoke(["--url", server.url, *args], input=input)
 
 
@@ -285,14 +287,35 @@ def test_unknown_id_is_exit_2_with_the_servers_message(server: ServerProcess,
 # --------------------------------------------------------------------------- wait
 def test_wait_exit_codes(server: ServerProcess) -> None:
     good = submit(server, "add", "--param", "a=1")
-    r = br(server, "wait", good)
+    r = br(server, "wait", good, "--timeout", "30")
     assert r.exit_code == 0, r.output
     bad = submit(server, "square", "--param", "x=-1")
-    r = br(server, "wait", bad[:12])
+    r = br(server, "wait", bad[:12], "--timeout", "30")
     assert r.exit_code == 1, r.output
     assert "failed" in r.stderr
-    as_json = br(server, "wait", good, "--json")
+    as_json = br(server, "wait", good, "--json", "--timeout", "30")
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["state"] == "succeeded"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_wait_draws_a_progress_bar_on_a_terminal(server: ServerProcess,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    term = _Terminal()
+    real = click.get_text_stream
+    monkeypatch.setattr(click, "get_text_stream",
+                        lambda name, *a, **k: term if name == "stderr" else real(name, *a, **k))
+    ident = ok(br(server, "submit", "add", "--items", "-",
+                  input="".join(f'{{"a": {i}}}\n' for i in range(5)))).strip()
+    r = br(server, "wait", ident, "--timeout", "30")
+    assert r.exit_code == 0, r.output
+    drawn = term.getvalue()
+    assert drawn.startswith("\r") and drawn.endswith("\n"), repr(drawn)
+    last = drawn.rstrip().rsplit("\r", 1)[-1]
+    assert "succeeded" in last and "100%" in last and "5/5" in last and "█" in last, last
 
 
 def test_wait_timeout_is_exit_4_and_cancelled_is_exit_1(server: ServerProcess) -> None:
@@ -302,7 +325,7 @@ def test_wait_timeout_is_exit_4_and_cancelled_is_exit_1(server: ServerProcess) -
     assert ident in err and "0.3" in err
     out = ok(br(server, "cancel", ident))
     assert ident in out and "cancelled" in out
-    r = br(server, "wait", ident)
+    r = br(server, "wait", ident, "--timeout", "30")
     assert r.exit_code == 1, r.output
     assert "cancelled" in r.stderr
     # Cancelling again: the server's 409 becomes exit 2 with its message.
@@ -316,12 +339,12 @@ def test_retry_reruns_failed_items(server: ServerProcess, tmp_path: Path) -> Non
     items.write_text("".join(json.dumps({"path": str(tmp_path / f"c{i}"),
                                          "fail_times": i % 2}) + "\n" for i in range(4)))
     ident = submit(server, "flaky", "--items", str(items), "--max-attempts", "1")
-    assert br(server, "wait", ident).exit_code == 1
+    assert br(server, "wait", ident, "--timeout", "30").exit_code == 1
     job = job_json(server, ident)
     assert job["items"]["failed"] == 2 and job["items"]["succeeded"] == 2
     out = ok(br(server, "retry", ident[:10]))
     assert "2 item(s) queued again" in out, out
-    r = br(server, "wait", ident)
+    r = br(server, "wait", ident, "--timeout", "30")
     assert r.exit_code == 0, r.output
     assert [int((tmp_path / f"c{i}").read_text()) for i in range(4)] == [1, 2, 1, 2]
     err = error_line(br(server, "retry", ident), 2)
