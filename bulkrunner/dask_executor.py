@@ -41,7 +41,7 @@ from typing import Any
 from distributed import Client, Event, KilledWorker, LocalCluster, get_worker
 
 from bulkrunner.config import Config
-from bulkrunner.executors import ExecutorLost, WorkerDied
+from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.worker import Outcome, Reporter, WorkUnit, error_dict, run_item
 
 log = logging.getLogger("bulkrunner.dask")
