@@ -197,7 +197,9 @@ def when(iso: str | None) -> str:
 @bp.app_template_filter("json_text")
 def json_text(value: Any, limit: int = 10_000, indent: int | None = 2) -> str:
     """A value as JSON (strings as they are), cut at ``limit`` characters."""
+    compact = (",", ":") if indent is None else None  # as the page's JSON.stringify does
     text = value if isinstance(value, str) else json.dumps(value, indent=indent,
+                                                           separators=compact,
                                                            ensure_ascii=False)
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 

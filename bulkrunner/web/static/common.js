@@ -93,7 +93,8 @@ window.bulkrunner = (() => {
     const pct = Math.floor((job.progress || 0) * 100);
     return el("span", { class: "progress" },
       el("progress", { max: "1", value: String(job.progress || 0), "aria-label": `Progress ${pct}%` }),
-      el("span", { class: "progress-text" }, `${c.succeeded + c.failed + c.cancelled} / ${c.total}`));
+      el("span", { class: "progress-text" },
+        c.total > 1 ? `${pct}% · ${c.succeeded + c.failed + c.cancelled} of ${c.total}` : `${pct}%`));
   }
 
   /** An error as its type and message, with the traceback folded. */

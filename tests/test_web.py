@@ -1,0 +1,387 @@
+"""The web page in a real browser: headless Debian Chromium driven by Playwright.
+
+Every test runs against a real ``bulkrunner serve`` process. The browser is never
+downloaded: Playwright launches ``/usr/bin/chromium`` (apt package ``chromium``), and the
+tests skip with a reason when it or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from bulkrunner.client import Client
+from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
+
+try:
+    from playwright.sync_api import (
+        Browser,
+        BrowserContext,
+        ConsoleMessage,
+        Page,
+        Route,
+        expect,
+        sync_playwright,
+    )
+except ImportError:  # pragma: no cover - depends on the machine
+    pytest.skip("playwright is not installed (pip install playwright; never run "
+                "`playwright install`: the tests use /usr/bin/chromium)",
+                allow_module_level=True)
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():  # pragma: no cover - depends on the machine
+    pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium package "
+                "(apt-get install chromium)", allow_module_level=True)
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 20_000        # any one wait for the page
+SHOTS = ROOT / "docs" / "screenshots"
+TOKEN = "web-test-token-1f2e3d4c5b6a"
+
+Serve = Callable[..., ServerProcess]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, timeout=60_000)
+        yield b
+        b.close()
+
+
+class Session:
+    """One browser context on one server: its page, and what went wrong inside it."""
+
+    def __init__(self, context: BrowserContext, server: ServerProcess) -> None:
+        self.context = context
+        self.server = server
+        self.page: Page = context.new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        self.js_errors: list[str] = []
+        self.outside: list[str] = []
+        self.page.on("pageerror", lambda e: self.js_errors.append(str(e)))
+        self.page.on("console", self._console)
+        context.route("**/*", self._only_our_server)
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        # Chromium logs every 4xx as "Failed to load resource"; the tests cause some on purpose.
+        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
+            self.js_errors.append(msg.text)
+
+    def _only_our_server(self, route: Route) -> None:
+        # The page must work offline: anything not on our server is refused and recorded.
+        url = route.request.url
+        if urlsplit(url).netloc == urlsplit(self.server.url).netloc:
+            route.continue_()
+        else:
+            self.outside.append(url)
+            route.abort()
+
+    def open(self, path: str) -> Page:
+        self.page.goto(self.server.url + path)
+        return self.page
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.server.url, token)
+
+    def check_clean(self) -> None:
+        assert not self.outside, f"the page fetched from outside its server: {self.outside}"
+        assert not self.js_errors, f"errors in the browser console: {self.js_errors}"
+
+
+@pytest.fixture
+def session(browser: Browser, serve: Serve, tmp_path: Path) -> Iterator[Callable[..., Session]]:
+    """Factory: ``session(max_workers=..., server=...)`` starts a server and opens a page."""
+    made: list[Session] = []
+
+    def make(**config: Any) -> Session:
+        server = serve(toml_config(tmp_path, **config))
+        s = Session(browser.new_context(viewport={"width": 1280, "height": 860},
+                                        accept_downloads=True), server)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.context.close()
+    for s in made:
+        s.check_clean()
+
+
+def _job_id(page: Page) -> str:
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
+    return page.url.rsplit("/", 1)[1]
+
+
+def _state(page: Page) -> Any:
+    return page.locator("[data-field=state] .badge")
+
+
+def _screenshot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name), full_page=False)
+
+
+# ---------------------------------------------------------------------------- tests
+def test_form_submit_and_watch_the_job_succeed(session: Callable[..., Session]) -> None:
+    s = session()
+    page = s.open("/")
+    expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+    page.get_by_role("link", name="New job").click()
+    page.get_by_role("link", name="tally").click()
+    expect(page.locator("#task-doc")).to_contain_text("Count to n")
+    expect(page.get_by_label("n required")).to_have_attribute("aria-required", "true")
+    expect(page.get_by_label("delay")).to_have_value("0.25")
+    page.get_by_label("n required").fill("8")
+    page.get_by_label("loud").check()
+    page.get_by_label("delay").fill("0.3")
+    page.get_by_role("button", name="Start job").click()
+
+    job_id = _job_id(page)
+    page.evaluate("window.__sameDocument = true")
+    expect(_state(page)).to_have_text(re.compile("queued|running"))
+    expect(page.locator("[data-field=message]")).to_contain_text(re.compile(r"counted \d of 8"))
+    expect(_state(page)).to_have_text("succeeded", timeout=30_000)
+    assert page.evaluate("window.__sameDocument") is True, "the job page reloaded itself"
+    result = page.locator("#outcome pre.result")
+    expect(result).to_contain_text('"sum": 36')
+    expect(result).to_contain_text('"loud": true')
+    expect(page.locator("[data-count=succeeded]")).to_have_text("1")
+    expect(page.locator("#cancel")).to_be_disabled()
+    with s.client() as c:
+        assert c.job(job_id)["params"] == {"n": 8, "loud": True, "delay": 0.3}
+
+
+def test_typed_form_shows_a_422_beside_its_field(session: Callable[..., Session]) -> None:
+    s = session()
+    page = s.open("/tasks/typed")
+    # Every control has a label, and each kind of param gets its own widget.
+    for control in page.locator("form input, form select, form textarea").all():
+        cid = control.get_attribute("id")
+        assert cid and page.locator(f"label[for={cid}]").count() == 1, f"no label for {cid}"
+    expect(page.get_by_label("n required")).to_have_attribute("step", "1")
+    expect(page.get_by_label("ratio required")).to_have_attribute("step", "any")
+    expect(page.get_by_label("flag required")).to_have_attribute("type", "checkbox")
+    expect(page.get_by_label("mode")).to_have_value('"fast"')
+    expect(page.get_by_label("name")).to_have_value("x")
+
+    page.get_by_label("n required").fill("2.5")
+    page.get_by_label("ratio required").fill("0.5")
+    page.get_by_role("button", name="Start job").click()
+    err = page.locator("#err-p-n")
+    expect(err).to_be_visible()
+    expect(err).to_contain_text("must be an integer")
+    expect(page.get_by_label("n required")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#form-error")).to_contain_text("not started")
+    expect(page.locator("#err-p-ratio")).to_be_hidden()
+
+    page.get_by_label("n required").fill("4")
+    page.get_by_label("flag required").check()
+    page.get_by_label("mode").select_option(label="slow")
+    page.get_by_label("color").select_option(label="green")
+    page.get_by_label("tags").fill('["a", "b"]')
+    page.get_by_role("button", name="Start job").click()
+    _job_id(page)
+    expect(_state(page)).to_have_text("succeeded")
+    result = json.loads(page.locator("#outcome pre.result").inner_text())
+    assert result == {"n": 4, "ratio": 0.5, "flag": True, "name": "x", "mode": "slow",
+                      "color": "green", "tags": ["a", "b"]}
+
+
+def test_upload_errors_show_by_the_upload(session: Callable[..., Session],
+                                          tmp_path: Path) -> None:
+    s = session()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x\n1\nnot-a-number\n3\n")
+    page = s.open("/tasks/square")
+    page.get_by_label("CSV or JSON Lines file, one item per row").set_input_files(bad)
+    page.get_by_role("button", name="Start job").click()
+    err = page.locator("#err-items")
+    expect(err).to_be_visible()
+    expect(err).to_contain_text("row 3")
+    expect(page.locator("#items-file")).to_have_attribute("aria-invalid", "true")
+    assert "/tasks/square" in page.url
+
+
+def test_upload_csv_and_download_results(session: Callable[..., Session],
+                                         tmp_path: Path) -> None:
+    s = session(max_workers=4)
+    items = tmp_path / "numbers.csv"
+    items.write_text("x\n" + "".join(f"{i}\n" for i in range(50)))
+    page = s.open("/tasks/square")
+    page.get_by_label("CSV or JSON Lines file, one item per row").set_input_files(items)
+    page.get_by_role("button", name="Start job").click()
+    job_id = _job_id(page)
+    expect(_state(page)).to_have_text("succeeded", timeout=30_000)
+    expect(page.locator("[data-count=total]")).to_have_text("50")
+    expect(page.locator("[data-count=succeeded]")).to_have_text("50")
+    expect(page.locator(".items-table tbody tr")).to_have_count(50)
+    expect(page.locator(".items-table tbody tr").nth(7)).to_contain_text("49")
+    _screenshot(page, "job.png")
+
+    with page.expect_download() as info:
+        page.get_by_role("link", name="Results CSV").click()
+    download = info.value
+    assert download.suggested_filename == f"{job_id}.csv"
+    with open(download.path(), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 50
+    assert [(int(r["x"]), int(r["result"]), r["state"]) for r in rows] == [
+        (i, i * i, "succeeded") for i in range(50)]
+
+    with page.expect_download() as info:
+        page.get_by_role("link", name="Results JSON Lines").click()
+    lines = Path(info.value.path()).read_text().splitlines()
+    assert len(lines) == 50 and json.loads(lines[3])["result"] == 9
+
+
+def test_failing_job_shows_its_traceback_and_retries(session: Callable[..., Session]) -> None:
+    s = session()
+    page = s.open("/tasks/square")
+    page.get_by_label("x required").fill("-3")
+    page.get_by_role("button", name="Start job").click()
+    _job_id(page)
+    expect(_state(page)).to_have_text("failed")
+    box = page.locator("#outcome .error-box")
+    expect(box).to_contain_text("ValueError: negative: -3")
+    trace = box.locator("details.traceback pre")
+    expect(trace).to_be_hidden()
+    box.locator("summary", has_text="Traceback").click()
+    expect(trace).to_be_visible()
+    expect(trace).to_contain_text("Traceback (most recent call last)")
+    expect(trace).to_contain_text('raise ValueError(f"negative: {x}")')
+    expect(page.locator(".items-table tbody tr").first).to_contain_text("ValueError")
+
+    page.get_by_role("button", name="Retry failed items").click()
+    expect(page.locator("#action-status")).to_contain_text("queued again")
+    expect(_state(page)).to_have_text("failed")
+
+
+def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session]) -> None:
+    s = session(max_workers=1)
+    page = s.open("/")
+    expect(page.locator(".empty")).to_be_visible()
+    with s.client() as c:
+        done = c.submit("add", {"a": 2, "b": 3})
+        c.wait(done["id"], timeout=30)
+        # The list updates by itself: jobs submitted now appear without a reload.
+        expect(page.locator("tbody tr")).to_have_count(1)
+        failed = c.submit("square", {"x": -1})
+        c.wait(failed["id"], timeout=30)
+        busy = c.submit("tally", {"n": 80, "delay": 0.25})
+        wait_for(lambda: c.job(busy["id"])["state"] == "running", 30,
+                 "the tally job did not start")
+        victim = c.submit("square", {"x": 2})
+        c.submit("progress", {"steps": 3})
+    expect(page.locator("tbody tr")).to_have_count(5)
+    expect(page.locator("tbody tr").first).to_contain_text("progress")
+
+    page.get_by_role("link", name=victim["id"][:8]).click()
+    expect(_state(page)).to_have_text("queued")
+    page.get_by_role("button", name="Cancel job").click()
+    expect(_state(page)).to_have_text("cancelled")
+    expect(page.locator("#action-status")).to_have_text("Cancelled.")
+    expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
+    expect(page.get_by_role("button", name="Retry failed items")).to_be_enabled()
+    with s.client() as c:
+        assert c.job(victim["id"])["state"] == "cancelled"
+        assert c.job(busy["id"])["state"] == "running"
+
+    page.get_by_role("link", name="Jobs").click()
+    expect(page.locator("tbody tr").nth(1)).to_contain_text("cancelled")
+    expect(page.locator("tbody tr").nth(2)).to_contain_text("running")
+    expect(page.locator("tbody tr").nth(2).locator("progress")).to_have_count(1)
+    page.wait_for_function("() => document.querySelector('tbody tr:nth-child(3) progress')"
+                           ".value >= 0.1")
+    _screenshot(page, "jobs.png")
+
+    page.get_by_label("State").select_option("cancelled")
+    page.wait_for_url(re.compile(r"state=cancelled"))
+    expect(page.locator("tbody tr")).to_have_count(1)
+    expect(page.locator("tbody tr")).to_contain_text(victim["id"][:8])
+    page.get_by_label("Task").select_option("add")
+    expect(page.locator(".empty")).to_contain_text("match these filters")
+    with s.client() as c:
+        c.cancel(busy["id"])
+
+
+def test_jobs_list_pages_with_the_next_cursor(session: Callable[..., Session]) -> None:
+    s = session()
+    with s.client() as c:
+        ids = [c.submit("noop")["id"] for _ in range(23)]
+    page = s.open("/")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(20)
+    expect(rows.first).to_contain_text(ids[-1][:8])
+    page.get_by_role("link", name="Older →").click()
+    expect(rows).to_have_count(3)
+    expect(rows.last).to_contain_text(ids[0][:8])
+    expect(page.get_by_role("link", name="Older →")).to_be_hidden()
+    page.get_by_role("link", name="← Newest").click()
+    expect(rows).to_have_count(20)
+
+
+def test_token_login_session_and_csrf(session: Callable[..., Session]) -> None:
+    s = session(server=f'token = "{TOKEN}"')
+    page = s.open("/tasks/tally")
+    page.wait_for_url(re.compile(r"/login\?next="))
+    page.get_by_label("API token").fill("not-the-token")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_contain_text("not right")
+    page.get_by_label("API token").fill(TOKEN)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(re.compile(r"/tasks/tally$"))
+
+    cookie = next(c for c in s.context.cookies() if c["name"] == "bulkrunner_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert TOKEN not in page.content()
+    assert TOKEN not in cookie["value"]
+
+    page.get_by_label("n required").fill("2")
+    page.get_by_label("delay").fill("0.05")
+    page.get_by_role("button", name="Start job").click()
+    job_id = _job_id(page)
+    expect(_state(page)).to_have_text("succeeded")
+    assert TOKEN not in page.content()
+
+    # The cookie alone reads the API, but a state-changing call also needs the CSRF token.
+    api = page.request
+    assert api.get(f"{s.server.url}/api/v1/jobs/{job_id}").status == 200
+    assert api.post(f"{s.server.url}/api/v1/jobs/{job_id}/retry").status == 401
+    csrf = page.locator("meta[name=csrf-token]").get_attribute("content")
+    assert csrf
+    assert api.post(f"{s.server.url}/api/v1/jobs", data={"task": "noop"},
+                    headers={"X-CSRF-Token": csrf}).status == 202
+    assert api.post(f"{s.server.url}/api/v1/jobs", data={"task": "noop"},
+                    headers={"X-CSRF-Token": csrf[::-1]}).status == 401
+
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url(re.compile(r"/login"))
+    page.goto(s.server.url + "/")
+    page.wait_for_url(re.compile(r"/login\?next=/"))
+    assert api.get(f"{s.server.url}/api/v1/jobs").status == 401
+
+
+def test_phone_width_is_readable(session: Callable[..., Session]) -> None:
+    s = session()
+    with s.client() as c:
+        job = c.submit("square", {"x": 5})
+        c.wait(job["id"], timeout=30)
+    page = s.open("/")
+    page.set_viewport_size({"width": 390, "height": 800})
+    expect(page.locator("tbody tr")).to_have_count(1)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the jobs list is {overflow} px wider than a phone screen"
+    page.goto(f"{s.server.url}/jobs/{job['id']}")
+    expect(_state(page)).to_have_text("succeeded")
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the job page is {overflow} px wider than a phone screen"
