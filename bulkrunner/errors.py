@@ -37,6 +37,12 @@ class ConfigError(BulkrunnerError):
         self.key = key
 
 
+class StoreUnavailable(BulkrunnerError):
+    """The database file cannot be opened or is not a bulkrunner database."""
+
+    code = "store_unavailable"
+
+
 class InvalidRequest(BulkrunnerError):
     """The request body could not be parsed (HTTP 400)."""
 

@@ -18,7 +18,13 @@ from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.dispatcher import Dispatcher
-from bulkrunner.errors import InvalidSubmission, QueueFull, ShuttingDown
+from bulkrunner.errors import (
+    ConfigError,
+    InvalidSubmission,
+    QueueFull,
+    ShuttingDown,
+    StoreUnavailable,
+)
 from bulkrunner.itemfiles import detect_format, parse_items
 from bulkrunner.models import STATES, Item, Job
 from bulkrunner.store import NewJob, Store
@@ -39,7 +45,12 @@ class Service:
                  store: Store | None = None) -> None:
         self.cfg = cfg
         self.registry = registry or Registry.from_config(cfg)
-        self.store = store or Store(cfg.store.path)
+        try:
+            self.store = store or Store(cfg.store.path)
+        except StoreUnavailable as e:
+            raise ConfigError(f"{e.message}; point it at a writable file in an existing "
+                              "directory (a new file is created)", file=cfg.source,
+                              key="store.path") from None
         self.dispatcher = Dispatcher(cfg, self.store, self.registry)
         self.started = False
 

@@ -13,6 +13,7 @@ survives a killed process, the failure the contract's recovery is about.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
 import sqlite3
@@ -24,7 +25,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bulkrunner.errors import AmbiguousId, JobFinished, KeyConflict, NotFound, NothingToRetry
+from bulkrunner.errors import (
+    AmbiguousId,
+    JobFinished,
+    KeyConflict,
+    NotFound,
+    NothingToRetry,
+    StoreUnavailable,
+)
 from bulkrunner.models import STATES, Item, Job, State, derive_state
 
 T = TypeVar("T")
@@ -206,9 +214,18 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
-        self._wconn = self._connect()
-        self._wconn.execute("PRAGMA journal_mode=WAL")
-        self.version = migrate(self._wconn)
+        try:
+            self._wconn = self._connect()
+        except sqlite3.Error as e:  # a missing directory, no permission
+            raise StoreUnavailable(f"cannot open the database {os.path.abspath(path)} ({e})",
+                                   {"path": path}) from None
+        try:
+            self._wconn.execute("PRAGMA journal_mode=WAL")
+            self.version = migrate(self._wconn)
+        except sqlite3.Error as e:  # not a database, or a read-only one
+            self._wconn.close()
+            raise StoreUnavailable(f"cannot use the database {os.path.abspath(path)} ({e})",
+                                   {"path": path}) from None
         self._sync = ""
         #: Items waiting in the queue; kept exact by the writer thread.
         self.queued: int = self._wconn.execute(
