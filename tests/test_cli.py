@@ -462,11 +462,15 @@ def keep_logging() -> Iterator[None]:
     ('[tasks]\nbroken = "tests.sample_tasks:nope"\n', "tasks.broken", "nope"),
     ('[tasks]\nbroken = "not a path"\n', "tasks.broken", "module:function"),
     ('[tasks]\ndefault = "missing"\n', "tasks.default", "missing"),
+    ('[server]\nhost = "0.0.0.0"\n', "server.token", "token"),
+    ('[store]\npath = "no-such-dir/x.db"\n', "store.path", "x.db"),
+    ('[store]\npath = "not-a-db.txt"\n', "store.path", "not-a-db.txt"),
 ])
 def test_bad_config_stops_serve_with_exit_2(tmp_path: Path, keep_logging: None, text: str,
                                             key: str | None, needle: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
+    (tmp_path / "not-a-db.txt").write_text("this is not an SQLite database, " * 100)
     r = invoke(["--config", str(path), "serve", "--port", "0"])
     assert r.exit_code == 2, r.output
     err = r.stderr.strip()
