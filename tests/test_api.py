@@ -13,6 +13,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,19 @@ def test_retry_of_a_cancelled_job(client: FlaskClient, tmp_path: Path) -> None:
     assert done["state"] == "succeeded" and done["items"]["succeeded"] == 3
 
 
+def test_priority_runs_first(app_factory: Callable[..., Flask], tmp_path: Path) -> None:
+    client = app_factory(max_workers=1).test_client()
+    log = tmp_path / "order.txt"
+    blocker = submit(client, "slow", {"seconds": 30})
+    wait_state(client, blocker["id"], "running")
+    low = submit(client, "record", {"path": str(log)}, items=[{"i": 1}, {"i": 2}])
+    high = submit(client, "record", {"path": str(log), "i": 9}, priority=5)
+    client.post(f"{JOBS}/{blocker['id']}/cancel")
+    wait_state(client, low["id"], "succeeded")
+    wait_state(client, high["id"], "succeeded")
+    assert log.read_text().split() == ["9", "1", "2"]
+
+
 # --------------------------------------------------------------------------- idempotency
 def test_idempotency_key(client: FlaskClient) -> None:
     body = {"task": "add", "params": {"a": 1}, "key": "order-42"}
@@ -317,6 +331,21 @@ def test_idempotency_key(client: FlaskClient) -> None:
                        "key_conflict")
     assert "order-42" in err["message"]
     assert job_count(client) == 1
+
+
+def test_idempotency_key_under_concurrent_submissions(app: Flask) -> None:
+    body = {"task": "add", "params": {"a": 1}, "items": [{"b": i} for i in range(50)],
+            "key": "race"}
+
+    def post(_: int) -> tuple[int, str]:
+        r = app.test_client().post(JOBS, json=body)
+        return r.status_code, r.get_json()["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
+    assert sorted(code for code, _ in answers) == [200] * 7 + [202], answers
+    assert len({ident for _, ident in answers}) == 1
+    assert job_count(app.test_client()) == 1
 
 
 # --------------------------------------------------------------------------- 422
