@@ -197,6 +197,24 @@ def test_typed_form_shows_a_422_beside_its_field(session: Callable[..., Session]
                       "color": "green", "tags": ["a", "b"]}
 
 
+def test_free_form_params_for_a_kwargs_task(session: Callable[..., Session]) -> None:
+    s = session()
+    page = s.open("/tasks/echo")
+    page.get_by_text("Job options", exact=True).click()
+    page.get_by_label("More params (JSON object)").fill("[1, 2]")
+    page.get_by_role("button", name="Start job").click()
+    expect(page.locator("#err-opt-extra")).to_contain_text("must be a JSON object")
+    page.get_by_label("More params (JSON object)").fill('{"city": "Oslo", "n": 3}')
+    page.get_by_label("Priority").fill("5")
+    page.get_by_role("button", name="Start job").click()
+    job_id = _job_id(page)
+    expect(_state(page)).to_have_text("succeeded")
+    assert json.loads(page.locator("#outcome pre.result").inner_text()) == {"city": "Oslo",
+                                                                            "n": 3}
+    with s.client() as c:
+        assert c.job(job_id)["priority"] == 5
+
+
 def test_upload_errors_show_by_the_upload(session: Callable[..., Session],
                                           tmp_path: Path) -> None:
     s = session()

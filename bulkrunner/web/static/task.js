@@ -84,6 +84,10 @@
         const param = /^params\.(.+)$/.exec(name);
         const row = /^(row \d+|items\[\d+\])(?:\.(.+))?$/.exec(name);
         if (param && markField(`p-${param[1]}`, `err-p-${param[1]}`, message)) continue;
+        if (param && markField("opt-extra", "err-opt-extra", `${param[1]}: ${message}`)) {
+          document.getElementById("advanced").open = true;
+          continue;
+        }
         if (name in OPTIONS && markField(`opt-${name}`, `err-opt-${name}`, message)) {
           document.getElementById("advanced").open = true;
           continue;
@@ -124,6 +128,18 @@
           bad = true;
         } else if (input.value.trim() !== "") {
           options[name] = type === "str" ? input.value : Number(input.value);
+        }
+      }
+      const extra = document.getElementById("opt-extra");
+      if (extra.value.trim() !== "") {
+        let more = null;
+        try { more = JSON.parse(extra.value); } catch (e) { more = null; }
+        if (more === null || typeof more !== "object" || Array.isArray(more)) {
+          markField(extra.id, "err-opt-extra", 'must be a JSON object, like {"name": "value"}');
+          document.getElementById("advanced").open = true;
+          bad = true;
+        } else {
+          for (const [k, v] of Object.entries(more)) if (!(k in params)) params[k] = v;
         }
       }
       return bad ? null : { params, options };
