@@ -3,12 +3,15 @@
 ``floor``: a Flask route under waitress that does nothing but answer 202 with a small JSON
 body: the most any Flask+waitress submission endpoint can do on this machine.
 
+``wsgi``: no Flask at all, a bare WSGI callable under waitress (how much of the floor is
+Flask).
+
 ``seed``: the pattern users write first: parse the JSON, ``ThreadPoolExecutor.submit`` the
 task, keep the future in a dict, answer 202 with its id. Like bulkrunner in the benchmark,
 its workers are first all occupied by a long sleep, so the figure is the submission alone
 (submissions pile up in the pool's in-memory queue; nothing is durable).
 
-Usage: ``python bench/baseline_server.py floor|seed [--threads 8] [--workers 4]``.
+Usage: ``python bench/baseline_server.py floor|seed|wsgi [--threads 8] [--workers 4]``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def floor_app() -> Flask:
     return app
 
 
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """No Flask at all: what waitress alone costs."""
+    environ["wsgi.input"].read()
+    start_response("202 Accepted", [("Content-Type", "application/json"),
+                                     ("Content-Length", "11")])
+    return [b'{"id": "0"}']
+
+
 def seed_app(workers: int) -> Flask:
     app = Flask("seed")
     pool = ThreadPoolExecutor(workers)
@@ -63,13 +74,14 @@ def seed_app(workers: int) -> Flask:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["floor", "seed"])
+    ap.add_argument("mode", choices=["floor", "seed", "wsgi"])
     ap.add_argument("--threads", type=int, default=8, help="waitress threads")
     ap.add_argument("--workers", type=int, default=4, help="seed pool workers")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    app = floor_app() if args.mode == "floor" else seed_app(args.workers)
+    app: Any = {"floor": floor_app, "wsgi": lambda: wsgi_app,
+                "seed": lambda: seed_app(args.workers)}[args.mode]()
     server = create_server(app, host="127.0.0.1", port=0, threads=args.threads)
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -83,7 +95,7 @@ def main() -> int:
         pass
     finally:
         server.close()
-        release = app.extensions.get("release")
+        release = getattr(app, "extensions", {}).get("release")
         if release is not None:
             release.set()
     time.sleep(0.05)

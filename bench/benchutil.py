@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -36,7 +37,10 @@ class Server:
         self.name = name
         self.argv = list(argv)
         self.workdir = workdir
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        # $BENCH_SRC: benchmark another checkout of bulkrunner (bench.tasks still from here).
+        src = os.environ.get("BENCH_SRC")
+        path = f"{src}{os.pathsep}{ROOT}" if src else str(ROOT)
+        self.env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         self.env.pop("BULKRUNNER_URL", None)
         self.env.pop("BULKRUNNER_CONFIG", None)
         self.log_path = workdir / f"{name}.log"
@@ -97,9 +101,18 @@ def bulkrunner_config(workdir: Path, *, max_workers: int = 4, tasks: dict[str, s
     return path
 
 
-def bulkrunner_server(workdir: Path, config: Path, log_level: str = "info") -> Server:
+def bulkrunner_server(workdir: Path, config: Path) -> Server:
+    """``bulkrunner serve`` at log level info (its "serving on" line gives the URL)."""
     return Server("bulkrunner", [sys.executable, "-m", "bulkrunner", "--config", str(config),
-                                 "serve", "--log-level", log_level], workdir)
+                                 "serve", "--log-level", "info"], workdir)
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Delete a benchmark's temp dir, unless $BENCH_KEEP is set (then say where it is)."""
+    if os.environ.get("BENCH_KEEP"):
+        print(f"kept {workdir} (BENCH_KEEP is set)", file=sys.stderr)
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- HTTP

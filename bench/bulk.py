@@ -13,13 +13,14 @@ its own temp dir and database, free loopback port) gets one ``POST /api/v1/jobs`
 
 Usage: ``python bench/bulk.py [--items 100000] [--workers 4,8] [--rounds 1]``. A drain
 that has not finished after ``--drain-timeout`` seconds is reported from its partial count.
+$BENCH_SRC=/path/to/checkout benchmarks another copy of bulkrunner; $BENCH_KEEP=1 keeps the
+temp dirs (server logs, databases).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from benchutil import (
     print_table,
     proc_cpu_seconds,
     proc_status_kb,
+    remove_workdir,
     spread,
 )
 from tasks import noop_i
@@ -78,13 +80,13 @@ def _ts(iso: str | None) -> float | None:
                                                            ).timestamp()
 
 
-def one_run(workers: int, n: int, drain_timeout: float, log_level: str) -> BulkRun:
+def one_run(workers: int, n: int, drain_timeout: float) -> BulkRun:
     body = json.dumps({"task": "noop_i", "items": [{"i": i} for i in range(n)]}).encode()
     workdir = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
     server = None
     try:
         cfg = bulkrunner_config(workdir, max_workers=workers, tasks=TASKS)
-        server = bulkrunner_server(workdir, cfg, log_level).start()
+        server = bulkrunner_server(workdir, cfg).start()
         http_json("GET", server.url + "/healthz")  # first request: lazy imports, caches
         pid = server.pid
         rss_before = proc_status_kb(pid, "VmRSS") / 1024
@@ -119,7 +121,7 @@ def one_run(workers: int, n: int, drain_timeout: float, log_level: str) -> BulkR
     finally:
         if server is not None:
             server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
 
 
 def main() -> int:
@@ -129,7 +131,6 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="runs per max_workers value")
     ap.add_argument("--drain-timeout", type=float, default=40.0,
                     help="seconds to wait for a drain before reporting a partial rate")
-    ap.add_argument("--log-level", default="info", help="bulkrunner serve --log-level")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     t_start = time.monotonic()
@@ -138,7 +139,7 @@ def main() -> int:
     runs: list[BulkRun] = []
     for rnd in range(args.rounds):
         for w in workers:
-            run = one_run(w, args.items, args.drain_timeout, args.log_level)
+            run = one_run(w, args.items, args.drain_timeout)
             run.ceiling_per_s = ceiling(w, args.items)
             runs.append(run)
             print(f"round {rnd + 1} max_workers {w}: 202 after {run.submit_s:.2f} s, "

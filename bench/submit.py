@@ -1,25 +1,31 @@
 """Submissions per second and latency: bulkrunner against the floor and the seed pattern.
 
-Three servers, each its own subprocess on a free loopback port, all Flask under waitress
-with the same number of waitress threads:
+Four servers, each its own subprocess on a free loopback port, all under waitress with the
+same number of waitress threads:
 
-- ``floor``: a route that does nothing (bench/baseline_server.py floor);
+- ``wsgi``: a bare WSGI callable, no Flask (for reference: what waitress alone costs);
+- ``floor``: a Flask route that does nothing (bench/baseline_server.py floor): the target's
+  100%;
 - ``seed``: a route calling ``ThreadPoolExecutor.submit`` (bench/baseline_server.py seed);
 - ``bulkrunner``: a real ``bulkrunner serve`` (thread executor) whose workers are all busy
   with a long ``sleep`` job, so every ``echo`` submission is validated, committed to SQLite
   (synchronous=FULL) and queued, never run.
 
 wrk loads each one with the same JSON POST, sequentially (``-c1 -t1``) and concurrently
-(``-c8 -t2``), interleaved round by round so a busy moment of the machine hits all three.
+(``-c8 -t2``), interleaved round by round so a busy moment of the machine hits all of them.
 Afterwards the jobs in bulkrunner's database are counted: every 202 must be there.
 
-Usage: ``python bench/submit.py [--seconds 6] [--rounds 2]``. Takes about 1.5 minutes.
+"server CPU ms/req" is the server process's CPU time (all threads, from /proc) divided by
+the requests answered: on 2 cores with the GIL, throughput is about 1 core / that figure.
+
+Usage: ``python bench/submit.py [--seconds 5] [--rounds 2]``. Takes about 1.5 minutes.
+$BENCH_SRC=/path/to/checkout benchmarks another copy of bulkrunner; $BENCH_KEEP=1 keeps the
+temp dir (server logs, database).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sqlite3
 import statistics
 import sys
@@ -38,6 +44,7 @@ from benchutil import (
     print_table,
     proc_cpu_seconds,
     proc_status_kb,
+    remove_workdir,
     run_wrk,
     spread,
     write_lua,
@@ -45,7 +52,7 @@ from benchutil import (
 
 BODY = {"task": "echo", "params": {"msg": "hi"}}
 MODES = {"sequential": (1, 1), "concurrent": (8, 2)}   # connections, wrk threads
-TARGETS = ("floor", "seed", "bulkrunner")
+TARGETS = ("wsgi", "floor", "seed", "bulkrunner")
 
 
 def occupy_workers(server: Server, n: int, timeout: float = 15.0) -> None:
@@ -80,11 +87,10 @@ def count_jobs(db: Path) -> dict[str, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=6, help="wrk duration per run")
+    ap.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     ap.add_argument("--rounds", type=int, default=2, help="runs per target and mode")
     ap.add_argument("--max-workers", type=int, default=4, help="bulkrunner workers")
     ap.add_argument("--threads", type=int, default=8, help="waitress threads (all servers)")
-    ap.add_argument("--log-level", default="info", help="bulkrunner serve --log-level")
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-submit-"))
@@ -92,13 +98,13 @@ def main() -> int:
     t_start = time.monotonic()
     try:
         print(f"load average before: {loadavg()}", flush=True)
-        for mode in ("floor", "seed"):
+        for mode in ("wsgi", "floor", "seed"):
             servers[mode] = Server(mode, [sys.executable, str(BENCH / "baseline_server.py"),
                                           mode, "--threads", str(args.threads),
                                           "--workers", str(args.max_workers)],
                                    workdir).start()
         cfg = bulkrunner_config(workdir, max_workers=args.max_workers, threads=args.threads)
-        servers["bulkrunner"] = bulkrunner_server(workdir, cfg, args.log_level).start()
+        servers["bulkrunner"] = bulkrunner_server(workdir, cfg).start()
         occupy_workers(servers["bulkrunner"], args.max_workers)
         script = write_lua(workdir / "post.lua", BODY)
 
@@ -135,7 +141,7 @@ def main() -> int:
     finally:
         for srv in servers.values():
             srv.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
 
     print()
     print(f"bench/submit.py: wrk POST {BODY} for {args.seconds:g} s per run, "
