@@ -1,7 +1,8 @@
-"""The web page in a real browser: headless Debian Chromium driven by Playwright.
+"""The web page: in a real browser (headless Debian Chromium driven by Playwright), plus
+its session, redirect and header rules through the Flask test client.
 
-Every test runs against a real ``bulkrunner serve`` process. The browser is never
-downloaded: Playwright launches ``/usr/bin/chromium`` (apt package ``chromium``), and the
+Browser tests run against a real ``bulkrunner serve`` process. The browser is never
+downloaded: Playwright launches ``/usr/bin/chromium`` (apt package ``chromium``), and those
 tests skip with a reason when it or Playwright is missing.
 """
 
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from bulkrunner.client import Client
+from bulkrunner.web.auth import COOKIE, SESSION_SECONDS, Sessions
+from bulkrunner.web.fields import form_fields
 from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
 
 try:
@@ -31,15 +34,9 @@ try:
         sync_playwright,
     )
 except ImportError:  # pragma: no cover - depends on the machine
-    pytest.skip("playwright is not installed (pip install playwright; never run "
-                "`playwright install`: the tests use /usr/bin/chromium)",
-                allow_module_level=True)
+    sync_playwright = None  # type: ignore[assignment]
 
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium package "
-                "(apt-get install chromium)", allow_module_level=True)
-
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 20_000        # any one wait for the page
@@ -51,6 +48,12 @@ Serve = Callable[..., ServerProcess]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    if sync_playwright is None:
+        pytest.skip("playwright is not installed (pip install playwright; never run "
+                    "`playwright install`: the tests use /usr/bin/chromium)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium package "
+                    "(apt-get install chromium)")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, timeout=60_000)
         yield b
@@ -403,3 +406,74 @@ def test_phone_width_is_readable(session: Callable[..., Session]) -> None:
     expect(_state(page)).to_have_text("succeeded")
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the job page is {overflow} px wider than a phone screen"
+
+
+# ---------------------------------------------------------------------------- no browser
+def test_session_cookie_is_signed_bound_to_the_token_and_expires() -> None:
+    sessions = Sessions()
+    cookie = sessions.issue("tok", now=1000)
+    nonce = sessions.check(cookie, "tok", now=1001)
+    assert nonce and "tok" not in cookie
+    assert sessions.check(cookie, "other-token", now=1001) is None
+    assert sessions.check(cookie[:-1] + ("0" if cookie[-1] != "0" else "1"), "tok",
+                          now=1001) is None
+    assert sessions.check(cookie, "tok", now=1000 + SESSION_SECONDS + 1) is None
+    assert Sessions().check(cookie, "tok", now=1001) is None  # another process's secret
+    for junk in ("", "a.b", "a..c", "a.12x.c", "..."):
+        assert sessions.check(junk, "tok") is None
+    assert sessions.csrf(nonce) != sessions.csrf(nonce + "x")
+
+
+def test_login_redirects_only_within_this_site(app_factory: Callable[..., Any]) -> None:
+    client = app_factory(server=f'token = "{TOKEN}"').test_client()
+    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "jobs"):
+        resp = client.post("/login", data={"token": TOKEN, "next": target})
+        assert resp.status_code == 302 and resp.headers["Location"] == "/", target
+        client.delete_cookie(COOKIE)
+    resp = client.post("/login", data={"token": TOKEN, "next": "/tasks?x=1"})
+    assert resp.headers["Location"] == "/tasks?x=1"
+
+
+def test_pages_redirect_to_login_and_api_wants_a_token(app_factory: Callable[..., Any]) -> None:
+    client = app_factory(server=f'token = "{TOKEN}"').test_client()
+    resp = client.get("/jobs/abc?state=failed")
+    assert resp.status_code == 302
+    assert resp.headers["Location"] == "/login?next=/jobs/abc?state%3Dfailed"
+    assert client.get("/api/v1/jobs").status_code == 401
+    with client.get("/assets/style.css") as css:
+        assert css.status_code == 200  # the login page needs its style
+    login = client.get("/login")
+    assert login.status_code == 200 and TOKEN not in login.get_data(as_text=True)
+
+
+def test_pages_send_a_strict_content_security_policy(app_factory: Callable[..., Any]) -> None:
+    client = app_factory().test_client()
+    resp = client.get("/")
+    assert resp.status_code == 200
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["Cache-Control"] == "no-store"
+    for path in ("/jobs/0123456789abcdef", "/tasks/no-such-task"):
+        page = client.get(path)
+        assert page.status_code == 404 and page.mimetype == "text/html", path
+
+
+def test_form_fields_follow_the_param_types() -> None:
+    fields = {f.name: f for f in form_fields([
+        {"name": "n", "type": "int", "required": True, "default": None},
+        {"name": "ratio", "type": "float", "required": False, "default": 0.5},
+        {"name": "flag", "type": "bool", "required": False, "default": True},
+        {"name": "mode", "type": "str", "required": False, "default": "fast",
+         "choices": ["fast", "slow"]},
+        {"name": "level", "type": "int", "required": True, "default": None, "choices": [1, 2]},
+        {"name": "tags", "type": "list", "required": False, "default": None,
+         "item_type": "str", "nullable": True},
+        {"name": "name", "type": "str", "required": False, "default": "x"},
+    ])}
+    assert (fields["n"].kind, fields["n"].step, fields["n"].value) == ("number", "1", "")
+    assert (fields["ratio"].step, fields["ratio"].value) == ("any", "0.5")
+    assert fields["flag"].kind == "checkbox" and fields["flag"].checked
+    assert [(o.value, o.selected) for o in fields["mode"].options] == [
+        ('"fast"', True), ('"slow"', False)]
+    assert [o.value for o in fields["level"].options] == ["", "1", "2"]
+    assert fields["tags"].kind == "json" and "JSON list of text" in fields["tags"].help
+    assert (fields["name"].kind, fields["name"].value) == ("text", "x")
