@@ -49,7 +49,6 @@ log = logging.getLogger("bulkrunner.dask")
 CONNECT_TIMEOUT = 10.0   # seconds for one attempt to reach the scheduler
 CLOSE_TIMEOUT = 10.0     # seconds for closing the client or the local cluster
 _WATCH_INTERVAL = 1.0    # seconds between looks at the connection and the worker count
-_RECONNECT_MAX = 10.0    # longest pause between reconnection attempts
 _PROGRESS_INTERVAL = 0.2  # a worker sends an item's progress at most this often
 _FLAG_POLL = 0.1         # a task's cancel check asks the scheduler at most this often
 _EVENT_TTL = 600.0       # seconds before a cancel Event that was set is cleared again
@@ -167,10 +166,15 @@ class DaskExecutor:
         if not self.address:
             # A local cluster failing to start is a setup error: let `serve` report it.
             # host= alone is enough: processes=False with host= fails (facts.md).
+            # The dashboard on a free loopback port: dashboard_address=None still binds
+            # the fixed :8787, which a second server would collide with.
             self._cluster = LocalCluster(
                 n_workers=self.max_workers, threads_per_worker=1, processes=True,
-                host="127.0.0.1", dashboard_address=None)
+                host="127.0.0.1", dashboard_address="127.0.0.1:0")
             self.address = self._cluster.scheduler_address
+            log.info("started a local Dask cluster of %d worker processes at %s "
+                     "(dashboard %s)", self.max_workers, self.address,
+                     self._cluster.dashboard_link)
         # A remote scheduler that is down at start is not fatal: the server comes up,
         # /healthz says why, and the watcher keeps trying.
         self._connect()
@@ -222,7 +226,7 @@ class DaskExecutor:
         """(ok, detail). Not ok while the scheduler is unreachable or has no workers."""
         client = self._client
         if client is not None and client.status != "running":
-            return False, self._unreachable(f"connection {client.status}")
+            return False, self._unreachable(f"connection lost, client {client.status}")
         return self._state
 
     def shutdown(self) -> None:
@@ -305,7 +309,11 @@ class DaskExecutor:
             self._state = (False, self._unreachable(str(e) or type(e).__name__))
             return False
         with self._lock:
-            self._client = client
+            if not self._stopping:
+                self._client = client
+        if self._stopping:  # shut down while we were connecting
+            client.close(timeout=CLOSE_TIMEOUT)
+            return False
         log.info("connected to the Dask scheduler at %s", self.address)
         return True
 
@@ -327,17 +335,15 @@ class DaskExecutor:
         return f"scheduler unreachable at {self.address}: {why}; reconnecting"
 
     def _watch(self) -> None:
-        pause = _WATCH_INTERVAL
-        while not self._stop.wait(pause):
+        while not self._stop.wait(_WATCH_INTERVAL):
             try:
-                pause = _WATCH_INTERVAL
                 client = self._client
                 if client is None or client.status in ("closing", "closed", "failed"):
-                    # The client gave up reconnecting by itself (after its timeout):
-                    # start a new one, backing off while the scheduler stays away.
+                    # The client gave up reconnecting by itself (after CONNECT_TIMEOUT):
+                    # start a new one. A failed attempt already took CONNECT_TIMEOUT
+                    # retrying, so no further back-off is needed.
                     self._close_client()
                     if not self._connect():
-                        pause = min(_RECONNECT_MAX, CONNECT_TIMEOUT)
                         continue
                 self._refresh()
                 self._clear_old_events()
@@ -352,7 +358,7 @@ class DaskExecutor:
             ok, detail = self._state
         elif client.status != "running":
             self._up = False
-            ok, detail = False, self._unreachable(f"connection {client.status}")
+            ok, detail = False, self._unreachable(f"connection lost, client {client.status}")
         else:
             if not self._up:
                 # Events are pushed only to subscribers; a reconnected client is new to
