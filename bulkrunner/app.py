@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from bulkrunner import errors, web
 from bulkrunner.config import Config, host_is_loopback, load_config
+from bulkrunner.metrics import Metrics
 from bulkrunner.models import STATES
 from bulkrunner.openapi import openapi_document
 from bulkrunner.service import Service
@@ -45,6 +46,9 @@ def create_app(config: Config | None = None, *, service: Service | None = None,
     web.register(app)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/openapi.json", "openapi", openapi)
+    app.add_url_rule("/metrics", "metrics", metrics)
+    # Before the service starts, so its first events are counted.
+    app.extensions["bulkrunner_metrics"] = Metrics(svc)
     app.register_error_handler(errors.BulkrunnerError, _bulkrunner_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -252,6 +256,23 @@ def results(ident: str) -> Response:
         "Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
 
 
+@api.get("/jobs/<ident>/items/<int:index>/log")
+def item_log(ident: str, index: int) -> Response:
+    after = _int_arg("after", 0, 0, 2**62) or 0
+    data, size, state = service().item_log(ident, index, after)
+    return Response(data, mimetype="text/plain", headers={
+        "X-Log-Size": str(size), "X-Item-State": state, "Cache-Control": "no-store"})
+
+
+@api.post("/prune")
+def prune() -> Response:
+    raw = request.args.get("dry_run", "0").lower()
+    if raw not in ("0", "1", "true", "false", ""):
+        raise errors.InvalidRequest("query parameter dry_run must be 1 or 0",
+                                    {"field": "dry_run"})
+    return _json(service().prune(dry_run=raw in ("1", "true")))
+
+
 @api.get("/tasks")
 def list_tasks() -> Response:
     svc = service()
@@ -267,3 +288,8 @@ def healthz() -> Response:
 
 def openapi() -> Response:
     return _json(openapi_document())
+
+
+def metrics() -> Response:
+    data, ctype = current_app.extensions["bulkrunner_metrics"].render()
+    return Response(data, content_type=ctype)

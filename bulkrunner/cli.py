@@ -125,9 +125,12 @@ def cli(ctx: click.Context, config: str | None, url: str | None, token: str | No
 @click.option("--db", "db", metavar="PATH", help="SQLite database file.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True,
+              type=click.Choice(["text", "json"]),
+              help="Server log lines as text, or one JSON object each.")
 @pass_ctx
 def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
-          max_workers: int | None, db: str | None, log_level: str) -> None:
+          max_workers: int | None, db: str | None, log_level: str, log_format: str) -> None:
     """Run the job server (waitress) until SIGTERM or Ctrl-C."""
     from bulkrunner.server import run_server
 
@@ -136,7 +139,7 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
             server={"host": host, "port": port},
             executor={"type": executor, "max_workers": max_workers},
             store={"path": db})
-        code = run_server(cfg, log_level=log_level)
+        code = run_server(cfg, log_level=log_level, log_format=log_format)
     except ConfigError as e:
         _fail(e.message, EXIT_USAGE)
     sys.exit(code)
@@ -370,6 +373,51 @@ def tasks(obj: Ctx, as_json: bool) -> None:
             req = "required" if p["required"] else f"default {json.dumps(p['default'])}"
             choices = f", one of {p['choices']}" if p.get("choices") else ""
             click.echo(f"    --param {p['name']}=<{p['type']}>  ({req}{choices})")
+
+
+# --------------------------------------------------------------------------- observability
+@cli.command()
+@click.argument("ident", metavar="ID")
+@click.option("--item", "index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which item of the job.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the item finishes.")
+@pass_ctx
+@handles_errors
+def logs(obj: Ctx, ident: str, index: int, follow: bool) -> None:
+    """Print what an item printed and logged while it ran (--follow: as it runs)."""
+    import time
+
+    client = obj.client
+    out = click.get_binary_stream("stdout")
+    offset = 0
+    while True:
+        chunk = client.item_log(ident, index, after=offset)
+        if chunk.data:
+            out.write(chunk.data)
+            out.flush()
+        offset = chunk.size
+        if not follow or chunk.state in FINISHED:
+            return
+        time.sleep(0.25)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@pass_ctx
+@handles_errors
+def prune(obj: Ctx, dry_run: bool, as_json: bool) -> None:
+    """Delete finished jobs older than the server's [retention] ages, with their items and
+    logs (the server also does this every few minutes)."""
+    res = obj.client.prune(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    jobs, items = res["jobs"], res["items"]
+    verb = "would delete" if res["dry_run"] else "deleted"
+    detail = ", ".join(f"{jobs[s]} {s}" for s in jobs)
+    click.echo(f"{verb} {sum(jobs.values())} job(s) with {sum(items.values())} item(s) "
+               f"({detail})")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -173,6 +174,24 @@ class Client:
     def tasks(self) -> dict[str, Any]:
         return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
 
+    def item_log(self, ident: str, index: int = 0, *, after: int = 0) -> LogChunk:
+        """What item ``index`` printed and logged, from byte offset ``after`` on.
+
+        To follow, ask again with ``after=chunk.size`` until ``chunk.state`` is finished.
+        """
+        resp = self.request("GET", f"/api/v1/jobs/{quote(ident, safe='')}/items/{index}/log"
+                                   f"?{urlencode({'after': after})}", stream=True)
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+        return LogChunk(data, int(resp.headers.get("X-Log-Size", after + len(data))),
+                        resp.headers.get("X-Item-State", ""))
+
+    def prune(self, *, dry_run: bool = False) -> dict[str, Any]:
+        """Delete finished jobs past the server's retention ages; counts per state."""
+        return self._json("POST", f"/api/v1/prune?dry_run={int(dry_run)}")  # type: ignore[no-any-return]
+
     def health(self) -> dict[str, Any]:
         """The health report; its ``status`` is "ok", "draining" or "executor_unavailable"
         (the server answers 503 for the last two, which is not an error here)."""
@@ -220,6 +239,15 @@ class Download:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Part of an item's log: the bytes, the offset to ask from next, the item's state."""
+
+    data: bytes
+    size: int
+    state: str
 
 
 def _api_error(status: int, data: bytes) -> ApiError:

@@ -63,6 +63,18 @@ class JobsConfig:
     max_result_size: int = 1024 * 1024
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
+    max_log_size: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished jobs are kept, in seconds by final state (0 = forever), and how
+    often the server deletes the older ones. The file may say "7d", "12h", "30m", "45s"."""
+
+    succeeded: float = 7 * 86400.0
+    failed: float = 30 * 86400.0
+    cancelled: float = 7 * 86400.0
+    interval: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class Config:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     tasks: tuple[TaskConfig, ...] = ()
     default_task: str | None = "echo"
     builtins: bool = True
@@ -111,7 +124,8 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {"server": ServerConfig, "executor": ExecutorConfig,
-                              "store": StoreConfig, "jobs": JobsConfig}
+                              "store": StoreConfig, "jobs": JobsConfig,
+                              "retention": RetentionConfig}
 _TASK_KEYS = {"path": str, "timeout": float, "max_attempts": int, "doc": str}
 _RESERVED_TASK_KEYS = {"default", "builtins"}
 
@@ -166,6 +180,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>",
         table = data.get(sec, {})
         if not isinstance(table, dict):
             raise ConfigError(f"must be a table like [{sec}]", file=source, key=sec)
+        if cls is RetentionConfig:
+            table = {k: parse_duration(v, f"{sec}.{k}", source) for k, v in table.items()}
         kwargs[sec] = _build(cls, table, sec, source)
     if base_dir is not None:
         store = kwargs["store"]
@@ -259,11 +275,41 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.jobs.max_queued >= 1, "jobs.max_queued", "must be at least 1")
     need(cfg.jobs.max_items >= 1, "jobs.max_items", "must be at least 1")
     need(cfg.jobs.retry_backoff >= 0, "jobs.retry_backoff", "must be 0 or more seconds")
+    need(cfg.jobs.max_log_size >= 0, "jobs.max_log_size",
+         "must be 0 (capture nothing) or more bytes")
+    for name in ("succeeded", "failed", "cancelled"):
+        need(getattr(cfg.retention, name) >= 0, f"retention.{name}",
+             'must be 0 (keep forever) or an age like "7d"')
+    need(cfg.retention.interval >= 1, "retention.interval", 'must be at least 1 second, '
+         'like "5m"')
     for t in cfg.tasks:
         need(t.timeout is None or t.timeout >= 0, f"tasks.{t.name}.timeout",
              "must be 0 (none) or more seconds")
         need(t.max_attempts is None or t.max_attempts >= 1, f"tasks.{t.name}.max_attempts",
              "must be at least 1")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any, key: str = "duration", source: str | None = None) -> Any:
+    """Seconds from ``"7d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` or a number.
+
+    Anything else is returned as is, for the type check to name.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ConfigError(f'must be a number of seconds or an age like "7d", "12h", "30m" '
+                          f"or \"45s\", not {value!r}", file=source, key=key) from None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ConfigError(f"must be a finite age, not {value!r}", file=source, key=key)
+    return seconds
 
 
 def _apply_env(cfg: Config) -> Config:

@@ -25,7 +25,9 @@ from bulkrunner.worker import Outcome, WorkUnit, error_dict
 log = logging.getLogger("bulkrunner.dispatcher")
 
 #: ``observer(event, data)``: called from the dispatcher thread (metrics, logs). Events:
-#: "claimed", "finished", "timeout", "worker_died", "recovered".
+#: "claimed", "finished", "timeout", "worker_died", "recovered". "finished" carries
+#: ``finishes`` and ``states``: what each item became ("queued" again, "succeeded",
+#: "failed"), or "stale" when the store ignored it.
 Observer = Callable[[str, dict[str, Any]], None]
 
 _PROGRESS_FLUSH = 0.5      # seconds between progress writes
@@ -50,6 +52,8 @@ class Dispatcher:
         self._aborts: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._progress: dict[tuple[int, int], tuple[float | None, str | None]] = {}
         self._progress_lock = threading.Lock()
+        #: Captured output waiting to be written: (job_seq, index, claim) -> chunks.
+        self._logs: dict[tuple[int, int, int], list[str]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.draining = False
@@ -63,12 +67,17 @@ class Dispatcher:
     def start(self) -> None:
         """Re-queue what a previous server left running, build the executor, start."""
         t0 = time.monotonic()
-        self.recovered = self.store.requeue_running(interrupted=True)
+        jobs: dict[str, dict[str, int]] = {}
+        self.recovered = self.store.requeue_running(interrupted=True, jobs=jobs)
         if any(self.recovered.values()):
             log.info("recovery: re-queued %(requeued)d interrupted items, failed %(failed)d "
                      "interrupted too often", self.recovered)
+            for job_id, n in jobs.items():
+                log.info("job %s recovered: %d interrupted item(s) re-queued, %d failed",
+                         job_id, n["requeued"], n["failed"], extra={"job_id": job_id})
             self._emit("recovered", {**self.recovered, "seconds": time.monotonic() - t0})
-        self.executor = self._factory(self.cfg, self._report, self.registry.modules())
+        self.executor = self._factory(self.cfg, _Reports(self._report, self._log),
+                                      self.registry.modules())
         self._thread = threading.Thread(target=self._run, name="bulkrunner-dispatcher",
                                         daemon=True)
         if self.store.queued:
@@ -156,8 +165,10 @@ class Dispatcher:
         if self._retry_due is not None and time.time() >= self._retry_due:
             self._retry_due = None
         if finishes:
-            self.store.finish(finishes, self._backoff_noted)
-            self._emit("finished", {"finishes": finishes})
+            self._flush_logs()  # an item's log is complete once its end is recorded
+            states: list[str] = []
+            self.store.finish(finishes, self._backoff_noted, states=states)
+            self._emit("finished", {"finishes": finishes, "states": states})
         if claim and not self.draining and self.executor is not None:
             free = self.max_workers - len(self._inflight)
             if free > 0:
@@ -178,7 +189,8 @@ class Dispatcher:
                         task=c.task, target=task.target, params=c.params, timeout=c.timeout,
                         deadline=time.time() + c.timeout if c.timeout > 0 else None,
                         context_param=task.context_param,
-                        max_result_size=self.cfg.jobs.max_result_size)
+                        max_result_size=self.cfg.jobs.max_result_size,
+                        max_log_size=self.cfg.jobs.max_log_size)
         try:
             fut = self.executor.submit(unit)
         except Exception as e:
@@ -265,6 +277,18 @@ class Dispatcher:
             updates, self._progress = self._progress, {}
         if updates:
             self.store.record_progress(updates)
+        self._flush_logs()
+
+    def _log(self, key: tuple[int, int], claim: int, text: str) -> None:
+        # Called by executors (worker or supervisor threads) with captured output.
+        with self._progress_lock:
+            self._logs.setdefault((key[0], key[1], claim), []).append(text)
+
+    def _flush_logs(self) -> None:
+        with self._progress_lock:
+            chunks, self._logs = self._logs, {}
+        if chunks:
+            self.store.append_logs({k: "".join(v) for k, v in chunks.items()})
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for obs in self.observers:
@@ -272,6 +296,19 @@ class Dispatcher:
                 obs(event, data)
             except Exception:
                 log.exception("observer failed on %s", event)
+
+
+class _Reports:
+    """The reporter handed to executors: called with progress, and ``log`` takes captured
+    output (:func:`bulkrunner.worker.run_item` looks for it)."""
+
+    def __init__(self, progress: Callable[[tuple[int, int], float | None, str | None], None],
+                 log: Callable[[tuple[int, int], int, str], None]) -> None:
+        self._progress = progress
+        self.log = log
+
+    def __call__(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
+        self._progress(key, frac, msg)
 
 
 __all__ = ["Dispatcher", "Observer", "error_dict"]

@@ -91,6 +91,34 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {"description": "One line or row per item", "content": {
                     "application/x-ndjson": {"schema": {"type": "string"}},
                     "text/csv": {"schema": {"type": "string"}}}}, **errors}}},
+            "/api/v1/jobs/{id}/items/{index}/log": {"get": {
+                "operationId": "itemLog",
+                "summary": "What an item printed and logged (text; follow with ?after=)",
+                "parameters": [
+                    _ID,
+                    {"name": "index", "in": "path", "required": True,
+                     "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "after", "in": "query", "description": "Byte offset to start "
+                     "from: the X-Log-Size of the previous answer",
+                     "schema": {"type": "integer", "minimum": 0}}],
+                "responses": {"200": {
+                    "description": "UTF-8 text from the offset on; each run after the first "
+                                   "starts with a '--- run N ---' line",
+                    "headers": {
+                        "X-Log-Size": {"description": "Bytes of log so far: the next offset",
+                                       "schema": {"type": "integer"}},
+                        "X-Item-State": {"description": "The item's state; stop following "
+                                         "once it is finished",
+                                         "schema": {"type": "string", "enum": list(STATES)}}},
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors}}},
+            "/api/v1/prune": {"post": {
+                "operationId": "prune",
+                "summary": "Delete finished jobs older than the [retention] ages",
+                "parameters": [{"name": "dry_run", "in": "query", "description": "1: only "
+                                "count what would be deleted",
+                                "schema": {"type": "string", "enum": ["0", "1"]}}],
+                "responses": {"200": _ok("Prune", "Jobs and items deleted (or that would "
+                                                  "be), by state"), **errors}}},
             "/api/v1/tasks": {"get": {
                 "operationId": "listTasks", "summary": "Registered tasks and their params",
                 "responses": {"200": _ok("TaskList", "The tasks"), **errors}}},
@@ -98,6 +126,11 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "health", "summary": "Liveness, queue depth, executor health",
                 "responses": {"200": _ok("Health", "Serving"),
                               "503": _ok("Health", "Draining, or the executor is unusable")}}},
+            "/metrics": {"get": {
+                "operationId": "metrics", "summary": "Prometheus metrics (text format)",
+                "responses": {"200": {"description": "Prometheus text exposition format",
+                                      "content": {"text/plain": {"schema": {
+                                          "type": "string"}}}}, "401": _ERR}}},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3 document", "content": {
@@ -172,5 +205,10 @@ def _schemas() -> dict[str, Any]:
         "Health": {"type": "object", "required": ["status"], "properties": {
             "status": {"type": "string"}, "executor": {"type": "object"},
             "queued": {"type": "integer"}, "inflight": {"type": "integer"},
-            "max_workers": {"type": "integer"}}},
+            "max_workers": {"type": "integer"},
+            "workers": {"type": "integer", "description": "workers ready to run items"}}},
+        "Prune": {"type": "object", "required": ["dry_run", "jobs", "items"], "properties": {
+            "dry_run": {"type": "boolean"},
+            "jobs": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "items": {"type": "object", "additionalProperties": {"type": "integer"}}}},
     }

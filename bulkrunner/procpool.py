@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import bulkrunner.capture as capture
 from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.worker import Outcome, Reporter, WorkUnit, run_item
 
@@ -33,11 +34,11 @@ def _worker_main(conn: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server decides what stops, not the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    lock = threading.Lock()
-
-    def report(key: tuple[int, int], frac: float | None, msg: str | None) -> None:
-        with lock:
-            conn.send(("progress", key, frac, msg))
+    report = _PipeReporter(conn)
+    # One item at a time here: whatever any thread prints or logs belongs to it.
+    capture.install(process_wide=True)
+    logging.getLogger().setLevel(logging.INFO)
+    lock = report.lock
 
     while True:
         try:
@@ -52,6 +53,22 @@ def _worker_main(conn: Connection) -> None:
                 conn.send(("done", outcome))
             except (OSError, EOFError):
                 return
+
+
+class _PipeReporter:
+    """Sends progress and captured output of the running item up the pipe, in order."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def __call__(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
+        with self.lock:
+            self.conn.send(("progress", key, frac, msg))
+
+    def log(self, key: tuple[int, int], claim: int, text: str) -> None:
+        with self.lock:
+            self.conn.send(("log", key, claim, text))
 
 
 class _Worker:
@@ -134,6 +151,11 @@ class ProcessExecutor:
             n = sum(1 for w in self._workers if w.proc.is_alive())
         return alive, f"{n} of {self.max_workers} worker processes" if alive else \
             "the process pool supervisor stopped"
+
+    def workers(self) -> int:
+        """Worker processes alive now (a dead one is replaced within moments)."""
+        with self._lock:
+            return sum(1 for w in self._workers if w.proc.is_alive())
 
     def shutdown(self) -> None:
         with self._lock:
@@ -229,6 +251,13 @@ class ProcessExecutor:
                             self._reporter(msg[1], msg[2], msg[3])
                         except Exception:
                             log.exception("progress reporter failed")
+                elif msg[0] == "log":
+                    sink = getattr(self._reporter, "log", None)
+                    if sink is not None:
+                        try:
+                            sink(msg[1], msg[2], msg[3])
+                        except Exception:
+                            log.exception("log sink failed")
                 elif msg[0] == "done":
                     fut, w.unit, w.future = w.future, None, None
                     if fut is not None and not fut.done():

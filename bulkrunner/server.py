@@ -18,19 +18,43 @@ import threading
 from types import FrameType
 from typing import Any
 
+import bulkrunner.capture as capture
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError
+from bulkrunner.models import iso
 
 log = logging.getLogger("bulkrunner")
 
 
-def setup_logging(level: str = "info") -> None:
-    """Plain lines on stderr; waitress's queue-depth warnings are rate-limited away."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, and job_id when the line is
+    about a job (``extra={"job_id": ...}``), exc with the traceback of an exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": iso(record.created), "level": record.levelname,
+                               "logger": record.name, "message": record.getMessage()}
+        job_id = getattr(record, "job_id", None)
+        if job_id is not None:
+            out["job_id"] = job_id
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Lines on stderr, plain or JSON (``fmt="json"``); waitress's queue-depth warnings
+    are rate-limited away. A task's own log records go to its item's log, not here."""
+    handler = logging.StreamHandler(capture.real_stream(sys.stderr))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter(capture.LOG_FORMAT))
+    handler.addFilter(capture.outside_items)
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # The root level gates what tasks log too: let INFO through to their item logs even
+    # when the server's own log is quieter (the handler's level filters that).
+    root.setLevel(min(logging.INFO, handler.level))
+    logging.captureWarnings(True)
     # Under load it writes thousands of lines a second; an unread stderr then blocks us.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
@@ -71,9 +95,9 @@ def _answer_errors_in_json(server: Any, max_body_size: int) -> None:
     server.channel_class = JsonErrorChannel  # read when each connection is accepted
 
 
-def run_server(cfg: Config, *, log_level: str = "info") -> int:
+def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text") -> int:
     """Serve until stopped; returns the exit code."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     if not cfg.server.is_loopback and not cfg.server.token:
         raise ConfigError(
             f"refusing to serve on {cfg.server.host} without a token: anyone who can reach "

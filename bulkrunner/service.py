@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from bulkrunner.config import Config
@@ -27,7 +27,8 @@ from bulkrunner.errors import (
 )
 from bulkrunner.itemfiles import detect_format, parse_items
 from bulkrunner.models import STATES, Item, Job
-from bulkrunner.store import NewJob, Store
+from bulkrunner.retention import Pruner
+from bulkrunner.store import JobChange, NewJob, Store
 from bulkrunner.tasks import Registry, Task
 
 log = logging.getLogger("bulkrunner.service")
@@ -53,10 +54,15 @@ class Service:
                               key="store.path") from None
         self.dispatcher = Dispatcher(cfg, self.store, self.registry)
         self.started = False
+        self.pruner = Pruner(self.store, cfg.retention)
+        #: Called with each newly accepted job, on the request's thread (metrics).
+        self.submit_hooks: list[Callable[[Job], None]] = []
+        self.store.on_job_change = _log_job_changes
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.dispatcher.start()
+        self.pruner.start()
         self.started = True
 
     @property
@@ -69,6 +75,7 @@ class Service:
 
     def close(self, grace: float | None = None) -> None:
         """Drain the dispatcher (``grace`` seconds for running items) and close the store."""
+        self.pruner.stop()
         if self.started:
             self.dispatcher.drain(self.cfg.server.shutdown_grace if grace is None else grace)
             self.started = False
@@ -131,8 +138,11 @@ class Service:
                      body_hash=body_hash)
         job, created = self.store.insert_job(new, check=self._check_room(len(encoded_items)))
         if created:
-            log.info("job %s submitted: task %s, %d item(s)", job.id, job.task, job.total)
+            log.info("job %s submitted: task %s, %d item(s)", job.id, job.task, job.total,
+                     extra={"job_id": job.id})
             self.dispatcher.wake()
+            for hook in self.submit_hooks:
+                hook(job)
         return job, created
 
     def _check_room(self, n: int) -> Any:
@@ -230,7 +240,7 @@ class Service:
         job, running = self.store.cancel_job(ident)
         if running:
             self.dispatcher.abort(running)
-        log.info("job %s cancelled", job.id)
+        log.info("job %s cancelled", job.id, extra={"job_id": job.id})
         return job
 
     def retry(self, ident: str) -> Job:
@@ -238,7 +248,8 @@ class Service:
             raise ShuttingDown("the server is shutting down; retry once it is back",
                                retry_after=10)
         job = self.store.retry_job(ident)
-        log.info("job %s retried: %d item(s) queued again", job.id, job.counts["queued"])
+        log.info("job %s retried: %d item(s) queued again", job.id, job.counts["queued"],
+                 extra={"job_id": job.id})
         self.dispatcher.wake()
         return job
 
@@ -258,6 +269,29 @@ class Service:
             if job.task in self.registry else []
         return _csv_rows(items, names)
 
+    def item_log(self, ident: str, index: int, after: int = 0) -> tuple[bytes, int, str]:
+        """What item ``index`` printed and logged, as UTF-8 from byte offset ``after``.
+
+        Returns (the bytes, the offset to ask from next time, the item's state). Each run
+        after the first (a retry, or a re-run after a restart) starts with a
+        ``--- run N ---`` line. Chunks are only ever appended, so offsets stay valid.
+        """
+        chunks, state = self.store.read_log(ident, index)
+        parts: list[str] = []
+        prev: int | None = None
+        for claim, text in chunks:
+            if prev is not None and claim != prev:
+                sep = "" if parts[-1].endswith("\n") else "\n"
+                parts.append(f"{sep}--- run {claim} ---\n")
+            parts.append(text)
+            prev = claim
+        data = "".join(parts).encode("utf-8", "backslashreplace")
+        return data[after:], len(data), state
+
+    def prune(self, *, dry_run: bool = False) -> dict[str, Any]:
+        """Delete (or count) finished jobs past their retention age; counts per state."""
+        return self.pruner.run(dry_run=dry_run)
+
     def tasks(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in self.registry]
 
@@ -268,7 +302,29 @@ class Service:
         return {"status": status, "executor": {"type": self.cfg.executor.type, "ok": ok,
                                                "detail": detail},
                 "queued": self.store.queued, "inflight": self.dispatcher.inflight,
-                "max_workers": self.dispatcher.max_workers}
+                "max_workers": self.dispatcher.max_workers,
+                "workers": _workers(ex) if ok else 0}
+
+
+def _workers(ex: Any) -> int:
+    """Workers ready to run items: live worker processes, Dask worker threads, or the
+    thread pool's size (an executor says with a ``workers()`` method)."""
+    count = getattr(ex, "workers", None)
+    return int(count()) if callable(count) else int(ex.max_workers)
+
+
+def _log_job_changes(changes: list[JobChange]) -> None:
+    # Runs on the store's writer thread after each commit: one line per start or end.
+    for ch in changes:
+        extra = {"job_id": ch.id}
+        if ch.new == "running" and ch.old == "queued":
+            log.info("job %s started: task %s", ch.id, ch.task, extra=extra)
+        elif ch.new in ("succeeded", "failed", "cancelled"):
+            c = ch.counts
+            log.log(logging.WARNING if ch.new == "failed" else logging.INFO,
+                    "job %s finished: %s (%d succeeded, %d failed, %d cancelled; task %s)",
+                    ch.id, ch.new, c["succeeded"], c["failed"], c["cancelled"], ch.task,
+                    extra=extra)
 
 
 _NOT_FINITE = "holds NaN or Infinity, which JSON cannot carry; send finite numbers"

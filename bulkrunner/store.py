@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from bulkrunner.models import STATES, Item, Job, State, derive_state
 T = TypeVar("T")
 INTERRUPTIONS_ALLOWED = 3
 _WRITE_BATCH = 512
+PRUNE_BUDGET = 2000  # rows one retention step deletes: a few ms of the writer's time
 
 
 # --------------------------------------------------------------------------- migrations
@@ -99,7 +100,24 @@ def _v1(c: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+def _v2(c: sqlite3.Connection) -> None:
+    # logs: what items printed and logged, appended in chunks by the dispatcher. ``claim``
+    # is the item's run counter (every run, retried or re-run after a restart, has its own).
+    # jobs_finished: retention finds old finished jobs without scanning the others.
+    _script(c, """
+    CREATE TABLE logs (
+        id INTEGER PRIMARY KEY,
+        job_seq INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        claim INTEGER NOT NULL,
+        text TEXT NOT NULL
+    );
+    CREATE INDEX logs_by_item ON logs(job_seq, idx, id);
+    CREATE INDEX jobs_finished ON jobs(state, finished_at) WHERE finished_at IS NOT NULL;
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -165,6 +183,21 @@ class Finish:
     charge: bool = True
 
 
+@dataclass(frozen=True)
+class JobChange:
+    """A job that changed state in a committed transaction (for the server's log)."""
+
+    id: str
+    task: str
+    old: str
+    new: str
+    counts: dict[str, int]
+
+
+def _zero_counts() -> dict[str, int]:
+    return dict.fromkeys(STATES, 0)
+
+
 @dataclass
 class Tx:
     """What a write operation gets: the connection, the time, and the queue-size delta."""
@@ -174,6 +207,10 @@ class Tx:
     queued_delta: int = 0
     counts: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(
         lambda: dict.fromkeys(STATES, 0)))
+    #: Item-count deltas by task (for metrics) and the jobs that changed state.
+    by_task: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(
+        _zero_counts))
+    changes: list[JobChange] = field(default_factory=list)
 
     def move(self, job_seq: int, old: str | None, new: str | None, n: int = 1) -> None:
         """Count ``n`` items of a job moving from state ``old`` to ``new``."""
@@ -234,6 +271,12 @@ class Store:
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="bulkrunner-store",
                                         daemon=True)
+        #: Called on the writer thread after each commit with the jobs that changed state;
+        #: keep it quick (it logs).
+        self.on_job_change: Callable[[list[JobChange]], None] | None = None
+        # Item counts by task and state, kept by the writer once first asked for.
+        self._task_counts: dict[str, dict[str, int]] | None = None
+        self._counts_lock = threading.Lock()
         self._writer.start()
 
     # ------------------------------------------------------------------ plumbing
@@ -289,6 +332,7 @@ class Store:
             conn.execute(f"PRAGMA synchronous={sync}")
             self._sync = sync
         results: list[tuple[_Op, Any, BaseException | None, int]] = []
+        changes: list[JobChange] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -300,6 +344,8 @@ class Store:
                     conn.execute("RELEASE op")
                     # Applied at once so the next op's backpressure check sees it.
                     self.queued += tx.queued_delta
+                    self._count_by_task(tx.by_task)
+                    changes += tx.changes
                     results.append((op, value, None, tx.queued_delta))
                 except BaseException as e:  # handed back to the caller, never lost here
                     conn.execute("ROLLBACK TO op")
@@ -310,6 +356,8 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self.queued -= sum(r[3] for r in results)
+            with self._counts_lock:
+                self._task_counts = None  # counted from the table again when next asked
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(e)
@@ -319,6 +367,23 @@ class Store:
                 op.future.set_exception(exc)
             else:
                 op.future.set_result(value)
+        if changes and self.on_job_change is not None:
+            try:
+                self.on_job_change(changes)
+            except Exception:  # a listener must not stop the writer
+                pass
+
+    def _count_by_task(self, deltas: dict[str, dict[str, int]]) -> None:
+        if not deltas or self._task_counts is None:
+            return
+        with self._counts_lock:
+            counts = self._task_counts
+            if counts is None:
+                return
+            for task, delta in deltas.items():
+                row = counts.setdefault(task, _zero_counts())
+                for state, n in delta.items():
+                    row[state] += n
 
     def close(self) -> None:
         """Finish pending writes and close every connection."""
@@ -367,6 +432,7 @@ class Store:
                 "VALUES (?, ?, ?, 'queued', ?)",
                 ((seq, i, p, new.priority) for i, p in enumerate(new.items)))
             tx.queued_delta += n
+            tx.by_task[new.task]["queued"] += n
             return seq, True, tx.now
 
         seq, created, now = self.write(op, durable=True)
@@ -581,10 +647,12 @@ class Store:
         return self.write(op)
 
     def finish(self, finishes: Sequence[Finish],
-               backoff: Callable[[int], float] = lambda attempt: 0.0) -> int:
+               backoff: Callable[[int], float] = lambda attempt: 0.0, *,
+               states: list[str] | None = None) -> int:
         """Record ended attempts; stale ones (item no longer running that claim) are ignored.
 
-        Returns how many were recorded.
+        Returns how many were recorded. ``states``, when given, gets what each finish made
+        of its item, in order: "queued" (to run again), "succeeded", "failed", or "stale".
         """
         if not finishes:
             return 0
@@ -592,15 +660,18 @@ class Store:
         def op(tx: Tx) -> int:
             c = tx.conn
             recorded = 0
+            outcome: list[str] = []
             for f in finishes:
                 row = c.execute(
                     "SELECT i.state, i.claim, i.attempts, j.max_attempts, i.errors "
                     "FROM items i JOIN jobs j ON j.seq = i.job_seq "
                     "WHERE i.job_seq = ? AND i.idx = ?", (f.job_seq, f.index)).fetchone()
                 if row is None or row[0] != "running" or row[1] != f.claim:
+                    outcome.append("stale")
                     continue
                 recorded += 1
                 if not f.charge:
+                    outcome.append("queued")
                     c.execute("UPDATE items SET state = 'queued', started_at = NULL, "
                               "progress = NULL WHERE job_seq = ? AND idx = ?",
                               (f.job_seq, f.index))
@@ -613,6 +684,7 @@ class Store:
                               "WHERE job_seq = ? AND idx = ?",
                               (attempts, f.result, f.worker, tx.now, f.job_seq, f.index))
                     tx.move(f.job_seq, "running", "succeeded")
+                    outcome.append("succeeded")
                     continue
                 error = dict(f.error or {"type": "Error", "message": "unknown error"})
                 error["attempt"] = attempts
@@ -629,6 +701,9 @@ class Store:
                            f.worker, tx.now + backoff(attempts) if again else 0,
                            None if again else tx.now, again, f.job_seq, f.index))
                 tx.move(f.job_seq, "running", new_state)
+                outcome.append(new_state)
+            if states is not None:
+                states[:] = outcome
             return recorded
 
         return self.write(op)
@@ -651,19 +726,24 @@ class Store:
 
         self.write(op)
 
-    def requeue_running(self, *, interrupted: bool) -> dict[str, int]:
+    def requeue_running(self, *, interrupted: bool,
+                        jobs: dict[str, dict[str, int]] | None = None) -> dict[str, int]:
         """Put every running item back in the queue.
 
         With ``interrupted=True`` (start-up after a crash) each counts an interruption, and
         an item interrupted ``INTERRUPTIONS_ALLOWED`` times fails instead. Attempts are never
-        spent. Returns ``{"requeued": n, "failed": m}``.
+        spent. Returns ``{"requeued": n, "failed": m}``; ``jobs``, when given, gets the same
+        counts for each job id.
         """
         def op(tx: Tx) -> dict[str, int]:
             c = tx.conn
-            rows = c.execute("SELECT job_seq, idx, interruptions FROM items "
-                             "WHERE state = 'running'").fetchall()
+            rows = c.execute("SELECT i.job_seq, i.idx, i.interruptions, j.id FROM items i "
+                             "JOIN jobs j ON j.seq = i.job_seq "
+                             "WHERE i.state = 'running'").fetchall()
             out = {"requeued": 0, "failed": 0}
-            for seq, idx, n in rows:
+            per_job: dict[str, dict[str, int]] = {}
+            for seq, idx, n, job_id in rows:
+                mine = per_job.setdefault(job_id, {"requeued": 0, "failed": 0})
                 n = n + 1 if interrupted else n
                 if n >= INTERRUPTIONS_ALLOWED:
                     err = {"type": "Interrupted", "message":
@@ -674,12 +754,16 @@ class Store:
                               (n, json.dumps(err), tx.now, seq, idx))
                     tx.move(seq, "running", "failed")
                     out["failed"] += 1
+                    mine["failed"] += 1
                 else:
                     c.execute("UPDATE items SET state = 'queued', interruptions = ?, "
                               "started_at = NULL, progress = NULL WHERE job_seq = ? AND idx = ?",
                               (n, seq, idx))
                     tx.move(seq, "running", "queued")
                     out["requeued"] += 1
+                    mine["requeued"] += 1
+            if jobs is not None:
+                jobs.update(per_job)
             return out
 
         return self.write(op, durable=True)
@@ -692,6 +776,127 @@ class Store:
             "COALESCE(SUM(n_cancelled),0) FROM jobs").fetchone()
         return dict(zip(STATES, row, strict=True))
 
+    # ------------------------------------------------------------------ logs
+    def append_logs(self, chunks: Mapping[tuple[int, int, int], str]) -> None:
+        """Append captured output, keyed by (job sequence number, item index, claim).
+
+        Chunks of jobs deleted meanwhile are dropped.
+        """
+        if not chunks:
+            return
+
+        def op(tx: Tx) -> None:
+            tx.conn.executemany(
+                "INSERT INTO logs (job_seq, idx, claim, text) SELECT ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM jobs WHERE seq = ?)",
+                ((seq, idx, claim, text, seq) for (seq, idx, claim), text in chunks.items()))
+
+        self.write(op)
+
+    def read_log(self, ident: str, index: int) -> tuple[list[tuple[int, str]], str]:
+        """An item's captured output as (claim, text) chunks in the order they came, and
+        the item's state (read first, so a finished item's log is complete)."""
+        seq = self.resolve_id(ident)
+        conn = self._read()
+        row = conn.execute("SELECT state FROM items WHERE job_seq = ? AND idx = ?",
+                           (seq, index)).fetchone()
+        if row is None:
+            raise NotFound(f"the job has no item {index}", {"index": index})
+        chunks = conn.execute("SELECT claim, text FROM logs WHERE job_seq = ? AND idx = ? "
+                              "ORDER BY id", (seq, index)).fetchall()
+        return [(int(c), str(t)) for c, t in chunks], str(row[0])
+
+    # ------------------------------------------------------------------ metrics
+    def oldest_queued_at(self) -> float | None:
+        """Submission time of the oldest job that has queued items (None when none have).
+
+        Two index lookups: the oldest job still wholly queued, and among running jobs
+        (few: at most those with items on a worker or waiting for a retry) the oldest with
+        queued items.
+        """
+        conn = self._read()
+        times = [r[0] for r in (
+            conn.execute("SELECT created_at FROM jobs WHERE state = 'queued' "
+                         "ORDER BY seq LIMIT 1").fetchone(),
+            conn.execute("SELECT created_at FROM jobs WHERE state = 'running' "
+                         "AND n_queued > 0 ORDER BY seq LIMIT 1").fetchone()) if r]
+        return min(times) if times else None
+
+    def counts_by_task(self) -> dict[str, dict[str, int]]:
+        """Item counts by task and state over all stored jobs.
+
+        Counted from the table once (inside the writer, so no change slips between the
+        count and the updates), then kept up to date by the writer: cheap to ask often.
+        """
+        with self._counts_lock:
+            if self._task_counts is not None:
+                return {t: dict(c) for t, c in self._task_counts.items()}
+
+        def op(tx: Tx) -> None:
+            rows = tx.conn.execute(
+                "SELECT task, SUM(n_queued), SUM(n_running), SUM(n_succeeded), SUM(n_failed), "
+                "SUM(n_cancelled) FROM jobs GROUP BY task").fetchall()
+            with self._counts_lock:
+                self._task_counts = {r[0]: dict(zip(STATES, r[1:], strict=True)) for r in rows}
+
+        self.write(op)
+        with self._counts_lock:
+            counts: dict[str, dict[str, int]] = self._task_counts or {}
+            return {t: dict(c) for t, c in counts.items()}
+
+    # ------------------------------------------------------------------ retention
+    def prunable(self, state: str, before: float) -> tuple[int, int]:
+        """(jobs, items) of jobs in ``state`` that finished before ``before``."""
+        row = self._read().execute(
+            "SELECT COUNT(*), COALESCE(SUM(n_queued + n_running + n_succeeded + n_failed + "
+            "n_cancelled), 0) FROM jobs WHERE state = ? AND finished_at < ?",
+            (state, before)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def prune_step(self, state: str, before: float, budget: int = PRUNE_BUDGET
+                   ) -> tuple[int, int, bool]:
+        """Delete some jobs in ``state`` that finished before ``before``, with their items
+        and logs, touching about ``budget`` rows in one short transaction.
+
+        Returns (jobs deleted, their items, whether to call again). A job with more items than the
+        budget loses them a budget at a time over several steps (readers may see it
+        partly deleted meanwhile), so the writer is never held long.
+        """
+        def op(tx: Tx) -> tuple[int, int, bool]:
+            c = tx.conn
+            rows = c.execute(
+                "SELECT seq, task, n_queued, n_running, n_succeeded, n_failed, n_cancelled "
+                "FROM jobs WHERE state = ? AND finished_at < ? ORDER BY finished_at LIMIT ?",
+                (state, before, budget)).fetchall()
+            room = budget
+            whole: list[Any] = []
+            for r in rows:
+                total = sum(r[2:7])
+                if total < room or not whole:
+                    # Past the budget only for the first job: cut a slice of its items.
+                    cut = c.execute("SELECT idx FROM items WHERE job_seq = ? ORDER BY idx "
+                                    "LIMIT 1 OFFSET ?", (r[0], room)).fetchone()
+                    if cut is not None:
+                        c.execute("DELETE FROM logs WHERE job_seq = ? AND idx < ?",
+                                  (r[0], cut[0]))
+                        c.execute("DELETE FROM items WHERE job_seq = ? AND idx < ?",
+                                  (r[0], cut[0]))
+                        return 0, 0, True
+                    whole.append(r)
+                    room -= max(total, 1)
+                    if room <= 0:
+                        break
+                else:
+                    break
+            c.executemany("DELETE FROM jobs WHERE seq = ?", ((r[0],) for r in whole))
+            for r in whole:
+                counts = tx.by_task[r[1]]
+                for s, n in zip(STATES, r[2:7], strict=True):
+                    counts[s] -= n
+            return len(whole), sum(sum(r[2:7]) for r in whole), bool(rows)
+
+        return self.write(op)
+
 
 def _apply_counts(tx: Tx) -> None:
     """Write the item-count deltas of ``tx`` to their jobs and derive each job's state."""
@@ -699,9 +904,15 @@ def _apply_counts(tx: Tx) -> None:
         if not any(delta.values()):
             continue
         row = tx.conn.execute("SELECT n_queued, n_running, n_succeeded, n_failed, n_cancelled, "
-                              "started_at FROM jobs WHERE seq = ?", (seq,)).fetchone()
+                              "started_at, id, task, state FROM jobs WHERE seq = ?",
+                              (seq,)).fetchone()
         counts = {s: row[i] + delta[s] for i, s in enumerate(STATES)}
         state = derive_state(counts)
+        by_task = tx.by_task[row[7]]
+        for s, n in delta.items():
+            by_task[s] += n
+        if state.value != row[8]:
+            tx.changes.append(JobChange(row[6], row[7], row[8], state.value, counts))
         started = row[5]
         if started is None and (delta["running"] > 0 or state != State.QUEUED):
             started = tx.now

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import bulkrunner.capture as capture
+
 #: ``report(key, fraction, message)``: how a context sends progress to the server; either
 #: may be None for "unchanged".
 Reporter = Callable[[tuple[int, int], "float | None", "str | None"], None]
@@ -43,6 +45,7 @@ class WorkUnit:
     deadline: float | None         # wall-clock time.time() when the attempt is over
     context_param: str | None = None
     max_result_size: int = 1 << 20
+    max_log_size: int = 64 * 1024  # bytes of printed and logged output kept; 0 = none
 
     @property
     def key(self) -> tuple[int, int]:
@@ -154,8 +157,15 @@ def error_dict(exc: BaseException) -> dict[str, Any]:
 
 def run_item(unit: WorkUnit, reporter: Reporter | None = None,
              cancel: threading.Event | None = None) -> Outcome:
-    """Run one attempt of one item and return its outcome; never raises for task errors."""
+    """Run one attempt of one item and return its outcome; never raises for task errors.
+
+    When the reporter has a ``log`` method (a :data:`~bulkrunner.capture.LogSink`), what
+    the task prints and logs is captured and sent there, all of it before this returns.
+    """
     ctx = Context(unit, reporter, cancel)
+    sink: capture.LogSink | None = getattr(reporter, "log", None)
+    item_log = capture.begin(unit.key, unit.claim, sink, unit.max_log_size) \
+        if sink is not None and unit.max_log_size > 0 else None
     prev = getattr(_current, "ctx", None)
     _current.ctx = ctx
     try:
@@ -183,6 +193,8 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
                        retryable=not isinstance(e, Cancelled))
     finally:
         _current.ctx = prev
+        if item_log is not None:
+            capture.end(item_log)
 
 
 def _json_default(o: Any) -> Any:

@@ -779,7 +779,8 @@ def _app_routes(app: Flask) -> set[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static" or rule.endpoint.startswith("web."):
             continue
-        path = re.sub(r"<(?:[a-z]+:)?ident>", "{id}", rule.rule)
+        path = re.sub(r"<(?:[a-z]+:)?(\w+)>",
+                      lambda m: "{id}" if m[1] == "ident" else f"{{{m[1]}}}", rule.rule)
         assert "<" not in path, f"unexpected converter in {rule.rule}"
         for method in rule.methods or ():
             if method not in ("HEAD", "OPTIONS"):

@@ -12,15 +12,17 @@ PKG = Path(__file__).resolve().parent.parent / "bulkrunner"
 
 # A module may import only modules of a lower layer. Lower layers know nothing of higher.
 LAYERS: dict[str, int] = {
-    "errors": 0, "models": 1, "display": 1, "config": 2, "worker": 2, "client": 3,
-    "__init__": 3, "procpool": 3, "dask_executor": 3, "executors": 4, "tasks": 4,
-    "builtin": 4, "store": 4, "openapi": 4, "itemfiles": 5, "dispatcher": 6, "service": 7,
-    "web": 8, "app": 9, "server": 10, "cli": 11, "__main__": 12,
+    "errors": 0, "models": 1, "display": 1, "capture": 1, "config": 2, "worker": 2,
+    "client": 3, "__init__": 3, "procpool": 3, "dask_executor": 3, "executors": 4,
+    "tasks": 4, "builtin": 4, "store": 4, "openapi": 4, "itemfiles": 5, "retention": 5,
+    "dispatcher": 6, "service": 7, "web": 8, "metrics": 8, "app": 9, "server": 10,
+    "cli": 11, "__main__": 12,
 }
 # Third-party (and sqlite3) imports allowed only in these modules.
 EDGES = {"flask": {"app", "web"}, "werkzeug": {"app", "web"}, "jinja2": {"web"},
          "waitress": {"server"}, "click": {"cli"}, "sqlite3": {"store"},
-         "distributed": {"dask_executor"}, "dask": {"dask_executor"}}
+         "distributed": {"dask_executor"}, "dask": {"dask_executor"},
+         "prometheus_client": {"metrics"}}
 
 
 def _module_of(path: Path) -> str:

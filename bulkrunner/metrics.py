@@ -1,0 +1,149 @@
+"""Prometheus metrics of one server, served at ``GET /metrics``.
+
+Each app gets its own :class:`~prometheus_client.CollectorRegistry` (several apps live in
+one test process, and the global registry would mix them). Counters are fed as things
+happen: submissions by a service hook, attempts by dispatcher observers. Gauges of the
+queue and the workers are read at scrape time from the store's counters, which are kept
+in memory, so a scrape costs two index lookups however many jobs are stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from bulkrunner.models import STATES, Job
+from bulkrunner.service import Service
+from bulkrunner.store import Finish
+
+#: Run-duration buckets, seconds: tasks run from milliseconds to hours.
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    3600.0, 4 * 3600.0)
+
+
+class Metrics:
+    """The registry of one app and the hooks that feed it."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs_submitted = Counter(
+            "bulkrunner_jobs_submitted", "Jobs accepted (202), by task", ["task"], registry=r)
+        self.items_submitted = Counter(
+            "bulkrunner_items_submitted", "Items of accepted jobs, by task", ["task"],
+            registry=r)
+        self.attempts = Counter(
+            "bulkrunner_attempts", "Attempts that ended, by task and outcome (succeeded or "
+            "failed: raised, timed out or its worker died)", ["task", "outcome"], registry=r)
+        self.retries = Counter(
+            "bulkrunner_retries", "Failed attempts whose item was queued to run again",
+            ["task"], registry=r)
+        self.failures = Counter(
+            "bulkrunner_item_failures", "Items that ended failed (no attempts left)",
+            ["task"], registry=r)
+        self.timeouts = Counter(
+            "bulkrunner_timeouts", "Attempts failed at their timeout", ["task"], registry=r)
+        self.worker_deaths = Counter(
+            "bulkrunner_worker_deaths", "Attempts whose worker process died", ["task"],
+            registry=r)
+        self.duration = Histogram(
+            "bulkrunner_item_duration_seconds", "Run time of attempts that ended, from "
+            "claim to outcome, by task", ["task"], buckets=DURATION_BUCKETS, registry=r)
+        r.register(_StateCollector(service))
+        # (job_seq, index, claim) -> (task, monotonic start) of attempts in flight.
+        self._started: dict[tuple[int, int, int], tuple[str, float]] = {}
+        self._max_started = max(10_000, 4 * service.dispatcher.max_workers)
+        service.submit_hooks.append(self.on_submit)
+        service.dispatcher.observers.append(self.observe)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ------------------------------------------------------------------ hooks
+    def on_submit(self, job: Job) -> None:
+        self.jobs_submitted.labels(job.task).inc()
+        self.items_submitted.labels(job.task).inc(job.total)
+
+    def observe(self, event: str, data: dict[str, Any]) -> None:
+        """A dispatcher observer (runs on the dispatcher thread)."""
+        if event == "claimed":
+            u = data["unit"]
+            if len(self._started) >= self._max_started:
+                # Attempts dropped without an outcome (cancelled while running) leave
+                # entries behind; the oldest are those.
+                for key in list(self._started)[: len(self._started) // 2]:
+                    del self._started[key]
+            self._started[(u.job_seq, u.index, u.claim)] = (u.task, time.monotonic())
+        elif event == "finished":
+            finishes: list[Finish] = data["finishes"]
+            states: list[str] = data.get("states") or ["?"] * len(finishes)
+            for f, state in zip(finishes, states, strict=False):
+                self._finished(f, state)
+        elif event == "timeout":
+            self.timeouts.labels(data["unit"].task).inc()
+        elif event == "worker_died":
+            self.worker_deaths.labels(data["unit"].task).inc()
+
+    def _finished(self, f: Finish, state: str) -> None:
+        task, t0 = self._started.pop((f.job_seq, f.index, f.claim), ("unknown", None))
+        if state == "stale" or not f.charge:
+            return  # ignored by the store, or an innocent re-queued without an attempt
+        if t0 is not None:
+            self.duration.labels(task).observe(time.monotonic() - t0)
+        self.attempts.labels(task, "succeeded" if f.ok else "failed").inc()
+        if not f.ok and state == "queued":
+            self.retries.labels(task).inc()
+        elif state == "failed":
+            self.failures.labels(task).inc()
+
+
+class _StateCollector(Collector):
+    """What the server holds now, read at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        store, disp = svc.store, svc.dispatcher
+        items = GaugeMetricFamily("bulkrunner_items", "Stored items by task and state",
+                                  labels=["task", "state"])
+        for task, counts in sorted(store.counts_by_task().items()):
+            for state in STATES:
+                items.add_metric([task, state], counts.get(state, 0))
+        yield items
+        yield GaugeMetricFamily("bulkrunner_queue_depth", "Items waiting to run (including "
+                                "retries waiting out their backoff)", value=store.queued)
+        oldest = store.oldest_queued_at()
+        yield GaugeMetricFamily(
+            "bulkrunner_oldest_queued_age_seconds", "Age of the oldest waiting item (since "
+            "its job was submitted); 0 when none waits",
+            value=max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+        yield GaugeMetricFamily("bulkrunner_inflight_items", "Items on a worker now",
+                                value=disp.inflight)
+        yield GaugeMetricFamily("bulkrunner_max_workers", "Items that may run at once "
+                                "(executor.max_workers)", value=disp.max_workers)
+        ex = disp.executor
+        ok = ex.health()[0] if ex is not None else False
+        yield GaugeMetricFamily("bulkrunner_executor_up", "1 while the executor can take "
+                                "items", value=1.0 if ok else 0.0)
+        yield GaugeMetricFamily("bulkrunner_draining", "1 once the server is shutting "
+                                "down", value=1.0 if svc.draining else 0.0)
+        yield CounterMetricFamily("bulkrunner_pool_rebuilds", "Worker processes replaced "
+                                  "after they died or were killed (cancel, timeout)",
+                                  value=getattr(ex, "rebuilds", 0))
+        interrupted = CounterMetricFamily(
+            "bulkrunner_interrupted_items", "Items found running at start-up (the server "
+            "had stopped under them): re-queued, or failed after too many interruptions",
+            labels=["outcome"])
+        for outcome in ("requeued", "failed"):
+            interrupted.add_metric([outcome], disp.recovered.get(outcome, 0))
+        yield interrupted

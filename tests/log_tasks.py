@@ -1,0 +1,51 @@
+"""Tasks that print and log, for the capture tests (registered as tests.log_tasks:...)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+log = logging.getLogger("tests.log_tasks")
+
+
+def chatter(name: str, lines: int = 5, delay: float = 0.02,
+            barrier: str | None = None) -> str:
+    """Print, write to stderr and log `lines` lines each, tagged with `name`."""
+    for i in range(lines):
+        print(f"{name} out {i}")
+        sys.stderr.write(f"{name} err {i}\n")
+        log.info("%s log %d", name, i)
+        time.sleep(delay)
+    return name
+
+
+def ticker(n: int = 10, delay: float = 0.2) -> int:
+    """Print one line every `delay` seconds."""
+    for i in range(n):
+        print(f"tick {i}", flush=True)
+        time.sleep(delay)
+    return n
+
+
+def flood(size: int = 200_000, line: int = 100) -> int:
+    """Print about `size` bytes in lines of `line` bytes."""
+    text = "x" * (line - 1)
+    for _ in range(size // line):
+        print(text)
+    return size
+
+
+def thread_print(name: str) -> str:
+    """Print from a thread the task starts (captured on the process executor)."""
+    t = threading.Thread(target=lambda: print(f"{name} from a thread"))
+    t.start()
+    t.join()
+    return name
+
+
+def print_then_fail(name: str) -> None:
+    """Print a line, then raise."""
+    print(f"{name} before the failure")
+    raise RuntimeError(f"{name} failed")
