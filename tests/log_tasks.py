@@ -49,3 +49,10 @@ def print_then_fail(name: str) -> None:
     """Print a line, then raise."""
     print(f"{name} before the failure")
     raise RuntimeError(f"{name} failed")
+
+
+def odd_text() -> str:
+    """Print non-ASCII text and a lone surrogate (which has no UTF-8 form)."""
+    print("naïve ✓")
+    print("half \ud800 pair")
+    return "ok"
