@@ -54,7 +54,8 @@ class ItemLog:
         self._pending = 0
         self._parts: list[str] = []
         self._full = False
-        self._lock = threading.Lock()
+        # Re-entrant: a sink that warns or logs while sending comes back to write().
+        self._lock = threading.RLock()
 
     def write(self, text: str) -> None:
         """Keep ``text`` unless the attempt's limit was reached."""

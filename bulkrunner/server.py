@@ -166,6 +166,7 @@ def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text"
         if not drained.is_set():
             svc.begin_drain()
             svc.dispatcher.drain(0)
+        svc.pruner.stop()
         svc.store.close()
         log.info("bulkrunner stopped")
     logging.shutdown()
