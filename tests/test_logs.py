@@ -231,3 +231,65 @@ def test_json_server_log(serve: Callable[..., ServerProcess], tmp_path: Path) ->
     # The task's own output went to its item, not to the server log.
     assert "quiet" not in server.log()
     assert token not in server.log() and secret not in server.log()
+
+
+# --------------------------------------------------------------------------- units
+def test_item_log_cuts_at_the_limit_between_characters() -> None:
+    from bulkrunner.capture import ItemLog
+
+    got: list[tuple[tuple[int, int], int, str]] = []
+    log = ItemLog((1, 0), 3, lambda *a: got.append(a), limit=5)
+    log.write("aé✓bc")  # 1 + 2 + 3 bytes: the cut falls inside ✓
+    log.write("more")
+    log.flush()
+    assert [(k, c) for k, c, _ in got] == [((1, 0), 3)]
+    assert got[0][2].startswith("aé\n[bulkrunner: the log of this attempt reached")
+
+
+def test_concurrent_run_items_with_a_sink(caplog: pytest.LogCaptureFixture) -> None:
+    from bulkrunner.worker import WorkUnit, run_item
+
+    caplog.set_level("INFO", logger="tests.log_tasks")
+    got: dict[tuple[int, int], list[str]] = {}
+    lock = threading.Lock()
+
+    class Reporter:
+        def __call__(self, *a: object) -> None: ...
+
+        def log(self, key: tuple[int, int], claim: int, text: str) -> None:
+            with lock:
+                got.setdefault(key, []).append(text)
+
+    def one(i: int) -> None:
+        unit = WorkUnit(job_id="j", job_seq=1, index=i, claim=1, task="chatter",
+                        target="tests.log_tasks:chatter",
+                        params={"name": f"n{i}", "lines": 30, "delay": 0.001},
+                        timeout=0, deadline=None)
+        assert run_item(unit, Reporter()).ok
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i in range(4):
+        own_lines("".join(got[(1, i)]), f"n{i}", ("out", "err", "log"), 30)
+
+
+def test_a_version_1_database_gains_the_logs_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    from bulkrunner.store import MIGRATIONS, Store
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    MIGRATIONS[0](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    store = Store(str(path))
+    try:
+        assert store.version == len(MIGRATIONS) >= 2
+        store.append_logs({(1, 0, 1): "dropped: no such job"})
+        assert store.oldest_queued_at() is None
+    finally:
+        store.close()
