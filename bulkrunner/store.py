@@ -914,7 +914,7 @@ def _apply_counts(tx: Tx) -> None:
         if state.value != row[8]:
             tx.changes.append(JobChange(row[6], row[7], row[8], state.value, counts))
         started = row[5]
-        if started is None and (delta["running"] > 0 or state != State.QUEUED):
+        if started is None and delta["running"] > 0:  # an item started, not a cancel
             started = tx.now
         tx.conn.execute(
             "UPDATE jobs SET n_queued = ?, n_running = ?, n_succeeded = ?, n_failed = ?, "
