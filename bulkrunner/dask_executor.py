@@ -262,10 +262,11 @@ class DaskExecutor:
             # scheduler connection was lost: either way not the item's fault.
             result = ExecutorLost(f"Dask cancelled the task: {e}")
         except BaseException as e:
-            # run_item turns the task's own errors into an Outcome, so this is Dask failing
-            # to run it at all, e.g. bulkrunner or the task's module is not importable on
-            # the worker ("Error during deserialization"). Charge an attempt with the
-            # reason in the item's error rather than re-queueing it for ever.
+            # run_item turns the task's own errors (an unimportable task module included)
+            # into an Outcome, so this is Dask failing around it: the result cannot be
+            # unpickled here, a task that raised a BaseException, an error of Dask's own.
+            # Charge an attempt with the reason in the item's error rather than
+            # re-queueing it for ever.
             err = error_dict(e)
             err["message"] = f"Dask could not run the item: {err['message']}"
             result = Outcome(ok=False, error=err)
