@@ -80,8 +80,8 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    app: Any = {"floor": floor_app, "wsgi": lambda: wsgi_app,
-                "seed": lambda: seed_app(args.workers)}[args.mode]()
+    app: Any = (floor_app() if args.mode == "floor" else
+                seed_app(args.workers) if args.mode == "seed" else wsgi_app)
     server = create_server(app, host="127.0.0.1", port=0, threads=args.threads)
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--workers", default="4,8", help="max_workers values, comma-separated")
     ap.add_argument("--rounds", type=int, default=1, help="runs per max_workers value")
-    ap.add_argument("--drain-timeout", type=float, default=40.0,
+    ap.add_argument("--drain-timeout", type=float, default=50.0,
                     help="seconds to wait for a drain before reporting a partial rate")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
