@@ -73,8 +73,9 @@ def occupy_workers(server: Server, n: int, timeout: float = 15.0) -> None:
 
 def count_jobs(db: Path) -> dict[str, int]:
     """Jobs per task and queued items in bulkrunner's database (read-only)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
     try:
+        conn.execute("BEGIN")  # one snapshot for all three counts
         out = dict(conn.execute("SELECT task, COUNT(*) FROM jobs GROUP BY task").fetchall())
         out["items queued"] = conn.execute(
             "SELECT COUNT(*) FROM items WHERE state = 'queued'").fetchone()[0]
@@ -135,6 +136,7 @@ def main() -> int:
                           f"p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms{bad} "
                           f"(load {loadavg()})", flush=True)
 
+        time.sleep(0.5)  # requests wrk gave up on at its deadline still commit
         _, health = http_json("GET", servers["bulkrunner"].url + "/healthz")
         counts = count_jobs(workdir / "bench.db")
         rss_mb = {n: _rss_mb(s.pid) for n, s in servers.items()}
