@@ -35,10 +35,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-try:  # run as a script: bench/ is on sys.path
-    from benchutil import ROOT, Server, http_json, loadavg, print_table, remove_workdir, spread
-except ImportError:  # imported as bench.executors by a worker, for spin()
+try:  # imported as bench.executors: by the servers' workers (for spin), or from the root
     from bench.benchutil import (
+        ROOT,
+        Server,
+        http_json,
+        loadavg,
+        print_table,
+        remove_workdir,
+        spread,
+    )
+except ImportError:  # run as a script: bench/ is on sys.path, the repository root is not
+    from benchutil import (  # type: ignore[no-redef,import-not-found]
         ROOT,
         Server,
         http_json,

@@ -259,7 +259,11 @@ def test_scheduler_lost_then_back(tmp_path: Path, dask_procs: DaskProcesses,
         assert healthz_status(server.url) == 503
         # Dask workers exit when their scheduler goes (a supervisor would restart them).
         for addr, proc in list(dask_procs.workers.items()):
-            wait_for(lambda p=proc: p.poll() is not None, 30, f"worker {addr} did not exit")
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"worker {addr} did not exit within 30 s of losing "
+                                     "its scheduler") from None
             dask_procs.workers.pop(addr)
 
         # Back on the same address, with new workers: the server reconnects and resumes;
