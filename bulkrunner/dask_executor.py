@@ -18,9 +18,9 @@ apart:
   client is connected to a scheduler with workers again, so the dispatcher claims nothing
   meanwhile; a background thread reconnects.
 
-Progress reports travel worker -> scheduler -> server as Dask events on a topic private to
-this server; cooperative cancel is a ``distributed.Event`` per attempt that the item's
-:class:`~bulkrunner.worker.Context` polls while the task checks it.
+Progress reports and captured output travel worker -> scheduler -> server as Dask events
+on a topic private to this server; cooperative cancel is a ``distributed.Event`` per
+attempt that the item's :class:`~bulkrunner.worker.Context` polls while the task checks it.
 """
 
 # distributed ships partial type hints: many of its calls are untyped.
@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
+import os
+import socket
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
@@ -92,12 +94,15 @@ class _RemoteFlag(threading.Event):
         return super().is_set()
 
 
-class _ProgressSender:
-    """A :data:`Reporter` on a Dask worker: progress goes to the server as Dask events.
+class _WorkerReports:
+    """The reporter on a Dask worker: progress and captured output go to the server as Dask
+    events on its topic, through the scheduler (which keeps the last 1,000 per topic).
 
-    Throttled to one event per ``_PROGRESS_INTERVAL`` (plus the final 100 %), because every
-    event passes through the scheduler; a report dropped by the throttle is superseded by
-    the next one, and the item's outcome sets the final progress anyway.
+    Progress is throttled to one event per ``_PROGRESS_INTERVAL`` (plus the final 100 %):
+    a report dropped by the throttle is superseded by the next one, and the outcome sets
+    the final progress anyway. Output arrives in chunks of at most 16 KB (see
+    :mod:`bulkrunner.capture`), each sent before the task's result, so an item's log is
+    complete when its outcome is recorded.
     """
 
     def __init__(self, worker: Any, topic: str) -> None:
@@ -110,7 +115,10 @@ class _ProgressSender:
         if now < self._next and frac != 1.0:
             return
         self._next = now + _PROGRESS_INTERVAL
-        self._worker.log_event(self._topic, [key[0], key[1], frac, msg])
+        self._worker.log_event(self._topic, ["progress", key[0], key[1], frac, msg])
+
+    def log(self, key: tuple[int, int], claim: int, text: str) -> None:
+        self._worker.log_event(self._topic, ["log", key[0], key[1], claim, text])
 
 
 def run_on_worker(unit: WorkUnit, topic: str) -> Outcome:
@@ -120,7 +128,7 @@ def run_on_worker(unit: WorkUnit, topic: str) -> Outcome:
     importable on every worker.
     """
     worker = get_worker()
-    out = run_item(unit, _ProgressSender(worker, topic), _RemoteFlag(cancel_event_name(unit)))
+    out = run_item(unit, _WorkerReports(worker, topic), _RemoteFlag(cancel_event_name(unit)))
     return dataclasses.replace(out, worker=worker.address)
 
 
@@ -149,8 +157,10 @@ class DaskExecutor:
         self.address = cfg.executor.address
         self._reporter = reporter
         # Private to this server, so that servers sharing a scheduler never see each
-        # other's progress (item keys are only unique within one database).
-        self._topic = f"bulkrunner-progress-{uuid.uuid4().hex}"
+        # other's reports (item keys are only unique within one database); the same
+        # after a restart, because the scheduler keeps up to 1,000 events per topic.
+        ident = f"{socket.gethostname()}:{os.path.abspath(cfg.store.path)}"
+        self._topic = f"bulkrunner-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
         self._lock = threading.Lock()
         self._items: dict[_Ident, _Inflight] = {}
         self._client: Client | None = None
@@ -292,15 +302,20 @@ class DaskExecutor:
             log.info("could not cancel item %s of job %s on Dask: %r",
                      it.unit.index, it.unit.job_id, e)
 
-    def _on_progress(self, event: tuple[float, Any]) -> None:
-        # Runs on the client's event loop: the reporter only updates a dict under a lock.
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        # Runs on the client's event loop: the reporter only updates dicts under a lock.
         if self._reporter is None:
             return
         try:
-            seq, index, frac, msg = event[1]
-            self._reporter((int(seq), int(index)), frac, msg)
+            kind, seq, index, *rest = event[1]
+            if kind == "progress":
+                self._reporter((int(seq), int(index)), rest[0], rest[1])
+            elif kind == "log":
+                sink = getattr(self._reporter, "log", None)
+                if sink is not None:
+                    sink((int(seq), int(index)), int(rest[0]), str(rest[1]))
         except Exception:
-            log.exception("bad progress event %r", event)
+            log.exception("bad event from a Dask worker: %.200r", event)
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> bool:
@@ -365,7 +380,7 @@ class DaskExecutor:
             if not self._up:
                 # Events are pushed only to subscribers; a reconnected client is new to
                 # the scheduler, so subscribe (again).
-                client.subscribe_topic(self._topic, self._on_progress)
+                client.subscribe_topic(self._topic, self._on_event)
                 self._up = True
             try:
                 try:

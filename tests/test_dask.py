@@ -8,6 +8,7 @@ restart it), and with PYTHONPATH at the repository root so ``tests.sample_tasks`
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ import pytest
 from bulkrunner.client import Client
 from bulkrunner.config import load_config
 from bulkrunner.errors import ConfigError
-from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
+from tests.conftest import ROOT, SAMPLE_TASKS, ServerProcess, toml_config, wait_for
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
 needs_dask = pytest.mark.skipif(not HAVE_DASK, reason='needs the dask extra: '
@@ -108,9 +109,20 @@ def dask_procs(tmp_path: Path) -> Iterator[DaskProcesses]:
     procs.stop()
 
 
+def chatty(n: int = 3) -> int:
+    """Print ``n`` lines and log one warning (a task for the item-log test)."""
+    for i in range(n):
+        print(f"chatty line {i}")
+    logging.getLogger("chatty").warning("chatty warning")
+    return n
+
+
+TASKS = {**SAMPLE_TASKS, "chatty": "tests.test_dask:chatty"}
+
+
 def dask_config(tmp: Path, address: str, max_workers: int = 4, jobs: str = "") -> Path:
     """A test config for the dask executor at ``address`` ("" = local cluster)."""
-    path = toml_config(tmp, executor="dask", max_workers=max_workers, jobs=jobs)
+    path = toml_config(tmp, executor="dask", max_workers=max_workers, jobs=jobs, tasks=TASKS)
     text = path.read_text().replace(f"max_workers = {max_workers}\n",
                                     f'max_workers = {max_workers}\naddress = "{address}"\n')
     path.write_text(text)
@@ -295,6 +307,18 @@ def test_local_cluster_worker_died_timeout_and_stop(tmp_path: Path, serve: Serve
         assert wait_job(c, job["id"], 60)["state"] == "succeeded"
         workers = {it["worker"] for it in all_items(c, job["id"])}
         assert len(workers) == 1 and next(iter(workers)).startswith("tcp://127.0.0.1:")
+
+        # What a task prints and logs on a Dask worker reaches the item's log, and
+        # progress reaches the job, both through the scheduler as Dask events.
+        job = c.submit("chatty", {"n": 3})
+        assert wait_job(c, job["id"], 30)["state"] == "succeeded"
+        text = c.item_log(job["id"], 0).data.decode()
+        assert all(f"chatty line {i}" in text for i in range(3)), text
+        assert "chatty warning" in text, text
+        job = c.submit("progress", {"steps": 10, "delay": 0.15})
+        wait_for(lambda: (c.job(job["id"])["message"] or "").startswith("step "), 30,
+                 "no progress message from the Dask worker")
+        assert wait_job(c, job["id"], 30)["state"] == "succeeded"
 
         # An item that kills its worker every time: KilledWorker -> WorkerDied, an attempt.
         job = c.submit("sigkill_self", max_attempts=1)
