@@ -164,18 +164,22 @@ class Dispatcher:
         finishes += self._expire()
         if self._retry_due is not None and time.time() >= self._retry_due:
             self._retry_due = None
-        if finishes:
-            self._flush_logs()  # an item's log is complete once its end is recorded
-            states: list[str] = []
-            self.store.finish(finishes, self._backoff_noted, states=states)
-            self._emit("finished", {"finishes": finishes, "states": states})
+        free = 0
         if claim and not self.draining and self.executor is not None:
             free = self.max_workers - len(self._inflight)
-            if free > 0:
-                ok, _ = self.executor.health()
-                if ok:
-                    for c in self.store.claim(free):
-                        self._submit(c)
+            if free > 0 and not self.executor.health()[0]:
+                free = 0
+        if not finishes and free <= 0:
+            return
+        if finishes:
+            self._flush_logs()  # an item's log is complete once its end is recorded
+        states: list[str] = []
+        # Outcomes and the next claim share one transaction: one commit per turn.
+        claimed = self.store.turn(finishes, free, self._backoff_noted, states=states)
+        if finishes:
+            self._emit("finished", {"finishes": finishes, "states": states})
+        for c in claimed:
+            self._submit(c)
 
     def _submit(self, c: Claimed) -> None:
         assert self.executor is not None

@@ -144,9 +144,16 @@ def resolve(target: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+_worker_name: tuple[int, str] = (0, "")
+
+
 def worker_name() -> str:
-    """host:pid:thread of the caller, recorded on the item it ran."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid of the caller, recorded on the item it ran."""
+    global _worker_name
+    pid = os.getpid()
+    if _worker_name[0] != pid:  # once per process (a forked worker has a new pid)
+        _worker_name = (pid, f"{socket.gethostname()}:{pid}")
+    return _worker_name[1]
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
