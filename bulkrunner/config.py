@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import os
 import tomllib
@@ -326,6 +327,7 @@ def _apply_env(cfg: Config) -> Config:
     return cfg
 
 
+@functools.lru_cache(maxsize=256)
 def host_is_loopback(host: str) -> bool:
     """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
     if host.lower() in ("localhost", "localhost."):

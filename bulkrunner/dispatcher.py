@@ -87,7 +87,10 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Look at the queue now (new items were committed)."""
-        self._wake.set()
+        # With every slot busy the next finished item wakes us anyway; a turn now would
+        # only cost the request thread's GIL time.
+        if len(self._inflight) < self.max_workers:
+            self._wake.set()
 
     def abort(self, keys: list[tuple[int, int]]) -> None:
         """Stop the running attempts of these items (their state is already recorded)."""
