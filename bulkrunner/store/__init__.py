@@ -1,7 +1,8 @@
-"""The SQLite store: schema, migrations, and every read and write of jobs and items.
+"""The SQLite store: every read and write of jobs and items.
 
-The only module that imports :mod:`sqlite3`. The queue itself lives here: items wait as rows
-in state ``queued`` and the dispatcher claims them in priority then FIFO order.
+The only package that imports :mod:`sqlite3` (schema.py holds the migrations, records.py
+what goes in and out, transitions.py how items move). The queue itself lives here: items
+wait as rows in state ``queued`` and the dispatcher claims them in priority then FIFO order.
 
 Writes go through one writer thread that batches whatever is waiting into one transaction
 (group commit), so request threads never fight over the write lock and a burst of
@@ -15,14 +16,11 @@ from __future__ import annotations
 import json
 import os
 import queue
-import random
 import sqlite3
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from bulkrunner.errors import (
@@ -33,198 +31,27 @@ from bulkrunner.errors import (
     NothingToRetry,
     StoreUnavailable,
 )
-from bulkrunner.models import STATES, Item, Job, State, derive_state
+from bulkrunner.models import STATES, Item, Job, State
+from bulkrunner.store.records import (
+    Claimed,
+    Finish,
+    JobChange,
+    NewJob,
+    Tx,
+    _apply_counts,
+    _loads,
+    _zero_counts,
+)
+from bulkrunner.store.schema import MIGRATIONS, migrate
+from bulkrunner.store.transitions import _claim, _finish, backoff_delay
+
+__all__ = ["INTERRUPTIONS_ALLOWED", "MIGRATIONS", "PRUNE_BUDGET", "Claimed", "Finish",
+           "JobChange", "NewJob", "Store", "Tx", "backoff_delay", "migrate"]
 
 T = TypeVar("T")
 INTERRUPTIONS_ALLOWED = 3
 _WRITE_BATCH = 512
 PRUNE_BUDGET = 2000  # rows one retention step deletes: a few ms of the writer's time
-
-
-# --------------------------------------------------------------------------- migrations
-def _script(c: sqlite3.Connection, sql: str) -> None:
-    # executescript() would COMMIT on its own; run the statements inside our transaction.
-    for stmt in sql.split(";"):
-        if stmt.strip():
-            c.execute(stmt)
-
-
-def _v1(c: sqlite3.Connection) -> None:
-    _script(c, """
-    CREATE TABLE jobs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        task TEXT NOT NULL,
-        params TEXT NOT NULL,
-        priority INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL DEFAULT 1,
-        timeout REAL NOT NULL DEFAULT 0,
-        key TEXT UNIQUE,
-        body_hash TEXT,
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        message TEXT,
-        n_queued INTEGER NOT NULL DEFAULT 0,
-        n_running INTEGER NOT NULL DEFAULT 0,
-        n_succeeded INTEGER NOT NULL DEFAULT 0,
-        n_failed INTEGER NOT NULL DEFAULT 0,
-        n_cancelled INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX jobs_by_state ON jobs(state, seq);
-    CREATE INDEX jobs_by_task ON jobs(task, seq);
-    CREATE TABLE items (
-        job_seq INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
-        idx INTEGER NOT NULL,
-        params TEXT,
-        state TEXT NOT NULL,
-        priority INTEGER NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        interruptions INTEGER NOT NULL DEFAULT 0,
-        claim INTEGER NOT NULL DEFAULT 0,
-        not_before REAL NOT NULL DEFAULT 0,
-        result TEXT,
-        error TEXT,
-        errors TEXT,
-        progress REAL,
-        message TEXT,
-        worker TEXT,
-        started_at REAL,
-        finished_at REAL,
-        PRIMARY KEY (job_seq, idx)
-    ) WITHOUT ROWID;
-    CREATE INDEX items_queue ON items(priority DESC, job_seq, idx) WHERE state = 'queued';
-    CREATE INDEX items_running ON items(job_seq, idx) WHERE state = 'running';
-    CREATE INDEX items_by_state ON items(job_seq, state, idx);
-    """)
-
-
-def _v2(c: sqlite3.Connection) -> None:
-    # logs: what items printed and logged, appended in chunks by the dispatcher. ``claim``
-    # is the item's run counter (every run, retried or re-run after a restart, has its own).
-    # jobs_finished: retention finds old finished jobs without scanning the others.
-    _script(c, """
-    CREATE TABLE logs (
-        id INTEGER PRIMARY KEY,
-        job_seq INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
-        idx INTEGER NOT NULL,
-        claim INTEGER NOT NULL,
-        text TEXT NOT NULL
-    );
-    CREATE INDEX logs_by_item ON logs(job_seq, idx, id);
-    CREATE INDEX jobs_finished ON jobs(state, finished_at) WHERE finished_at IS NOT NULL;
-    """)
-
-
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version; returns it. Each step is one transaction."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for i, step in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {i}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    return len(MIGRATIONS)
-
-
-# --------------------------------------------------------------------------- records
-@dataclass
-class NewJob:
-    """A validated submission, ready to insert. ``items`` are JSON texts (None: no overlay)."""
-
-    id: str
-    task: str
-    params: dict[str, Any]
-    items: Sequence[str | None]
-    priority: int = 0
-    max_attempts: int = 1
-    timeout: float = 0.0
-    key: str | None = None
-    body_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """An item the dispatcher has just moved to ``running``."""
-
-    job_id: str
-    job_seq: int
-    index: int
-    claim: int
-    task: str
-    params: dict[str, Any]
-    timeout: float
-
-
-@dataclass(frozen=True)
-class Finish:
-    """How to record the end of an attempt.
-
-    ``charge=False`` re-queues the item without spending an attempt (it was an innocent
-    bystander of a broken pool or a server stop).
-    """
-
-    job_seq: int
-    index: int
-    claim: int
-    ok: bool = False
-    result: str | None = None
-    error: dict[str, Any] | None = None
-    worker: str | None = None
-    retryable: bool = True
-    charge: bool = True
-
-
-@dataclass(frozen=True)
-class JobChange:
-    """A job that changed state in a committed transaction (for the server's log)."""
-
-    id: str
-    task: str
-    old: str
-    new: str
-    counts: dict[str, int]
-
-
-def _zero_counts() -> dict[str, int]:
-    return dict.fromkeys(STATES, 0)
-
-
-@dataclass
-class Tx:
-    """What a write operation gets: the connection, the time, and the queue-size delta."""
-
-    conn: sqlite3.Connection
-    now: float
-    queued_delta: int = 0
-    counts: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(
-        lambda: dict.fromkeys(STATES, 0)))
-    #: Item-count deltas by task (for metrics) and the jobs that changed state.
-    by_task: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(
-        _zero_counts))
-    changes: list[JobChange] = field(default_factory=list)
-
-    def move(self, job_seq: int, old: str | None, new: str | None, n: int = 1) -> None:
-        """Count ``n`` items of a job moving from state ``old`` to ``new``."""
-        if n == 0:
-            return
-        c = self.counts[job_seq]
-        if old:
-            c[old] -= n
-            if old == "queued":
-                self.queued_delta -= n
-        if new:
-            c[new] += n
-            if new == "queued":
-                self.queued_delta += n
 
 
 class _Op:
@@ -842,126 +669,3 @@ class Store:
             return len(whole), sum(sum(r[2:7]) for r in whole), bool(rows)
 
         return self.write(op)
-
-
-_SUCCEED = ("UPDATE items SET state = 'succeeded', attempts = attempts + 1, result = ?, "
-            "error = NULL, worker = ?, finished_at = ?, progress = 1 "
-            "WHERE job_seq = ? AND idx = ? AND state = 'running' AND claim = ?")
-
-
-def _claim(tx: Tx, n: int) -> list[Claimed]:
-    c = tx.conn
-    rows = c.execute(
-        "SELECT i.job_seq, i.idx, i.params, i.claim, j.id, j.task, j.params, j.timeout "
-        "FROM items i JOIN jobs j ON j.seq = i.job_seq "
-        "WHERE i.state = 'queued' AND i.not_before <= ? "
-        "ORDER BY i.priority DESC, i.job_seq, i.idx LIMIT ?", (tx.now, n)).fetchall()
-    if not rows:
-        return []
-    c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
-                  "progress = NULL, message = NULL, worker = NULL "
-                  "WHERE job_seq = ? AND idx = ?",
-                  ((r[3] + 1, tx.now, r[0], r[1]) for r in rows))
-    out = []
-    bases: dict[int, dict[str, Any]] = {}
-    for r in rows:
-        tx.move(r[0], "queued", "running")
-        base = bases.get(r[0])
-        if base is None:
-            base = bases[r[0]] = json.loads(r[6])
-        params = {**base, **json.loads(r[2])} if r[2] else base
-        out.append(Claimed(job_id=r[4], job_seq=r[0], index=r[1], claim=r[3] + 1,
-                           task=r[5], params=params, timeout=r[7]))
-    return out
-
-
-def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
-            outcome: list[str]) -> int:
-    c = tx.conn
-    recorded = 0
-    for f in finishes:
-        if f.ok and f.charge:
-            # The common case in one guarded UPDATE, no read first: a stale outcome (the
-            # item was cancelled, timed out or claimed again) matches no row.
-            cur = c.execute(_SUCCEED, (f.result, f.worker, tx.now, f.job_seq, f.index,
-                                       f.claim))
-            if cur.rowcount:
-                recorded += 1
-                tx.move(f.job_seq, "running", "succeeded")
-                outcome.append("succeeded")
-            else:
-                outcome.append("stale")
-            continue
-        row = c.execute(
-            "SELECT i.state, i.claim, i.attempts, j.max_attempts, i.errors "
-            "FROM items i JOIN jobs j ON j.seq = i.job_seq "
-            "WHERE i.job_seq = ? AND i.idx = ?", (f.job_seq, f.index)).fetchone()
-        if row is None or row[0] != "running" or row[1] != f.claim:
-            outcome.append("stale")
-            continue
-        recorded += 1
-        if not f.charge:
-            outcome.append("queued")
-            c.execute("UPDATE items SET state = 'queued', started_at = NULL, "
-                      "progress = NULL WHERE job_seq = ? AND idx = ?",
-                      (f.job_seq, f.index))
-            tx.move(f.job_seq, "running", "queued")
-            continue
-        attempts = row[2] + 1
-        error = dict(f.error or {"type": "Error", "message": "unknown error"})
-        error["attempt"] = attempts
-        # Every attempt's error is kept (without tracebacks, the last 20).
-        history = [*(_loads(row[4]) or [])[-19:],
-                   {k: v for k, v in error.items() if k != "traceback"}]
-        again = f.retryable and attempts < row[3]
-        new_state = "queued" if again else "failed"
-        c.execute("UPDATE items SET state = ?, attempts = ?, error = ?, errors = ?, "
-                  "worker = ?, not_before = ?, finished_at = ?, "
-                  "started_at = CASE WHEN ? THEN NULL ELSE started_at END "
-                  "WHERE job_seq = ? AND idx = ?",
-                  (new_state, attempts, json.dumps(error), json.dumps(history),
-                   f.worker, tx.now + backoff(attempts) if again else 0,
-                   None if again else tx.now, again, f.job_seq, f.index))
-        tx.move(f.job_seq, "running", new_state)
-        outcome.append(new_state)
-    return recorded
-
-
-def _apply_counts(tx: Tx) -> None:
-    """Write the item-count deltas of ``tx`` to their jobs and derive each job's state."""
-    for seq, delta in tx.counts.items():
-        if not any(delta.values()):
-            continue
-        row = tx.conn.execute("SELECT n_queued, n_running, n_succeeded, n_failed, n_cancelled, "
-                              "started_at, id, task, state FROM jobs WHERE seq = ?",
-                              (seq,)).fetchone()
-        counts = {s: row[i] + delta[s] for i, s in enumerate(STATES)}
-        state = derive_state(counts)
-        by_task = tx.by_task[row[7]]
-        for s, n in delta.items():
-            by_task[s] += n
-        if state.value != row[8]:
-            tx.changes.append(JobChange(row[6], row[7], row[8], state.value, counts))
-        started = row[5]
-        if started is None and delta["running"] > 0:  # an item started, not a cancel
-            started = tx.now
-        tx.conn.execute(
-            "UPDATE jobs SET n_queued = ?, n_running = ?, n_succeeded = ?, n_failed = ?, "
-            "n_cancelled = ?, state = ?, started_at = ?, "
-            "finished_at = CASE WHEN ? THEN COALESCE(finished_at, ?) ELSE NULL END "
-            "WHERE seq = ?",
-            (*counts.values(), state.value, started, state.finished, tx.now, seq))
-    tx.counts.clear()
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def backoff_delay(base: float, cap: float) -> Callable[[int], float]:
-    """Exponential backoff with equal jitter: after attempt n, wait in [d/2, d] where
-    d = min(cap, base * 2**(n-1))."""
-    def delay(attempt: int) -> float:
-        d = min(cap, base * (2.0 ** max(attempt - 1, 0)))
-        return float(d / 2 + random.random() * d / 2)
-    return delay

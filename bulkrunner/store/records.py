@@ -1,0 +1,134 @@
+"""The records the store takes and gives, and the transaction context of a write."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bulkrunner.models import STATES, derive_state
+
+
+@dataclass
+class NewJob:
+    """A validated submission, ready to insert. ``items`` are JSON texts (None: no overlay)."""
+
+    id: str
+    task: str
+    params: dict[str, Any]
+    items: Sequence[str | None]
+    priority: int = 0
+    max_attempts: int = 1
+    timeout: float = 0.0
+    key: str | None = None
+    body_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An item the dispatcher has just moved to ``running``."""
+
+    job_id: str
+    job_seq: int
+    index: int
+    claim: int
+    task: str
+    params: dict[str, Any]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How to record the end of an attempt.
+
+    ``charge=False`` re-queues the item without spending an attempt (it was an innocent
+    bystander of a broken pool or a server stop).
+    """
+
+    job_seq: int
+    index: int
+    claim: int
+    ok: bool = False
+    result: str | None = None
+    error: dict[str, Any] | None = None
+    worker: str | None = None
+    retryable: bool = True
+    charge: bool = True
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """A job that changed state in a committed transaction (for the server's log)."""
+
+    id: str
+    task: str
+    old: str
+    new: str
+    counts: dict[str, int]
+
+
+def _zero_counts() -> dict[str, int]:
+    return dict.fromkeys(STATES, 0)
+
+
+@dataclass
+class Tx:
+    """What a write operation gets: the connection, the time, and the queue-size delta."""
+
+    conn: sqlite3.Connection
+    now: float
+    queued_delta: int = 0
+    counts: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(
+        lambda: dict.fromkeys(STATES, 0)))
+    #: Item-count deltas by task (for metrics) and the jobs that changed state.
+    by_task: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(
+        _zero_counts))
+    changes: list[JobChange] = field(default_factory=list)
+
+    def move(self, job_seq: int, old: str | None, new: str | None, n: int = 1) -> None:
+        """Count ``n`` items of a job moving from state ``old`` to ``new``."""
+        if n == 0:
+            return
+        c = self.counts[job_seq]
+        if old:
+            c[old] -= n
+            if old == "queued":
+                self.queued_delta -= n
+        if new:
+            c[new] += n
+            if new == "queued":
+                self.queued_delta += n
+
+
+def _apply_counts(tx: Tx) -> None:
+    """Write the item-count deltas of ``tx`` to their jobs and derive each job's state."""
+    for seq, delta in tx.counts.items():
+        if not any(delta.values()):
+            continue
+        row = tx.conn.execute("SELECT n_queued, n_running, n_succeeded, n_failed, n_cancelled, "
+                              "started_at, id, task, state FROM jobs WHERE seq = ?",
+                              (seq,)).fetchone()
+        counts = {s: row[i] + delta[s] for i, s in enumerate(STATES)}
+        state = derive_state(counts)
+        by_task = tx.by_task[row[7]]
+        for s, n in delta.items():
+            by_task[s] += n
+        if state.value != row[8]:
+            tx.changes.append(JobChange(row[6], row[7], row[8], state.value, counts))
+        started = row[5]
+        if started is None and delta["running"] > 0:  # an item started, not a cancel
+            started = tx.now
+        tx.conn.execute(
+            "UPDATE jobs SET n_queued = ?, n_running = ?, n_succeeded = ?, n_failed = ?, "
+            "n_cancelled = ?, state = ?, started_at = ?, "
+            "finished_at = CASE WHEN ? THEN COALESCE(finished_at, ?) ELSE NULL END "
+            "WHERE seq = ?",
+            (*counts.values(), state.value, started, state.finished, tx.now, seq))
+    tx.counts.clear()
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
