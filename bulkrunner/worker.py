@@ -169,6 +169,10 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
     When the reporter has a ``log`` method (a :data:`~bulkrunner.capture.LogSink`), what
     the task prints and logs is captured and sent there, all of it before this returns.
     """
+    if cancel is not None and cancel.is_set():  # cancelled while it waited for a thread
+        return Outcome(ok=False, worker=worker_name(), retryable=False, error={
+            "type": "Cancelled", "message": "the item was cancelled before it started",
+            "traceback": ""})
     ctx = Context(unit, reporter, cancel)
     sink: capture.LogSink | None = getattr(reporter, "log", None)
     item_log = capture.begin(unit.key, unit.claim, sink, unit.max_log_size) \

@@ -1,0 +1,61 @@
+"""The dispatcher's bounds: never more than max_workers running while items take time;
+a short claim-ahead only while items are very short; cancel reaches items claimed ahead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import wait_for
+
+
+def _job(client: Any, job_id: str) -> dict[str, Any]:
+    return client.get(f"/api/v1/jobs/{job_id}").json  # type: ignore[no-any-return]
+
+
+def test_running_never_exceeds_max_workers_for_items_that_take_time(app_factory: Any) -> None:
+    app = app_factory(max_workers=2)
+    client = app.test_client()
+    job_id = client.post("/api/v1/jobs", json={
+        "task": "stubborn", "items": [{"seconds": 0.2}] * 8}).json["id"]
+    seen = []
+
+    def done() -> bool:
+        j = _job(client, job_id)
+        seen.append(j["items"]["running"])
+        return j["state"] == "succeeded"
+
+    wait_for(done, 30, "8 items of 0.2 s on 2 workers did not finish", interval=0.02)
+    assert max(seen) == 2, seen
+
+
+def test_short_items_are_claimed_ahead_and_all_succeed(app_factory: Any) -> None:
+    app = app_factory(max_workers=2)
+    client = app.test_client()
+    job_id = client.post("/api/v1/jobs", json={
+        "task": "noop", "items": [{}] * 3000}).json["id"]
+    wait_for(lambda: _job(client, job_id)["state"] == "succeeded", 60,
+             "3,000 no-op items did not drain")
+    j = _job(client, job_id)
+    assert j["items"]["succeeded"] == 3000 and j["items"]["failed"] == 0
+    disp = app.extensions["bulkrunner"].dispatcher
+    assert disp._capacity() > disp.max_workers  # short items: claim-ahead is on
+
+
+def test_cancel_reaches_items_claimed_ahead(app_factory: Any) -> None:
+    app = app_factory(max_workers=1)
+    client = app.test_client()
+    # Warm up with short items so claim-ahead is on, then a bulk that is cancelled at once.
+    warm = client.post("/api/v1/jobs", json={"task": "noop", "items": [{}] * 200}).json["id"]
+    wait_for(lambda: _job(client, warm)["state"] == "succeeded", 30, "warm-up did not finish")
+    job_id = client.post("/api/v1/jobs", json={
+        "task": "record", "items": [{"path": "/dev/null", "i": i, "delay": 0.05}
+                                    for i in range(50)]}).json["id"]
+    wait_for(lambda: _job(client, job_id)["items"]["running"] > 0, 30, "nothing started")
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+    j = _job(client, job_id)
+    assert j["state"] == "cancelled" and j["items"]["running"] == 0
+    assert j["items"]["succeeded"] + j["items"]["cancelled"] == 50
+    # What the executor still held comes back as cancelled, and is never recorded.
+    disp = app.extensions["bulkrunner"].dispatcher
+    wait_for(lambda: disp.inflight == 0, 30, "claimed-ahead items did not come back")
+    assert _job(client, job_id)["items"]["cancelled"] == j["items"]["cancelled"]
