@@ -11,6 +11,7 @@ import pytest
 from bulkrunner.executors import ExecutorLost, ThreadExecutor, WorkerDied
 from bulkrunner.procpool import ProcessExecutor, describe_exit
 from bulkrunner.worker import WorkUnit
+from tests.conftest import wait_for
 
 
 def unit(target: str, index: int = 0, timeout: float = 0, **params: object) -> WorkUnit:
@@ -51,13 +52,17 @@ def test_abort_kills_only_that_worker(pool: ProcessExecutor) -> None:
     long = unit("stubborn", 0, seconds=30)
     f = pool.submit(long)
     other = pool.submit(unit("stubborn", 1, seconds=0.5))
-    time.sleep(0.5)
+    # Abort only once a worker holds the item: before that, abort takes the "never
+    # started" path and kills nothing, which is not what this test is about.
+    wait_for(lambda: any(w.unit is long for w in list(pool._workers)), 30,
+             "the long item did not start on a worker process")
     t0 = time.monotonic()
     pool.abort(long)
-    with pytest.raises(ExecutorLost):
+    with pytest.raises(ExecutorLost, match="worker was stopped"):
         f.result(timeout=10)
     assert time.monotonic() - t0 < 5
     assert other.result(timeout=30).ok
+    assert pool.rebuilds == 1  # the killed worker, and no other
 
 
 def test_progress_travels_over_the_pipe() -> None:
