@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
@@ -28,6 +29,11 @@ from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.worker import Outcome, Reporter, WorkUnit, run_item
 
 log = logging.getLogger("bulkrunner.procpool")
+
+# After a worker fails to start (EMFILE, ENOMEM, a broken forkserver), wait this long before
+# the next try, doubling up to the cap: such causes pass in seconds, not microseconds.
+_SPAWN_RETRY_FIRST = 0.1
+_SPAWN_RETRY_MAX = 5.0
 
 
 def _worker_main(conn: Connection) -> None:
@@ -114,6 +120,9 @@ class ProcessExecutor:
         self._pending: deque[tuple[WorkUnit, Future[Outcome]]] = deque()
         self._stopping = False
         self.rebuilds = 0
+        self._spawn_error: str | None = None  # why the last worker start failed, if it did
+        self._spawn_delay = _SPAWN_RETRY_FIRST
+        self._spawn_at = 0.0  # time.monotonic() before which no worker is started
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._thread = threading.Thread(target=self._supervise, name="bulkrunner-procpool",
@@ -146,11 +155,17 @@ class ProcessExecutor:
                     return
 
     def health(self) -> tuple[bool, str]:
-        alive = self._thread.is_alive()
+        """(ok, detail). Not ok while the supervisor is gone, or while no worker is alive
+        because the last try to start one failed (so nothing more is claimed for it)."""
+        if not self._thread.is_alive():
+            return False, "the process pool supervisor stopped"
         with self._lock:
             n = sum(1 for w in self._workers if w.proc.is_alive())
-        return alive, f"{n} of {self.max_workers} worker processes" if alive else \
-            "the process pool supervisor stopped"
+            error = self._spawn_error
+        if error is not None and n == 0:
+            return False, f"cannot start worker processes: {error}"
+        detail = f"{n} of {self.max_workers} worker processes"
+        return True, detail if error is None else f"{detail} (cannot start more: {error})"
 
     def workers(self) -> int:
         """Worker processes alive now (a dead one is replaced within moments)."""
@@ -184,11 +199,51 @@ class ProcessExecutor:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True,
-                                 name="bulkrunner-worker")
-        proc.start()
+        try:
+            proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True,
+                                     name="bulkrunner-worker")
+            proc.start()
+        except BaseException:
+            parent.close()  # a failed start must not leak descriptors (EMFILE feeds on them)
+            child.close()
+            raise
         child.close()
         return _Worker(proc, parent)
+
+    def _replenish(self) -> None:
+        """Start workers until there are ``max_workers``, unless backing off after a failure.
+
+        Runs on the supervisor thread, the only one that adds or removes workers, so the
+        starts (a fork from the forkserver each) happen without holding the pool's lock.
+        """
+        with self._lock:
+            missing = 0 if self._stopping else self.max_workers - len(self._workers)
+        if missing <= 0 or time.monotonic() < self._spawn_at:
+            return
+        for _ in range(missing):
+            try:
+                w = self._spawn()
+            except Exception as e:
+                self._spawn_failed(e)
+                return
+            with self._lock:
+                self._workers.append(w)
+                self._spawn_error = None
+                self._spawn_delay = _SPAWN_RETRY_FIRST
+                stopping = self._stopping
+            if stopping:
+                _kill(w)  # shutdown() killed the others before this one was listed
+
+    def _spawn_failed(self, e: Exception) -> None:
+        with self._lock:
+            first = self._spawn_error is None
+            self._spawn_error = str(e) or type(e).__name__
+            delay = self._spawn_delay
+            self._spawn_at = time.monotonic() + delay
+            self._spawn_delay = min(delay * 2, _SPAWN_RETRY_MAX)
+        # The traceback once per outage; then one line per try (at most one per 5 s).
+        log.error("cannot start a worker process (%s); trying again in %.1f s",
+                  self._spawn_error, delay, exc_info=first)
 
     def _supervise(self) -> None:
         while True:
@@ -197,14 +252,18 @@ class ProcessExecutor:
                     return
             except Exception:  # background code logs and carries on
                 log.exception("process pool supervisor error")
+                time.sleep(0.1)  # a fault that repeats must not turn into a busy loop
 
     def _step(self) -> bool:
+        self._replenish()
         with self._lock:
             if self._stopping and not any(w.proc.is_alive() for w in self._workers):
                 return False
+            timeout = 1.0
             if not self._stopping:
-                while len(self._workers) < self.max_workers:
-                    self._workers.append(self._spawn())
+                if len(self._workers) < self.max_workers:
+                    # Wake for the next try to start a worker (backing off after a failure).
+                    timeout = min(timeout, max(0.0, self._spawn_at - time.monotonic()))
                 for w in self._workers:
                     if w.unit is None and self._pending:
                         unit, fut = self._pending.popleft()
@@ -222,7 +281,7 @@ class ProcessExecutor:
                 objs += [w.conn, w.proc.sentinel]
                 by_obj[w.conn] = w
                 by_obj[w.proc.sentinel] = w
-        ready = wait(objs, timeout=1.0)
+        ready = wait(objs, timeout=timeout)
         dead: set[_Worker] = set()
         for obj in ready:
             if obj is self._wake_r:

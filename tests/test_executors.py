@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 from concurrent.futures import wait
+from typing import Any
 
 import pytest
 
@@ -95,3 +97,35 @@ def test_thread_abort_sets_the_cooperative_flag() -> None:
         assert out.error is not None and out.error["type"] == "Cancelled"
     finally:
         ex.shutdown()
+
+
+def test_a_pool_that_cannot_start_workers_backs_off_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_spawn = ProcessExecutor._spawn
+    calls: list[float] = []
+    broken = True
+
+    def spawn(self: ProcessExecutor) -> Any:
+        calls.append(time.monotonic())
+        if broken:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_spawn(self)
+
+    monkeypatch.setattr(ProcessExecutor, "_spawn", spawn)
+    p = ProcessExecutor(2, preload=["tests.sample_tasks"])
+    try:
+        f = p.submit(unit("add", a=1))
+        wait_for(lambda: calls, 10, "the pool never tried to start a worker")
+        time.sleep(0.5)
+        # Backing off from 0.1 s, doubling: a handful of tries, not a spinning core.
+        assert 1 <= len(calls) <= 6, f"{len(calls)} tries to start a worker in 0.5 s"
+        ok, detail = p.health()
+        assert not ok and detail.startswith("cannot start worker processes: ")
+        assert "Too many open files" in detail
+        assert not f.done()  # waits for a worker rather than failing
+        broken = False
+        assert f.result(timeout=30).result == "2"  # runs once workers start again
+        wait_for(lambda: p.workers() == 2, 30, "the pool did not fill up once starts worked")
+        assert p.health() == (True, "2 of 2 worker processes")
+    finally:
+        p.shutdown()
