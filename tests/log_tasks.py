@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -56,3 +57,15 @@ def odd_text() -> str:
     print("naïve ✓")
     print("half \ud800 pair")
     return "ok"
+
+
+def print_until(path: str, name: str = "gate", timeout: float = 60.0) -> str:
+    """Print a line, wait for the file `path` to exist (up to `timeout` s), print another."""
+    print(f"{name} before", flush=True)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+    print(f"{name} after", flush=True)
+    return name

@@ -21,7 +21,7 @@ import pytest
 from bulkrunner.client import Client
 from bulkrunner.web.auth import COOKIE, SESSION_SECONDS, Sessions
 from bulkrunner.web.fields import form_fields
-from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
+from tests.conftest import ROOT, SAMPLE_TASKS, ServerProcess, toml_config, wait_for
 
 try:
     from playwright.sync_api import (
@@ -477,3 +477,128 @@ def test_form_fields_follow_the_param_types() -> None:
     assert [o.value for o in fields["level"].options] == ["", "1", "2"]
     assert fields["tags"].kind == "json" and "JSON list of text" in fields["tags"].help
     assert (fields["name"].kind, fields["name"].value) == ("text", "x")
+
+
+# ---------------------------------------------------------------------------- item logs
+LOG_TASKS = {**SAMPLE_TASKS, "chatter": "tests.log_tasks:chatter",
+             "odd_text": "tests.log_tasks:odd_text",
+             "print_until": "tests.log_tasks:print_until"}
+WORKER = re.compile(r"^\S+:\d+$")  # host:pid on the thread and process executors
+
+
+def _log_requests(page: Page) -> list[tuple[str, int]]:
+    """(url, status) of every answer the page gets from an item-log endpoint, as they come."""
+    seen: list[tuple[str, int]] = []
+
+    def record(resp: Any) -> None:
+        if re.search(r"/items/\d+/log$", urlsplit(resp.url).path):
+            seen.append((resp.url, resp.status))
+
+    page.on("response", record)
+    return seen
+
+
+def _item_row(page: Page, index: int) -> Any:
+    return page.locator(f'.items-table tbody tr[data-key="{index}"]')
+
+
+def test_item_log_panel_follows_what_the_item_prints(session: Callable[..., Session],
+                                                     tmp_path: Path) -> None:
+    s = session(tasks=LOG_TASKS)
+    gate = tmp_path / "gate"
+    with s.client() as c:
+        job = c.submit("print_until", {"path": str(gate)},
+                       items=[{"name": "first"}, {"name": "second"}])
+    page = s.open(f"/jobs/{job['id']}")
+    answers = _log_requests(page)
+
+    # Open item 0's log while it runs: the line printed so far shows, and the panel follows.
+    page.get_by_role("button", name="Log of item 0").click()
+    dialog = page.get_by_role("dialog", name="Log of item 0")
+    expect(dialog, "the log dialog did not open").to_be_visible(timeout=TIMEOUT_MS)
+    text = dialog.locator("pre")
+    status = dialog.get_by_role("status")
+    expect(text, "the line printed before opening is not shown").to_contain_text(
+        "first before", timeout=TIMEOUT_MS)
+    expect(status, "the panel does not say it follows the running item").to_contain_text(
+        "Following", timeout=TIMEOUT_MS)
+    expect(text, "the second line showed before the task printed it").not_to_contain_text(
+        "first after", timeout=TIMEOUT_MS)
+    asked = len(answers)
+
+    gate.touch()  # the task now prints its second line, while the panel is open
+    expect(text, "a line printed while watching did not appear").to_contain_text(
+        "first after", timeout=TIMEOUT_MS)
+    expect(status, "the panel did not notice the item finished").to_contain_text(
+        "Item succeeded", timeout=TIMEOUT_MS)
+    assert text.text_content() == "first before\nfirst after\n", "text repeated or lost"
+    assert text.locator("*").count() == 0, "the log was inserted as HTML"
+    assert len(answers) > asked, "the panel did not poll after it opened"
+    assert all(code == 200 for _, code in answers), answers
+    assert any(re.search(r"[?&]after=[1-9]\d*", url) for url, _ in answers), (
+        f"the panel never asked for only the new text: {answers}")
+    settled = len(answers)
+    page.wait_for_timeout(1500)  # more than one polling interval
+    assert len(answers) == settled, f"the panel kept polling a finished item: {answers}"
+
+    # Closing gives the focus back to the row's button (the row was redrawn meanwhile).
+    dialog.get_by_role("button", name="Close").click()
+    expect(dialog, "the log dialog did not close").to_be_hidden(timeout=TIMEOUT_MS)
+    expect(page.get_by_role("button", name="Log of item 0"),
+           "focus did not return to the Log button").to_be_focused(timeout=TIMEOUT_MS)
+
+    # Each item has its own log; Escape closes the dialog too.
+    page.get_by_role("button", name="Log of item 1").click()
+    other = page.get_by_role("dialog", name="Log of item 1")
+    expect(other.locator("pre"), "item 1's log is wrong").to_have_text(
+        re.compile(r"^second before\nsecond after\n$"), timeout=TIMEOUT_MS)
+    page.keyboard.press("Escape")
+    expect(other, "Escape did not close the log dialog").to_be_hidden(timeout=TIMEOUT_MS)
+
+    # The worker column names the worker that ran each finished item.
+    expect(_state(page), "the job did not finish").to_have_text("succeeded", timeout=TIMEOUT_MS)
+    with s.client() as c:
+        workers = {it["index"]: it["worker"] for it in c.items(job["id"])["items"]}
+    for index in (0, 1):
+        cell = _item_row(page, index).locator("td[data-label=Worker]")
+        expect(cell, f"item {index} shows no worker").to_have_text(WORKER, timeout=TIMEOUT_MS)
+        assert cell.inner_text().strip() == workers[index]
+    expect(page.locator(".items-table thead"), "no Worker heading").to_contain_text(
+        "Worker", timeout=TIMEOUT_MS)
+
+
+def test_item_log_with_a_token_uses_the_session(session: Callable[..., Session]) -> None:
+    s = session(server=f'token = "{TOKEN}"', tasks=LOG_TASKS)
+    name = "<b>bold</b>"
+    with s.client(TOKEN) as c:
+        job = c.submit("chatter", {"name": name, "lines": 2, "delay": 0})
+        odd = c.submit("odd_text")
+        c.wait(job["id"], timeout=30)
+        c.wait(odd["id"], timeout=30)
+    page = s.open(f"/jobs/{job['id']}")
+    page.wait_for_url(re.compile(r"/login\?next="), timeout=TIMEOUT_MS)
+    page.get_by_label("API token").fill(TOKEN)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(re.compile(rf"/jobs/{job['id']}$"), timeout=TIMEOUT_MS)
+    answers = _log_requests(page)
+
+    expect(_item_row(page, 0).locator("td[data-label=Worker]"),
+           "the finished item shows no worker").to_have_text(WORKER, timeout=TIMEOUT_MS)
+    page.get_by_role("button", name="Log of item 0").click()
+    dialog = page.get_by_role("dialog", name="Log of item 0")
+    text = dialog.locator("pre")
+    for line in (f"{name} out 0", f"{name} err 1", f"INFO tests.log_tasks: {name} log 1"):
+        expect(text, f"{line!r} is not in the log panel").to_contain_text(
+            line, timeout=TIMEOUT_MS)
+    expect(dialog.get_by_role("status"), "the panel does not say the item finished"
+           ).to_contain_text("Item succeeded", timeout=TIMEOUT_MS)
+    assert text.locator("*").count() == 0, "the printed markup became HTML"
+
+    # Non-ASCII output arrives as UTF-8 bytes and shows as the characters printed.
+    page.goto(f"{s.server.url}/jobs/{odd['id']}")
+    page.get_by_role("button", name="Log of item 0").click()
+    expect(page.get_by_role("dialog", name="Log of item 0").locator("pre"),
+           "non-ASCII output is garbled").to_have_text(
+        re.compile(r"^naïve ✓\nhalf \\ud800 pair\n$"), timeout=TIMEOUT_MS)
+    assert answers and all(code == 200 for _, code in answers), answers
+    assert TOKEN not in page.content()

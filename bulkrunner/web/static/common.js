@@ -7,6 +7,46 @@ window.bulkrunner = (() => {
   const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
   const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
 
+  const UNREACHABLE = { error: { code: "unreachable",
+    message: "The server cannot be reached. Is bulkrunner still running?", details: {} } };
+
+  /**
+   * fetch() with the page's session cookie; null when the server cannot be reached. A 401
+   * sends the user to log in.
+   */
+  async function send(path, init) {
+    let resp;
+    try {
+      resp = await fetch(path, { ...init, credentials: "same-origin" });
+    } catch (e) {
+      return null;
+    }
+    if (resp.status === 401) {
+      const next = location.pathname + location.search;
+      location.assign("/login?next=" + encodeURIComponent(next));
+    }
+    return resp;
+  }
+
+  /**
+   * GET a plain-text endpoint; resolves to {ok, status, body (ArrayBuffer), headers}, or for
+   * an error to {ok: false, status, error: {message, ...}} as the JSON API gives it.
+   */
+  async function getBytes(path) {
+    const resp = await send(path, { method: "GET", headers: { Accept: "text/plain" },
+                                     cache: "no-store" });
+    if (resp === null) return { ok: false, status: 0, error: UNREACHABLE.error };
+    if (!resp.ok) {
+      let error = { code: "bad_response", message: `The server answered ${resp.status}.` };
+      try {
+        const data = await resp.json();
+        if (data && data.error) error = data.error;
+      } catch (e) { /* not JSON: keep the generic message */ }
+      return { ok: false, status: resp.status, error };
+    }
+    return { ok: true, status: resp.status, body: await resp.arrayBuffer(), headers: resp.headers };
+  }
+
   /** Call the JSON API; resolves to {ok, status, data}. A 401 sends the user to log in. */
   async function api(method, path, body) {
     const headers = { Accept: "application/json" };
@@ -18,17 +58,8 @@ window.bulkrunner = (() => {
       headers["Content-Type"] = "application/json";
       payload = JSON.stringify(body);
     }
-    let resp;
-    try {
-      resp = await fetch(path, { method, headers, body: payload, credentials: "same-origin" });
-    } catch (e) {
-      return { ok: false, status: 0, data: { error: { code: "unreachable",
-        message: "The server cannot be reached. Is bulkrunner still running?", details: {} } } };
-    }
-    if (resp.status === 401) {
-      const next = location.pathname + location.search;
-      location.assign("/login?next=" + encodeURIComponent(next));
-    }
+    const resp = await send(path, { method, headers, body: payload });
+    if (resp === null) return { ok: false, status: 0, data: UNREACHABLE };
     let data = null;
     try {
       data = await resp.json();
@@ -155,16 +186,29 @@ window.bulkrunner = (() => {
       } finally {
         busy = false;
       }
-      if (again) schedule(); else stopped = true;
+      if (again) schedule(); else halt();
     }
     function schedule() { if (!stopped && timer === null) timer = setTimeout(tick, ms); }
-    document.addEventListener("visibilitychange", () => {
+    function onVisible() {
       if (!document.hidden && !stopped && !busy) { clearTimeout(timer); timer = null; tick(); }
-    });
+    }
+    function halt() {
+      stopped = true;
+      clearTimeout(timer);
+      timer = null;
+      document.removeEventListener("visibilitychange", onVisible);
+    }
+    document.addEventListener("visibilitychange", onVisible);
     schedule();
     return {
-      stop() { stopped = true; clearTimeout(timer); timer = null; },
-      now() { stopped = false; clearTimeout(timer); timer = null; if (!busy) tick(); else schedule(); },
+      stop: halt,
+      now() {
+        if (stopped) document.addEventListener("visibilitychange", onVisible);
+        stopped = false;
+        clearTimeout(timer);
+        timer = null;
+        if (!busy) tick(); else schedule();
+      },
     };
   }
 
@@ -178,6 +222,6 @@ window.bulkrunner = (() => {
 
   document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
 
-  return { api, el, jsonText, timeEl, localizeTimes, badge, progress, errorBlock, syncRows,
-           poll, query, STATES, FINISHED };
+  return { api, getBytes, el, jsonText, timeEl, localizeTimes, badge, progress, errorBlock,
+           syncRows, poll, query, STATES, FINISHED };
 })();

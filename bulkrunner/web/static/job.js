@@ -1,10 +1,27 @@
-// The job page: refreshes every second while the job runs; cancel and retry buttons.
+// The job page: refreshes every second while the job runs; cancel and retry buttons; each
+// item's captured output in a dialog that follows it while the item runs.
 "use strict";
 
 (() => {
-  const { api, el, jsonText, badge, progress, timeEl, errorBlock, syncRows, poll, query,
-          STATES, FINISHED } = window.bulkrunner;
+  const { api, getBytes, el, jsonText, badge, progress, timeEl, errorBlock, syncRows, poll,
+          query, STATES, FINISHED } = window.bulkrunner;
   const REFRESH_MS = 1000;
+  const LOG_MS = 1000;
+
+  function logButton(index) {
+    return el("button", { type: "button", class: "secondary small", "data-log-item": index,
+                          "aria-haspopup": "dialog", "aria-label": `Log of item ${index}` },
+              "Log");
+  }
+
+  function workerCell(worker) {
+    return worker ? el("code", { class: "cell" }, worker) : el("span", { class: "muted" }, "—");
+  }
+
+  function byteCount(n) {
+    if (n < 1024) return n === 1 ? "1 byte" : `${n} bytes`;
+    return `${(n / 1024).toFixed(1)} KiB`;
+  }
 
   function itemRow(it) {
     let outcome = "";
@@ -16,10 +33,109 @@
       el("td", { "data-label": "#" }, it.index),
       el("td", { "data-label": "State" }, badge(it.state)),
       el("td", { "data-label": "Attempts" }, it.attempts),
+      el("td", { "data-label": "Worker", class: "worker" }, workerCell(it.worker)),
       el("td", { "data-label": "Params" }, el("code", { class: "cell" }, jsonText(it.params, 200, 0))),
       el("td", { "data-label": "Result", class: "outcome" }, outcome),
       el("td", { "data-label": "Started" }, timeEl(it.started_at)),
-      el("td", { "data-label": "Finished" }, timeEl(it.finished_at)));
+      el("td", { "data-label": "Finished" }, timeEl(it.finished_at)),
+      el("td", { "data-label": "Log" }, logButton(it.index)));
+  }
+
+  /**
+   * The log dialog of job `jobId`: open(index) shows what item `index` printed so far and,
+   * while the item is queued or running, asks for new text every second (from the byte
+   * offset the server gave last) until the item has finished or the dialog is closed.
+   */
+  function logViewer(jobId, tbody) {
+    const dialog = document.getElementById("log");
+    const part = (name) => dialog.querySelector(`[data-log="${name}"]`);
+    const text = part("text");
+    const status = part("status");
+    let view = null;  // the item shown: {index, after, decoder, poller}
+
+    const sizeNote = part("size");
+
+    // The status line is a live region: it changes with the item's state only, while the
+    // byte count beside it (not announced) grows as the log does.
+    function describe(state, size) {
+      if (state === "queued") return "Waiting for the item to start…";
+      if (state === "running") return "Following the log while the item runs";
+      return size ? `Item ${state}` : `Item ${state} · it printed nothing`;
+    }
+
+    function say(message) {
+      if (status.textContent !== message) status.textContent = message;
+    }
+
+    async function more(v) {
+      const path = `/api/v1/jobs/${jobId}/items/${v.index}/log` + query({ after: v.after || "" });
+      const res = await getBytes(path);
+      if (v !== view) return false;  // closed, or showing another item now
+      if (!res.ok) {
+        say(`The log cannot be read: ${res.error.message}`);
+        return res.status === 0 || res.status >= 500;  // try again unless the item is gone
+      }
+      const state = res.headers.get("X-Item-State") || "";
+      const size = Number.parseInt(res.headers.get("X-Log-Size"), 10);
+      const finished = FINISHED.has(state);
+      if (Number.isFinite(size) && size < v.after) {  // not this log any more: start over
+        text.replaceChildren();
+        v.after = 0;
+        v.decoder = new TextDecoder("utf-8");
+        return true;
+      }
+      // Offsets count bytes: a character cut between two answers is completed by the next.
+      const chunk = v.decoder.decode(res.body, { stream: !finished });
+      v.after = Number.isFinite(size) ? size : v.after + res.body.byteLength;
+      if (chunk) {
+        const atEnd = text.scrollHeight - text.scrollTop - text.clientHeight < 32;
+        text.append(chunk);  // text only: the output is never parsed as HTML
+        if (atEnd) text.scrollTop = text.scrollHeight;
+      }
+      say(describe(state, v.after));
+      sizeNote.textContent = v.after ? `· ${byteCount(v.after)}` : "";
+      dialog.dataset.state = state;
+      return !finished;
+    }
+
+    function stop() {
+      if (view) view.poller.stop();
+      view = null;
+    }
+
+    function open(index) {
+      stop();
+      text.replaceChildren();
+      part("index").textContent = index;
+      part("raw").href = `/api/v1/jobs/${jobId}/items/${index}/log`;
+      say("Loading…");
+      sizeNote.textContent = "";
+      delete dialog.dataset.state;
+      const v = { index, after: 0, decoder: new TextDecoder("utf-8"), poller: null };
+      view = v;
+      v.poller = poll(() => more(v), LOG_MS);
+      v.poller.now();
+      if (!dialog.open) dialog.showModal();
+    }
+
+    dialog.addEventListener("close", () => {
+      const index = view ? view.index : null;
+      stop();
+      // The row may have been redrawn while the dialog was open (the browser then leaves
+      // the focus in the closed dialog): focus the row's new button.
+      const active = document.activeElement;
+      if (index !== null && (!active || active === document.body || dialog.contains(active))) {
+        const button = tbody.querySelector(`button[data-log-item="${index}"]`);
+        if (button) button.focus();
+      }
+    });
+    // A click on the backdrop (outside the dialog's box) closes it too.
+    dialog.addEventListener("click", (e) => { if (e.target === dialog) dialog.close(); });
+    tbody.addEventListener("click", (e) => {
+      const button = e.target.closest("button[data-log-item]");
+      if (button) open(Number(button.dataset.logItem));
+    });
+    return { open };
   }
 
   function outcome(job) {
@@ -45,6 +161,7 @@
     const next = document.getElementById("items-next");
     let lastOutcome = null;
     let lastState = null;
+    logViewer(id, tbody);
 
     document.getElementById("items-state").addEventListener("change", (e) => {
       e.target.form.requestSubmit();
