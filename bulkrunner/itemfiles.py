@@ -1,9 +1,10 @@
-"""Read an uploaded items file (CSV or JSON Lines) into item dicts.
+"""Read an uploaded items file (CSV, TSV, JSON Lines or a JSON array) into item dicts.
 
-CSV cells are text, so each is coerced by the task's type hint (``ParamSpec.from_text``);
-JSON Lines values are taken as they are. Rows are numbered as a spreadsheet numbers them:
-the CSV header is row 1, and in JSON Lines row N is line N. A bad row is an
-:class:`InvalidSubmission` naming the row and the field.
+CSV and TSV cells are text, so each is coerced by the task's type hint
+(``ParamSpec.from_text``); JSON values are taken as they are. Rows are numbered as a
+spreadsheet numbers them: the CSV header is row 1, and in JSON Lines row N is line N. In a
+JSON array (the shape most tools export) item N is the array's Nth element, counted from 1.
+A bad row or item is an :class:`InvalidSubmission` naming it and the field.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from bulkrunner.errors import InvalidSubmission
 from bulkrunner.tasks import Task
@@ -19,29 +20,82 @@ from bulkrunner.tasks import Task
 _MAX_ERRORS = 20
 
 
+class ParsedItems(NamedTuple):
+    """The items of a file, where each one is in it, and what those numbers count."""
+
+    items: list[dict[str, Any]]
+    rows: list[int]
+    #: "row" (a CSV, TSV or JSON Lines row) or "item" (an element of a JSON array).
+    unit: str = "row"
+
+
 def detect_format(filename: str | None, content_type: str | None, data: bytes) -> str:
-    """'csv' or 'jsonl', by file extension, then content type, then the first character."""
+    """'csv', 'tsv', 'jsonl' or 'json' (an array, or JSON Lines: told apart by the content),
+    by file extension, then content type, then the first character."""
     name = (filename or "").lower()
-    if name.endswith(".csv") or name.endswith(".tsv"):
+    if name.endswith(".csv"):
         return "csv"
-    if name.endswith((".jsonl", ".ndjson", ".json")):
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
+    if name.endswith(".json"):
+        return "json"
     ct = (content_type or "").lower()
+    if "tab-separated" in ct:
+        return "tsv"
     if "csv" in ct:
         return "csv"
-    if "json" in ct:
+    if "ndjson" in ct or "jsonl" in ct:
         return "jsonl"
-    return "jsonl" if data.lstrip()[:1] == b"{" else "csv"
+    if "json" in ct:
+        return "json"
+    first = data.lstrip()[:1]
+    return "jsonl" if first == b"{" else "json" if first == b"[" else "csv"
 
 
-def parse_items(data: bytes, fmt: str, task: Task) -> tuple[list[dict[str, Any]], list[int]]:
-    """Items and their row numbers from a CSV or JSON Lines file."""
+def parse_items(data: bytes, fmt: str, task: Task) -> ParsedItems:
+    """Items and where each is in the file, from a file in format ``fmt`` (see
+    :func:`detect_format`)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InvalidSubmission({"items": f"the file is not UTF-8 text (byte {e.start}); "
                                           "save it as UTF-8"}) from None
-    return _parse_csv(text, task) if fmt == "csv" else _parse_jsonl(text)
+    if fmt in ("csv", "tsv"):
+        return ParsedItems(*_parse_csv(text, task, "\t" if fmt == "tsv" else ","))
+    if fmt == "json":
+        return _parse_json(text)
+    return ParsedItems(*_parse_jsonl(text))
+
+
+def _parse_json(text: str) -> ParsedItems:
+    """A ``.json`` file: one JSON array of item objects, one object, or JSON Lines."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidSubmission({"items": "is nested too deeply to read"}) from None
+    except ValueError as e:
+        if text.lstrip()[:1] == "[":
+            raise InvalidSubmission({"items": f"is not a valid JSON array ({e})"}) from None
+        return ParsedItems(*_parse_jsonl(text))  # several lines of one object each
+    if isinstance(value, dict):
+        return ParsedItems([value], [1])
+    if not isinstance(value, list):
+        raise InvalidSubmission({"items": "a .json file holds an array of objects, one per "
+                                          "item (or JSON Lines: one object per line)"})
+    items, rows, bad = [], [], {}
+    for n, element in enumerate(value, start=1):
+        if isinstance(element, dict):
+            items.append(element)
+            rows.append(n)
+        else:
+            bad[f"item {n}"] = "must be a JSON object of param names to values"
+            if len(bad) >= _MAX_ERRORS:
+                break
+    if bad:
+        raise InvalidSubmission(bad, item=_first_row(bad))
+    return ParsedItems(items, rows, "item")
 
 
 def _parse_jsonl(text: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -66,15 +120,17 @@ def _parse_jsonl(text: str) -> tuple[list[dict[str, Any]], list[int]]:
     return items, rows
 
 
-def _parse_csv(text: str, task: Task) -> tuple[list[dict[str, Any]], list[int]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _parse_csv(text: str, task: Task, delimiter: str = ","
+               ) -> tuple[list[dict[str, Any]], list[int]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    kind = "TSV" if delimiter == "\t" else "CSV"
     try:
         header = next(reader)
     except StopIteration:
-        raise InvalidSubmission({"items": "the CSV file is empty; its first row names the "
+        raise InvalidSubmission({"items": f"the {kind} file is empty; its first row names the "
                                           "params"}) from None
     except csv.Error as e:
-        raise InvalidSubmission({"row 1": f"is not valid CSV ({e})"}, row=1) from None
+        raise InvalidSubmission({"row 1": f"is not valid {kind} ({e})"}, row=1) from None
     header = [h.strip() for h in header]
     specs = {p.name: p for p in task.params}
     problems = {}
@@ -115,7 +171,7 @@ def _parse_csv(text: str, task: Task) -> tuple[list[dict[str, Any]], list[int]]:
             if len(bad) >= _MAX_ERRORS:
                 break
     except csv.Error as e:
-        bad[f"row {n}"] = f"is not valid CSV ({e})"
+        bad[f"row {n}"] = f"is not valid {kind} ({e})"
     if bad:
         raise InvalidSubmission(bad, row=_first_row(bad))
     return items, rows

@@ -83,11 +83,11 @@ class Service:
 
     # ------------------------------------------------------------------ submit
     def submit(self, body: Any, *, items: Sequence[Mapping[str, Any]] | None = None,
-               rows: Sequence[int] | None = None) -> tuple[Job, bool]:
+               rows: Sequence[int] | None = None, unit: str = "row") -> tuple[Job, bool]:
         """Validate and commit a submission. Returns (job, created).
 
-        ``items`` (with their file ``rows`` for messages) come from an uploaded file, and
-        replace ``body["items"]``.
+        ``items`` (with where they are in the file, ``rows`` numbered in ``unit``s, for
+        messages) come from an uploaded file, and replace ``body["items"]``.
         """
         if self.draining:
             raise ShuttingDown("the server is shutting down; submit again once it is back",
@@ -127,7 +127,7 @@ class Service:
         if fields:
             raise InvalidSubmission(fields)
 
-        encoded_items = self._check_params(task, params, items, rows)
+        encoded_items = self._check_params(task, params, items, rows, unit)
         body_hash = None
         if key is not None:
             canon = dict(body, items=list(items) if items is not None else None)
@@ -157,7 +157,7 @@ class Service:
 
     def _check_params(self, task: Task, params: dict[str, Any],
                       items: Sequence[Any] | None,
-                      rows: Sequence[int] | None) -> list[str | None]:
+                      rows: Sequence[int] | None, unit: str = "row") -> list[str | None]:
         """Check job params and every item; return the items' JSON overlays."""
         max_size = self.cfg.jobs.max_param_size
         text = _strict_dumps(params)
@@ -184,7 +184,7 @@ class Service:
         bad: dict[str, str] = {}
         first_row: int | None = None
         for i, item in enumerate(items):
-            label = f"items[{i}]" if rows is None else f"row {rows[i]}"
+            label = f"items[{i}]" if rows is None else f"{unit} {rows[i]}"
             if not isinstance(item, dict):
                 bad[label] = "must be an object of param names to values"
             else:
@@ -212,6 +212,8 @@ class Service:
             if len(bad) >= _MAX_ITEM_ERRORS:
                 break
         if bad:
+            if rows is not None and unit == "item":
+                raise InvalidSubmission(bad, item=first_row)
             if rows is not None:
                 raise InvalidSubmission(bad, row=first_row)
             raise InvalidSubmission(bad, index=first_row)
@@ -219,14 +221,15 @@ class Service:
 
     def submit_upload(self, form: Mapping[str, str], data: bytes, filename: str | None,
                       content_type: str | None) -> tuple[Job, bool]:
-        """Submit with items from an uploaded CSV or JSON Lines file."""
+        """Submit with items from an uploaded CSV, TSV, JSON Lines or JSON array file."""
         body = form_to_body(form)
         task = self.registry.get(body.get("task"))
         fmt = detect_format(filename, content_type, data)
-        items, rows = parse_items(data, fmt, task)
-        if not items:
-            raise InvalidSubmission({"items": "the file has no rows after the header"})
-        return self.submit(body, items=items, rows=rows)
+        parsed = parse_items(data, fmt, task)
+        if not parsed.items:
+            raise InvalidSubmission({"items": "the file holds no items" if fmt.startswith(
+                "json") else "the file has no rows after the header"})
+        return self.submit(body, items=parsed.items, rows=parsed.rows, unit=parsed.unit)
 
     # ------------------------------------------------------------------ read and act
     def get(self, ident: str) -> Job:
