@@ -84,6 +84,9 @@ def handles_errors(f: F) -> F:
         except ServerUnreachable as e:
             _fail(e.message, EXIT_UNREACHABLE)
         except ApiError as e:
+            if e.status >= 500:
+                # Busy, shutting down or broken: the server, not the input, is the problem.
+                _fail(f"the server cannot take this now: {e.message}", EXIT_UNREACHABLE)
             fields = e.details.get("fields") if isinstance(e.details, dict) else None
             msg = e.message
             if isinstance(fields, dict) and len(fields) > 1:
@@ -139,10 +142,9 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
             server={"host": host, "port": port},
             executor={"type": executor, "max_workers": max_workers},
             store={"path": db})
-        code = run_server(cfg, log_level=log_level, log_format=log_format)
+        run_server(cfg, log_level=log_level, log_format=log_format)
     except ConfigError as e:
         _fail(e.message, EXIT_USAGE)
-    sys.exit(code)
 
 
 # --------------------------------------------------------------------------- submit
@@ -343,9 +345,13 @@ def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
                 f = open(output, "wb")  # noqa: SIM115 (closed below; open errors are input errors)
             except OSError as e:
                 _fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
-            with f:
-                for chunk in download:
-                    f.write(chunk)
+            try:
+                with f:
+                    for chunk in download:
+                        f.write(chunk)
+            except BaseException:
+                Path(output).unlink(missing_ok=True)  # no half file that looks complete
+                raise
         else:
             out = click.get_binary_stream("stdout")
             for chunk in download:

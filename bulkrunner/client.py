@@ -77,14 +77,18 @@ class Client:
             headers["Content-Type"] = content_type
         for attempt in (1, 2):
             conn = self._connection()
+            sent = False
             try:
                 conn.request(method, self._prefix + path, body=body, headers=headers)
+                sent = True
                 resp = conn.getresponse()
                 break
             except (ConnectionRefusedError, OSError, http.client.HTTPException) as e:
                 self.close()
-                # A kept-alive connection the server has since closed: try once more.
-                if attempt == 2 or isinstance(e, (ConnectionRefusedError, TimeoutError)):
+                # A kept-alive connection the server has since closed: try once more. A POST
+                # that was sent may have been acted on, so it is never sent twice.
+                if (attempt == 2 or isinstance(e, (ConnectionRefusedError, TimeoutError))
+                        or (sent and method not in ("GET", "HEAD"))):
                     reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
                     raise ServerUnreachable(
                         f"cannot reach the bulkrunner server at {self.url} ({reason}); "
@@ -225,9 +229,14 @@ class Download:
         self._chunk_size = chunk_size
 
     def __iter__(self) -> Iterator[bytes]:
+        got = 0
         try:
             while chunk := self._resp.read(self._chunk_size):
+                got += len(chunk)
                 yield chunk
+        except (OSError, http.client.HTTPException) as e:
+            raise ServerUnreachable(f"the download was cut off after {got} bytes ({e!r}); "
+                                    "run it again") from None
         finally:
             self._resp.close()
 

@@ -33,7 +33,7 @@ class ServerConfig:
     threads: int = 8
     token: str = ""
     token_file: str = ""
-    max_body_size: int = 64 * 1024 * 1024
+    max_body_size: int = 32 * 1024 * 1024
     connection_limit: int = 200
     shutdown_grace: float = 10.0
 
@@ -59,7 +59,7 @@ class JobsConfig:
     max_attempts: int = 1
     timeout: float = 0.0
     max_queued: int = 1_000_000
-    max_items: int = 1_000_000
+    max_items: int = 100_000
     max_param_size: int = 1024 * 1024
     max_result_size: int = 1024 * 1024
     retry_backoff: float = 1.0
@@ -276,6 +276,10 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.jobs.max_queued >= 1, "jobs.max_queued", "must be at least 1")
     need(cfg.jobs.max_items >= 1, "jobs.max_items", "must be at least 1")
     need(cfg.jobs.retry_backoff >= 0, "jobs.retry_backoff", "must be 0 or more seconds")
+    need(cfg.jobs.retry_backoff_max >= cfg.jobs.retry_backoff, "jobs.retry_backoff_max",
+         "must be at least jobs.retry_backoff")
+    need(cfg.jobs.max_param_size >= 2, "jobs.max_param_size", "must be at least 2 bytes")
+    need(cfg.jobs.max_result_size >= 4, "jobs.max_result_size", "must be at least 4 bytes")
     need(cfg.jobs.max_log_size >= 0, "jobs.max_log_size",
          "must be 0 (capture nothing) or more bytes")
     for name in ("succeeded", "failed", "cancelled"):

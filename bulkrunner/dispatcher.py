@@ -33,10 +33,12 @@ Observer = Callable[[str, dict[str, Any]], None]
 _PROGRESS_FLUSH = 0.5      # seconds between progress writes
 # Claim-ahead for very short items on the thread executor: each dispatcher turn is a
 # transaction, and with only max_workers items per turn the workers would wait on it. Only
-# while recent items took under _SHORT_ITEM seconds, so an item claimed ahead waits a few
-# milliseconds at most, as "running", for a thread.
+# while recent items took under _SHORT_ITEM seconds; and an item claimed ahead that has not
+# found a thread within _GIVE_BACK seconds (a long item came along) goes back to the queue
+# without spending an attempt, so "running" is never more than a few milliseconds untrue.
 _SHORT_ITEM = 0.005
 _CLAIM_AHEAD = 16
+_GIVE_BACK = 0.02
 _IDLE_POLL = 0.5           # seconds between looks at the queue when nothing wakes us
 
 
@@ -58,7 +60,9 @@ class Dispatcher:
         self._avg_duration: float | None = None
         self._timed_out: set[Future[Outcome]] = set()
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
-        self._aborts: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
+        #: Outcomes not yet recorded; kept until the store has them (a failed write retries).
+        self._unrecorded: list[Finish] = []
         self._progress: dict[tuple[int, int], tuple[float | None, str | None]] = {}
         self._progress_lock = threading.Lock()
         #: Captured output waiting to be written: (job_seq, index, claim) -> chunks.
@@ -66,6 +70,9 @@ class Dispatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.draining = False
+        self._drain_lock = threading.Lock()
+        self._hurry = threading.Event()
+        self._drained = False
         self._thread: threading.Thread | None = None
         self._backoff = backoff_delay(cfg.jobs.retry_backoff, cfg.jobs.retry_backoff_max)
         #: time.time() when the earliest retry we scheduled is due (its backoff has passed).
@@ -101,8 +108,9 @@ class Dispatcher:
         if len(self._inflight) < self._capacity():
             self._wake.set()
 
-    def abort(self, keys: list[tuple[int, int]]) -> None:
-        """Stop the running attempts of these items (their state is already recorded)."""
+    def abort(self, keys: list[tuple[int, int, int]]) -> None:
+        """Stop these running attempts, named (job_seq, index, claim): their state is
+        already recorded. The claim keeps a later attempt of the same item safe."""
         for k in keys:
             self._aborts.put(k)
         self._wake.set()
@@ -113,12 +121,30 @@ class Dispatcher:
 
     def drain(self, grace: float) -> None:
         """Stop claiming, give running items ``grace`` seconds, then stop the executor and
-        put what is still running back in the queue for the next start."""
+        put what is still running back in the queue for the next start.
+
+        Safe to call twice: a second call (a second Ctrl-C) cuts the first one's grace short
+        and returns once it is done.
+        """
         self.draining = True
         self._wake.set()
-        deadline = time.monotonic() + grace
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if not self._drain_lock.acquire(blocking=False):
+            self._hurry.set()
+            with self._drain_lock:
+                return
+        try:
+            if self._drained:
+                return
+            deadline = time.monotonic() + grace
+            while (self._inflight and time.monotonic() < deadline
+                   and not self._hurry.is_set()):
+                time.sleep(0.05)
+            self._shut_down()
+            self._drained = True
+        finally:
+            self._drain_lock.release()
+
+    def _shut_down(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -154,12 +180,26 @@ class Dispatcher:
                if u.deadline is not None and f not in self._timed_out]
         if self._retry_due is not None:
             due.append(self._retry_due)
+        if len(self._inflight) > self.max_workers:  # some claimed ahead: see _give_back
+            due.append(now + _GIVE_BACK)
         if due:
             return max(0.0, min(min(due) - now, _IDLE_POLL))
         return _IDLE_POLL
 
+    def _give_back(self) -> None:
+        """Return items claimed ahead that still wait for a thread after _GIVE_BACK."""
+        if len(self._inflight) <= self.max_workers:
+            return
+        now = time.monotonic()
+        waiting = [f for f in self._inflight if not f.running() and not f.done()]
+        if any(now - self._submitted.get(f, now) > _GIVE_BACK for f in waiting):
+            self._avg_duration = None  # no more claim-ahead until items are short again
+            for f in waiting:
+                f.cancel()  # its callback re-queues the item, free of charge
+
     def _turn(self, claim: bool = True) -> None:
-        finishes: list[Finish] = []
+        self._give_back()
+        finishes, self._unrecorded = self._unrecorded, []
         while True:
             try:
                 fut = self._done.get_nowait()
@@ -169,8 +209,9 @@ class Dispatcher:
             if unit is None:
                 continue
             took = time.monotonic() - self._submitted.pop(fut, time.monotonic())
-            avg = self._avg_duration
-            self._avg_duration = took if avg is None else 0.8 * avg + 0.2 * took
+            if not fut.cancelled():
+                avg = self._avg_duration
+                self._avg_duration = took if avg is None else 0.8 * avg + 0.2 * took
             if fut in self._timed_out:
                 self._timed_out.discard(fut)
                 continue
@@ -186,15 +227,26 @@ class Dispatcher:
                 free = 0
         if not finishes and free <= 0:
             return
-        if finishes:
-            self._flush_logs()  # an item's log is complete once its end is recorded
         states: list[str] = []
-        # Outcomes and the next claim share one transaction: one commit per turn.
-        claimed = self.store.turn(finishes, free, self._backoff_noted, states=states)
+        try:
+            if finishes:
+                # An item's progress and log are complete once its end is recorded.
+                self._flush_progress()
+            # Outcomes and the next claim share one transaction: one commit per turn.
+            claimed = self.store.turn(finishes, free, self._backoff_noted, states=states)
+        except BaseException:
+            self._unrecorded = finishes + self._unrecorded  # recorded on the next turn
+            self._wake.set()
+            raise
         if finishes:
             self._emit("finished", {"finishes": finishes, "states": states})
         for c in claimed:
-            self._submit(c)
+            try:
+                self._submit(c)
+            except Exception:  # one item's trouble must not strand the rest of the claim
+                log.exception("could not start item %s of job %s; it goes back to the queue",
+                              c.index, c.job_id)
+                self._unrecorded.append(Finish(c.job_seq, c.index, c.claim, charge=False))
 
     def _submit(self, c: Claimed) -> None:
         assert self.executor is not None
@@ -288,7 +340,7 @@ class Dispatcher:
         if not keys or self.executor is None:
             return
         for fut, unit in list(self._inflight.items()):
-            if unit.key in keys:
+            if (unit.job_seq, unit.index, unit.claim) in keys:
                 # The item is already recorded as cancelled; drop whatever comes back.
                 self._timed_out.add(fut)
                 self.executor.abort(unit)

@@ -12,11 +12,13 @@ import _thread
 import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
+from logging.handlers import QueueHandler, QueueListener
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import bulkrunner.capture as capture
 from bulkrunner.config import Config
@@ -38,25 +40,36 @@ class JsonFormatter(logging.Formatter):
             out["job_id"] = job_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted already by the QueueHandler
+            out["exc"] = record.exc_text
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
+def setup_logging(level: str = "info", fmt: str = "text") -> QueueListener:
     """Lines on stderr, plain or JSON (``fmt="json"``); waitress's queue-depth warnings
-    are rate-limited away. A task's own log records go to its item's log, not here."""
+    are rate-limited away. A task's own log records go to its item's log, not here.
+
+    Records are written by a listener thread, so a slow or unread stderr delays log lines,
+    never a request or a commit. Stop the returned listener to flush it.
+    """
     handler = logging.StreamHandler(capture.real_stream(sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter(capture.LOG_FORMAT))
-    handler.addFilter(capture.outside_items)
-    handler.setLevel(level.upper())
+    queued = QueueHandler(queue.SimpleQueue())
+    queued.addFilter(capture.outside_items)  # decided on the thread that logs
+    queued.setLevel(level.upper())
+    listener = QueueListener(queued.queue, handler)
+    listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [queued]
+    handler.setLevel(queued.level)
     # The root level gates what tasks log too: let INFO through to their item logs even
     # when the server's own log is quieter (the handler's level filters that).
     root.setLevel(min(logging.INFO, handler.level))
     logging.captureWarnings(True)
     # Under load it writes thousands of lines a second; an unread stderr then blocks us.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    return listener
 
 
 def _answer_errors_in_json(server: Any, max_body_size: int) -> None:
@@ -95,9 +108,25 @@ def _answer_errors_in_json(server: Any, max_body_size: int) -> None:
     server.channel_class = JsonErrorChannel  # read when each connection is accepted
 
 
-def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text") -> int:
-    """Serve until stopped; returns the exit code."""
-    setup_logging(log_level, log_format)
+def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text") -> NoReturn:
+    """Serve until stopped, then exit the process (0 after a clean stop).
+
+    Raises:
+        ConfigError: the server cannot start (the CLI prints it and exits 2).
+    """
+    listener = setup_logging(log_level, log_format)
+    try:
+        code = _serve(cfg, log_level)
+    finally:
+        listener.stop()  # writes out every queued log line
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Task threads cannot be killed and the interpreter would wait for them at exit; their
+    # items are already back in the queue, so leave now.
+    os._exit(code)
+
+
+def _serve(cfg: Config, log_level: str) -> int:
     if not cfg.server.is_loopback and not cfg.server.token:
         raise ConfigError(
             f"refusing to serve on {cfg.server.host} without a token: anyone who can reach "
@@ -129,9 +158,11 @@ def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text"
     _answer_errors_in_json(server, cfg.server.max_body_size)
     port = server.effective_port  # type: ignore[union-attr]
     host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
-    log.info("bulkrunner serving on http://%s:%s (executor %s, %d workers, database %s)",
-             host, port, cfg.executor.type, cfg.executor.max_workers,
-             os.path.abspath(cfg.store.path))
+    # Logged at WARNING when the log is quieter than INFO: tools read the URL from this line.
+    log.log(max(logging.INFO, logging.getLevelName(log_level.upper())),
+            "bulkrunner serving on http://%s:%s (executor %s, %d workers, database %s)",
+            host, port, cfg.executor.type, cfg.executor.max_workers,
+            os.path.abspath(cfg.store.path))
 
     stopping = threading.Event()
     drained = threading.Event()
@@ -169,9 +200,4 @@ def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text"
         svc.pruner.stop()
         svc.store.close()
         log.info("bulkrunner stopped")
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Task threads cannot be killed and the interpreter would wait for them at exit; their
-    # items are already back in the queue, so leave now.
-    os._exit(0)
+    return 0

@@ -59,3 +59,24 @@ def test_cancel_reaches_items_claimed_ahead(app_factory: Any) -> None:
     disp = app.extensions["bulkrunner"].dispatcher
     wait_for(lambda: disp.inflight == 0, 30, "claimed-ahead items did not come back")
     assert _job(client, job_id)["items"]["cancelled"] == j["items"]["cancelled"]
+
+
+def test_items_claimed_ahead_go_back_when_a_long_item_holds_the_thread(
+        app_factory: Any) -> None:
+    app = app_factory(max_workers=1)
+    client = app.test_client()
+    warm = client.post("/api/v1/jobs", json={"task": "noop", "items": [{}] * 200}).json["id"]
+    wait_for(lambda: _job(client, warm)["state"] == "succeeded", 30, "warm-up did not finish")
+    disp = app.extensions["bulkrunner"].dispatcher
+    assert disp._capacity() > 1, "claim-ahead should be on after short items"
+    long_id = client.post("/api/v1/jobs", json={"task": "stubborn",
+                                                "params": {"seconds": 1.5}}).json["id"]
+    after = client.post("/api/v1/jobs", json={"task": "noop", "items": [{}] * 5}).json["id"]
+    wait_for(lambda: _job(client, long_id)["state"] == "running", 10, "long item not started")
+    # Whatever was claimed ahead behind the long item goes back within a few turns.
+    wait_for(lambda: _job(client, after)["items"]["running"] == 0, 1.0,
+             "items claimed ahead stayed 'running' behind a long item")
+    assert _job(client, long_id)["state"] == "running"
+    wait_for(lambda: _job(client, after)["state"] == "succeeded", 30, "later items never ran")
+    items = client.get(f"/api/v1/jobs/{after}/items").json["items"]
+    assert all(it["attempts"] == 1 for it in items)

@@ -121,7 +121,7 @@ def test_cancel_and_retry(store: Store) -> None:
     job, _ = store.insert_job(new(3))
     running = store.claim(1)
     j, keys = store.cancel_job(job.id)
-    assert keys == [(running[0].job_seq, 0)]
+    assert keys == [(running[0].job_seq, 0, running[0].claim)]
     assert j.state is State.CANCELLED and j.counts["cancelled"] == 3
     assert store.queued == 0
     with pytest.raises(JobFinished):

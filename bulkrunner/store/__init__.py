@@ -349,19 +349,24 @@ class Store:
         rows = rows[:limit]
         return [self._job_from_row(r) for r in rows], (rows[-1][0] if more else None)
 
-    def cancel_job(self, ident: str) -> tuple[Job, list[tuple[int, int]]]:
-        """Cancel every unfinished item; returns the job and the keys of items that were
-        running (for the dispatcher to stop). 409 when the job has already finished."""
+    def cancel_job(self, ident: str) -> tuple[Job, list[tuple[int, int, int]]]:
+        """Cancel every unfinished item; returns the job and (job_seq, index, claim) of the
+        attempts that were running (for the dispatcher to stop). 409 when the job has
+        already finished."""
         seq = self.resolve_id(ident)
 
-        def op(tx: Tx) -> list[tuple[int, int]]:
+        def op(tx: Tx) -> list[tuple[int, int, int]]:
             c = tx.conn
-            state = c.execute("SELECT state FROM jobs WHERE seq = ?", (seq,)).fetchone()[0]
+            row = c.execute("SELECT state FROM jobs WHERE seq = ?", (seq,)).fetchone()
+            if row is None:  # deleted by retention since its id was resolved
+                raise NotFound(f"no job with id {ident!r}", {"id": ident})
+            state = row[0]
             if State(state).finished:
                 raise JobFinished(f"the job has already finished ({state}); nothing to cancel",
                                   {"state": state})
-            running = [(seq, r[0]) for r in c.execute(
-                "SELECT idx FROM items WHERE job_seq = ? AND state = 'running'", (seq,))]
+            running = [(seq, r[0], r[1]) for r in c.execute(
+                "SELECT idx, claim FROM items WHERE job_seq = ? AND state = 'running'",
+                (seq,))]
             err = json.dumps({"type": "Cancelled", "message": "cancelled by request",
                               "traceback": ""})
             n_q = c.execute("UPDATE items SET state = 'cancelled', finished_at = ? "
