@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
@@ -129,3 +130,20 @@ def test_cli_sends_the_token_from_the_environment(serve: Any, tmp_path: Path) ->
                        env={"BULKRUNNER_TOKEN": TOKEN})
     assert ok.exit_code == 0, ok.output
     assert TOKEN not in server.log()
+
+
+@pytest.mark.parametrize("target", ["/\t/evil.example", "/\n/evil.example", "//evil.example",
+                                    "https://evil.example/", "/\\evil.example",
+                                    "/%0a/evil.example", "javascript:alert(1)"])
+def test_login_never_redirects_off_site(secured: Any, target: str) -> None:
+    client = secured.test_client()
+    for resp in (client.get("/login", query_string={"next": target}),
+                 client.post("/login", data={"token": TOKEN, "next": target},
+                             headers={"Origin": "http://localhost"})):
+        assert resp.status_code in (200, 302), resp.status_code
+        location = resp.headers.get("Location", "")
+        # What a browser makes of it (it drops tabs and newlines first): this site only.
+        cleaned = "".join(ch for ch in location if ch not in "\t\r\n")
+        parts = urlsplit(cleaned)
+        assert not parts.scheme and not parts.netloc, location
+        assert not cleaned.startswith("//") and "\\" not in cleaned, location

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
@@ -73,7 +74,12 @@ def _globals() -> dict[str, Any]:
 def _local_path(raw: str | None = None) -> str:
     """A same-site path to return to after login (never another host)."""
     path = request.full_path.rstrip("?") if raw is None else raw
-    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+    # Browsers drop tabs and newlines from URLs ("/\t/evil.com" becomes "//evil.com"), and
+    # a newline in a Location header is an error: refuse anything but a plain local path.
+    parts = urlsplit(path)
+    if (not path.startswith("/") or path.startswith("//") or "\\" in path
+            or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in path)
+            or parts.scheme or parts.netloc):
         return url_for("web.jobs")
     return path
 
