@@ -382,24 +382,31 @@ def _csv_cell(v: Any) -> str:
 
 
 def _csv_rows(items: Iterator[Item], names: list[str]) -> Iterator[str]:
+    """CSV text of ``items``, a chunk at a time: a column for each declared param
+    (``names``), then one ``params`` column holding every other param as a JSON object.
+
+    The header comes from the task's signature, never from the items: a task taking
+    ``**kwargs`` gets different params in each item, and a job may hold params its task no
+    longer declares; none of them is dropped.
+    """
+    extra = "params"
+    while extra in names:  # a task may declare a param called "params"
+        extra = "_" + extra
+    declared = set(names)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    header_written = False
+    w.writerow(["index", "state", "attempts", *names, extra, "result", "error"])
     for it in items:
-        if not header_written:
-            names = names or sorted(it.params)
-            w.writerow(["index", "state", "attempts", *names, "result", "error"])
-            header_written = True
         err = it.error
+        others = {k: v for k, v in it.params.items() if k not in declared}
         w.writerow([it.index, it.state.value, it.attempts,
-                    *(_csv_cell(it.params.get(n)) for n in names), _csv_cell(it.result),
+                    *(_csv_cell(it.params.get(n)) for n in names),
+                    json.dumps(others) if others else "", _csv_cell(it.result),
                     f"{err.get('type')}: {err.get('message')}" if err else ""])
         if buf.tell() > 64 * 1024:
             yield _encodable(buf.getvalue())
             buf.seek(0)
             buf.truncate()
-    if not header_written:
-        w.writerow(["index", "state", "attempts", *names, "result", "error"])
     yield _encodable(buf.getvalue())
 
 
