@@ -4,9 +4,11 @@ their items and logs, so the database does not grow without bound.
 :class:`Pruner` does it every ``retention.interval`` on a thread of its own, and on demand
 (``POST /api/v1/prune``, ``bulkrunner prune``). Deletion goes in small steps through the
 store's writer (:meth:`~bulkrunner.store.Store.prune_step`), so submissions and the
-dispatcher's bookkeeping wait a few milliseconds at most. SQLite reuses the freed pages for
-new rows; the file does not shrink, and no VACUUM is run (it would lock the database for as
-long as it copies the whole file).
+dispatcher's bookkeeping wait a few milliseconds at most. A big job is taken away in the
+first step (no read finds it from then on) and its rows follow; a job left half-deleted by a
+stop is finished at the next start, even with every age set to 0. SQLite reuses the freed
+pages for new rows; the file does not shrink, and no VACUUM is run (it would lock the
+database for as long as it copies the whole file).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class Pruner:
 
     def start(self) -> None:
         """Prune at once, then every ``retention.interval`` seconds, until :meth:`stop`."""
-        if not cutoffs(self.cfg, time.time()):
-            return  # everything is kept forever
+        if not cutoffs(self.cfg, time.time()) and not self.store.reaping():
+            return  # everything is kept forever, and no deletion was left half done
         self._thread = threading.Thread(target=self._loop, name="bulkrunner-retention",
                                         daemon=True)
         self._thread.start()
@@ -61,6 +63,9 @@ class Pruner:
         out: dict[str, Any] = {"dry_run": dry_run, "jobs": dict.fromkeys(PRUNED_STATES, 0),
                                "items": dict.fromkeys(PRUNED_STATES, 0)}
         with self._lock:
+            # First what a stopped server left half-deleted (it no longer counts anywhere).
+            while not dry_run and not self._stop.is_set() and self.store.reap_step():
+                pass
             for state, before in cutoffs(self.cfg, time.time()).items():
                 if dry_run:
                     out["jobs"][state], out["items"][state] = self.store.prunable(state, before)
@@ -83,4 +88,7 @@ class Pruner:
                 self.run()
             except Exception:  # background code logs and carries on
                 log.exception("retention: pruning failed; trying again later")
+            else:
+                if not cutoffs(self.cfg, time.time()):
+                    return  # it ran only to finish a deletion left half done
             self._stop.wait(self.cfg.interval)

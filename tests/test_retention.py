@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,8 +17,8 @@ import pytest
 from flask import Flask
 
 from bulkrunner.config import RetentionConfig, config_from_dict
-from bulkrunner.errors import ConfigError
-from bulkrunner.models import State
+from bulkrunner.errors import ConfigError, NotFound
+from bulkrunner.models import STATES, State
 from bulkrunner.retention import Pruner
 from bulkrunner.store import Finish, NewJob, Store
 from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
@@ -116,15 +117,18 @@ def test_a_big_job_goes_in_small_steps(store: Store) -> None:
     big = make_job(store, "succeeded", n=250, age=2 * DAY)
     small = make_job(store, "succeeded", n=2, age=3 * DAY)
     before = time.time() - DAY
-    # The older, small job first; then the big one a budget of rows at a time.
+    # The older, small job first; then the big one is taken away at once, and its 500
+    # rows (250 items, 250 logs) follow a budget at a time.
     assert store.prune_step("succeeded", before, budget=100) == (1, 2, True)
+    assert store.prune_step("succeeded", before, budget=100) == (1, 250, True)
+    assert not exists(store, big) and rows(store, "items") == 250
     steps = []
     while True:
         step = store.prune_step("succeeded", before, budget=100)
         steps.append(step)
         if not step[2]:
             break
-    assert steps == [(0, 0, True), (0, 0, True), (1, 250, True), (0, 0, False)]
+    assert steps == [(0, 0, True)] * 5 + [(0, 0, False)]
     assert not exists(store, big) and not exists(store, small)
     assert rows(store, "items") == 0 and rows(store, "logs") == 0
 
@@ -213,3 +217,129 @@ def test_prune_command(serve: Callable[..., ServerProcess], tmp_path: Path) -> N
     out = cli("prune", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["jobs"]["succeeded"] == 1
     assert cli("status", old).returncode == 2  # 404: gone
+
+
+# --------------------------------------------------------------------------- prune vs. readers
+def test_a_job_being_pruned_is_gone_at_once_and_its_counts_with_it(store: Store) -> None:
+    # The reviewer's repro: one budget of a 3,000-item job deleted, then a retry. The job
+    # used to stay with all its counts and a retry re-queued what was left of it.
+    ident = make_job(store, "failed", n=3000, age=40 * DAY)
+    seq = store.job_seq(ident)
+    store.prune_step("failed", time.time() - 30 * DAY, budget=2000)
+    assert rows(store, "items") > 0  # its rows go later, in steps
+    for act in (store.get_job, store.retry_job, store.cancel_job, store.list_items,
+                store.iter_items):
+        with pytest.raises(NotFound):
+            act(ident)
+    with pytest.raises(NotFound):
+        store._items(seq, limit=10, after=None)
+    assert store.list_jobs()[0] == []
+    assert store.stats() == dict.fromkeys(STATES, 0)
+    assert store.counts_by_task().get("t", dict.fromkeys(STATES, 0)) == dict.fromkeys(STATES, 0)
+    store.append_logs({(seq, 0, 1): "late output\n"})  # a straggler's log is dropped
+    assert store.prunable("failed", time.time() - 30 * DAY) == (0, 0)
+    while store.prune_step("failed", time.time() - 30 * DAY, budget=2000)[2]:
+        pass
+    assert rows(store, "jobs") == rows(store, "items") == rows(store, "logs") == 0
+    assert store.stats() == dict.fromkeys(STATES, 0)
+
+
+def test_a_prune_cut_short_is_finished_after_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "t.db")
+    store = Store(path)
+    ident = make_job(store, "succeeded", n=2500, age=2 * DAY)
+    kept = make_job(store, "failed", n=2)
+    store.prune_step("succeeded", time.time() - DAY, budget=1000)  # taken away
+    store.prune_step("succeeded", time.time() - DAY, budget=1000)  # a first slice deleted
+    store.close()  # the server stops mid-prune
+    store = Store(path)
+    try:
+        assert not exists(store, ident) and exists(store, kept)
+        assert store.stats() == {**dict.fromkeys(STATES, 0), "failed": 2}
+        assert rows(store, "items") > 2
+        # Even with nothing left to prune by age, the job's leftovers go.
+        Pruner(store, RetentionConfig(succeeded=0, failed=0, cancelled=0)).run()
+        assert rows(store, "items") == 2 and rows(store, "logs") == 2
+        assert rows(store, "jobs") == 1
+    finally:
+        store.close()
+
+
+def test_the_pruner_thread_reaps_leftovers_with_retention_off(tmp_path: Path) -> None:
+    path = str(tmp_path / "t.db")
+    store = Store(path)
+    make_job(store, "succeeded", n=300, age=2 * DAY)
+    store.prune_step("succeeded", time.time() - DAY, budget=100)
+    assert rows(store, "items") == 300  # taken away, nothing deleted yet
+    pruner = Pruner(store, RetentionConfig(succeeded=0, failed=0, cancelled=0))
+    pruner.start()
+    try:
+        wait_for(lambda: rows(store, "jobs") == 0, 15, "the leftovers were not reaped")
+        assert rows(store, "items") == rows(store, "logs") == 0
+    finally:
+        pruner.stop()
+        store.close()
+
+
+def test_an_export_started_before_a_prune_is_whole(store: Store) -> None:
+    ident = make_job(store, "succeeded", n=2500, age=2 * DAY)
+    items = store.iter_items(ident, chunk=1000)  # the first chunk is read now
+    while store.prune_step("succeeded", time.time() - DAY, budget=500)[2]:
+        pass
+    assert rows(store, "items") == 0
+    assert [it.index for it in items] == list(range(2500))
+
+
+def test_reads_racing_a_prune_get_404_or_everything(store: Store) -> None:
+    ident = make_job(store, "succeeded", n=3000, age=2 * DAY)
+    seq = store.job_seq(ident)
+    outcomes: list[str] = []
+    problems: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                job = store.get_job(ident)
+                assert job.counts["succeeded"] == job.total == 3000
+                assert len(store._items(seq, limit=5000, after=None)) == 3000
+                assert len(list(store.iter_items(ident, chunk=700))) == 3000
+                assert len(store.list_items(ident, limit=5000)[0]) == 3000
+                outcomes.append("whole")
+            except NotFound:
+                outcomes.append("404")
+            except BaseException as e:
+                problems.append(e)
+                return
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        wait_for(lambda: outcomes, 15, "no read finished before the prune")
+        while store.prune_step("succeeded", time.time() - DAY, budget=100)[2]:
+            time.sleep(0.001)  # let the readers in between steps
+        wait_for(lambda: outcomes[-1:] == ["404"], 15, "reads did not see the job gone")
+    finally:
+        done.set()
+        for t in readers:
+            t.join(timeout=30)
+    assert not problems, problems
+    assert set(outcomes) == {"whole", "404"}
+
+
+def test_the_api_answers_404_for_a_job_being_pruned(app_factory: Callable[..., Flask]) -> None:
+    app = app_factory(extra='[retention]\nsucceeded = "1h"')
+    svc = app.extensions["bulkrunner"]
+    ident = make_job(svc.store, "succeeded", n=300, task="add", age=2 * 3600)
+    client = app.test_client()
+    export = client.get(f"{JOBS}/{ident}/results?format=csv")  # streamed, not read yet
+    svc.store.prune_step("succeeded", time.time() - 3600, budget=100)  # taken away
+    for r in (client.get(f"{JOBS}/{ident}"), client.get(f"{JOBS}/{ident}/items"),
+              client.get(f"{JOBS}/{ident}/results"), client.post(f"{JOBS}/{ident}/retry"),
+              client.post(f"{JOBS}/{ident}/cancel"), client.get(f"{JOBS}/{ident}/items/0/log")):
+        assert r.status_code == 404, (r.request.path, r.get_data(as_text=True))
+    assert ident not in {j["id"] for j in client.get(JOBS).get_json()["jobs"]}
+    while svc.store.prune_step("succeeded", time.time() - 3600, budget=100)[2]:
+        pass
+    assert len(export.get_data(as_text=True).splitlines()) == 301  # header and every item

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from bulkrunner.errors import (
@@ -52,6 +53,20 @@ T = TypeVar("T")
 INTERRUPTIONS_ALLOWED = 3
 _WRITE_BATCH = 512
 PRUNE_BUDGET = 2000  # rows one retention step deletes: a few ms of the writer's time
+
+
+@contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One read transaction: every SELECT inside sees the same committed state (WAL), so a
+    job cannot lose its items between two of them. Joins one already open."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
 
 
 class _Op:
@@ -117,11 +132,15 @@ class Store:
     def _read(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._connect()
-            conn.execute("PRAGMA query_only=ON")
+            conn = self._reader()
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only=ON")
         return conn
 
     def write(self, fn: Callable[[Tx], T], *, durable: bool = False) -> T:
@@ -272,17 +291,19 @@ class Store:
                    priority=new.priority, created_at=now, counts=counts,
                    max_attempts=new.max_attempts, timeout=new.timeout, key=new.key), True
 
-    def resolve_id(self, ident: str) -> int:
-        """The job sequence number for a full id or a unique prefix."""
+    def resolve_id(self, ident: str, conn: sqlite3.Connection | None = None) -> int:
+        """The job sequence number for a full id or a unique prefix (a job that retention
+        is deleting is not found)."""
         ident = ident.strip().lower()
         if not ident or len(ident) > 32 or any(ch not in "0123456789abcdef" for ch in ident):
             raise NotFound(f"no job with id {ident[:64]!r}", {"id": ident[:64]})
-        conn = self._read()
+        conn = conn or self._read()
         if len(ident) == 32:
-            rows = conn.execute("SELECT seq, id FROM jobs WHERE id = ?", (ident,)).fetchall()
+            rows = conn.execute("SELECT seq, id FROM jobs WHERE id = ? AND doomed = 0",
+                                (ident,)).fetchall()
         else:
-            rows = conn.execute("SELECT seq, id FROM jobs WHERE id >= ? AND id < ? LIMIT 5",
-                                (ident, ident + "g")).fetchall()
+            rows = conn.execute("SELECT seq, id FROM jobs WHERE id >= ? AND id < ? "
+                                "AND doomed = 0 LIMIT 5", (ident, ident + "g")).fetchall()
         if not rows:
             raise NotFound(f"no job with id {ident!r}", {"id": ident})
         if len(rows) > 1:
@@ -297,8 +318,8 @@ class Store:
         return self.resolve_id(ident)
 
     def _job_by_seq(self, seq: int) -> Job:
-        row = self._read().execute(f"SELECT {_JOB_COLS} FROM jobs WHERE seq = ?",
-                                   (seq,)).fetchone()
+        row = self._read().execute(f"SELECT {_JOB_COLS} FROM jobs WHERE seq = ? "
+                                   "AND doomed = 0", (seq,)).fetchone()
         if row is None:
             raise NotFound(f"no job with sequence number {seq}")
         return self._job_from_row(row)
@@ -329,7 +350,7 @@ class Store:
     def list_jobs(self, *, state: str | None = None, task: str | None = None,
                   limit: int = 20, before: int | None = None) -> tuple[list[Job], int | None]:
         """Newest first; returns the jobs and the cursor of the next page (or None)."""
-        where: list[str] = []
+        where: list[str] = ["doomed = 0"]
         args: list[Any] = []
         if state:
             where.append("state = ?")
@@ -340,9 +361,7 @@ class Store:
         if before is not None:
             where.append("seq < ?")
             args.append(before)
-        sql = f"SELECT {_JOB_COLS} FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = f"SELECT {_JOB_COLS} FROM jobs WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         rows = self._read().execute(sql, (*args, limit + 1)).fetchall()
         more = len(rows) > limit
@@ -357,7 +376,8 @@ class Store:
 
         def op(tx: Tx) -> list[tuple[int, int, int]]:
             c = tx.conn
-            row = c.execute("SELECT state FROM jobs WHERE seq = ?", (seq,)).fetchone()
+            row = c.execute("SELECT state FROM jobs WHERE seq = ? AND doomed = 0",
+                            (seq,)).fetchone()
             if row is None:  # deleted by retention since its id was resolved
                 raise NotFound(f"no job with id {ident!r}", {"id": ident})
             state = row[0]
@@ -387,6 +407,9 @@ class Store:
 
         def op(tx: Tx) -> None:
             c = tx.conn
+            if c.execute("SELECT 1 FROM jobs WHERE seq = ? AND doomed = 0",
+                         (seq,)).fetchone() is None:  # retention took it since it was resolved
+                raise NotFound(f"no job with id {ident!r}", {"id": ident})
             for state, n in c.execute("SELECT state, COUNT(*) FROM items WHERE job_seq = ? AND "
                                       "state IN ('failed', 'cancelled') GROUP BY state", (seq,)
                                       ).fetchall():
@@ -411,21 +434,38 @@ class Store:
         return items, (items[-1].index if more and items else None)
 
     def iter_items(self, ident: str, chunk: int = 1000) -> Iterator[Item]:
-        """Every item of a job in index order, read a chunk at a time (for export)."""
-        seq = self.resolve_id(ident)
-        after: int | None = None
-        while True:
-            items = self._items(seq, limit=chunk, after=after)
-            yield from items
-            if len(items) < chunk:
-                return
-            after = items[-1].index
+        """Every item of a job in index order, read a chunk at a time (for export).
+
+        Every chunk comes from one snapshot of the database, taken now: an export is whole
+        even if retention deletes the job meanwhile. NotFound is raised here, before the
+        first item, never halfway through.
+        """
+        # A connection of its own: the snapshot lasts as long as the export is streamed,
+        # and must not hold this thread's reads in the past after that.
+        conn = self._reader()
+        try:
+            conn.execute("BEGIN")
+            seq = self.resolve_id(ident, conn)
+            first = self._items(seq, limit=chunk, after=None, conn=conn)
+        except BaseException:
+            conn.close()
+            raise
+        return self._more_items(conn, seq, first, chunk)
+
+    def _more_items(self, conn: sqlite3.Connection, seq: int, items: list[Item],
+                    chunk: int) -> Iterator[Item]:
+        try:
+            while True:
+                yield from items
+                if len(items) < chunk:
+                    return
+                items = self._items(seq, limit=chunk, after=items[-1].index, conn=conn)
+        finally:
+            conn.close()  # ends the snapshot
 
     def _items(self, seq: int, *, state: str | None = None, limit: int,
-               after: int | None) -> list[Item]:
-        conn = self._read()
-        base = json.loads(conn.execute("SELECT params FROM jobs WHERE seq = ?",
-                                       (seq,)).fetchone()[0])
+               after: int | None, conn: sqlite3.Connection | None = None) -> list[Item]:
+        """A page of a job's items; NotFound when the job is gone or being deleted."""
         sql = f"SELECT {_ITEM_COLS} FROM items WHERE job_seq = ?"
         args: list[Any] = [seq]
         if state:
@@ -437,12 +477,19 @@ class Store:
         sql += " ORDER BY idx LIMIT ?"
         args.append(limit)
         out = []
-        for r in conn.execute(sql, args):
-            params = {**base, **json.loads(r[1])} if r[1] else base
-            out.append(Item(index=r[0], params=params, state=State(r[2]), attempts=r[3],
-                            result=_loads(r[4]), error=_loads(r[5]),
-                            errors=_loads(r[6]) or [], started_at=r[7], finished_at=r[8],
-                            progress=r[9], message=r[10], worker=r[11]))
+        with _snapshot(conn or self._read()) as c:
+            job = c.execute("SELECT params FROM jobs WHERE seq = ? AND doomed = 0",
+                            (seq,)).fetchone()
+            if job is None:  # deleted by retention since its id was resolved
+                raise NotFound(f"no job with sequence number {seq}")
+            base = json.loads(job[0])
+            for r in c.execute(sql, args):
+                params = {**base, **json.loads(r[1])} if r[1] else base
+                out.append(Item(index=r[0], params=params, state=State(r[2]), attempts=r[3],
+                                result=_loads(r[4]), error=_loads(r[5]),
+                                errors=_loads(r[6]) or [], started_at=r[7],
+                                finished_at=r[8], progress=r[9], message=r[10],
+                                worker=r[11]))
         return out
 
     # ------------------------------------------------------------------ dispatcher side
@@ -558,7 +605,7 @@ class Store:
     def append_logs(self, chunks: Mapping[tuple[int, int, int], str]) -> None:
         """Append captured output, keyed by (job sequence number, item index, claim).
 
-        Chunks of jobs deleted meanwhile are dropped.
+        Chunks of jobs deleted (or being deleted) meanwhile are dropped.
         """
         if not chunks:
             return
@@ -566,7 +613,7 @@ class Store:
         def op(tx: Tx) -> None:
             tx.conn.executemany(
                 "INSERT INTO logs (job_seq, idx, claim, text) SELECT ?, ?, ?, ? "
-                "WHERE EXISTS (SELECT 1 FROM jobs WHERE seq = ?)",
+                "WHERE EXISTS (SELECT 1 FROM jobs WHERE seq = ? AND doomed = 0)",
                 ((seq, idx, claim, text, seq) for (seq, idx, claim), text in chunks.items()))
 
         self.write(op)
@@ -627,7 +674,7 @@ class Store:
         """(jobs, items) of jobs in ``state`` that finished before ``before``."""
         row = self._read().execute(
             "SELECT COUNT(*), COALESCE(SUM(n_queued + n_running + n_succeeded + n_failed + "
-            "n_cancelled), 0) FROM jobs WHERE state = ? AND finished_at < ?",
+            "n_cancelled), 0) FROM jobs WHERE state = ? AND finished_at < ? AND doomed = 0",
             (state, before)).fetchone()
         return int(row[0]), int(row[1])
 
@@ -636,41 +683,71 @@ class Store:
         """Delete some jobs in ``state`` that finished before ``before``, with their items
         and logs, touching about ``budget`` rows in one short transaction.
 
-        Returns (jobs deleted, their items, whether to call again). A job with more items than the
-        budget loses them a budget at a time over several steps (readers may see it
-        partly deleted meanwhile), so the writer is never held long.
+        Returns (jobs deleted, their items, whether to call again). Small jobs go whole. A
+        job with more items than the budget is taken away first, at once: from then on no
+        read finds it, retry and cancel answer 404 and the counts leave the totals. Its rows
+        go in the following steps, a budget at a time (see :meth:`reap_step`), so the writer
+        is never held long; a job left half-deleted by a stop is finished by the next call.
         """
         def op(tx: Tx) -> tuple[int, int, bool]:
+            if _reap(tx.conn, budget):
+                return 0, 0, True
             c = tx.conn
             rows = c.execute(
                 "SELECT seq, task, n_queued, n_running, n_succeeded, n_failed, n_cancelled "
-                "FROM jobs WHERE state = ? AND finished_at < ? ORDER BY finished_at LIMIT ?",
-                (state, before, budget)).fetchall()
+                "FROM jobs WHERE state = ? AND finished_at < ? AND doomed = 0 "
+                "ORDER BY finished_at LIMIT ?", (state, before, budget)).fetchall()
             room = budget
-            whole: list[Any] = []
+            whole: list[Any] = []  # small jobs, deleted now (their items by the cascade)
+            gone: list[Any] = []   # and the one taken away to be deleted later, if any
             for r in rows:
                 total = sum(r[2:7])
-                if total < room or not whole:
-                    # Past the budget only for the first job: cut a slice of its items.
-                    cut = c.execute("SELECT idx FROM items WHERE job_seq = ? ORDER BY idx "
-                                    "LIMIT 1 OFFSET ?", (r[0], room)).fetchone()
-                    if cut is not None:
-                        c.execute("DELETE FROM logs WHERE job_seq = ? AND idx < ?",
-                                  (r[0], cut[0]))
-                        c.execute("DELETE FROM items WHERE job_seq = ? AND idx < ?",
-                                  (r[0], cut[0]))
-                        return 0, 0, True
-                    whole.append(r)
-                    room -= max(total, 1)
-                    if room <= 0:
-                        break
-                else:
+                if total >= room:
+                    if not whole:
+                        # Its counters go to zero, so every sum over the jobs table is right;
+                        # its key is free for a new submission, as if it were deleted.
+                        c.execute("UPDATE jobs SET doomed = 1, key = NULL, n_queued = 0, "
+                                  "n_running = 0, n_succeeded = 0, n_failed = 0, "
+                                  "n_cancelled = 0 WHERE seq = ?", (r[0],))
+                        gone.append(r)
                     break
+                whole.append(r)
+                room -= total
             c.executemany("DELETE FROM jobs WHERE seq = ?", ((r[0],) for r in whole))
-            for r in whole:
+            gone += whole
+            for r in gone:
                 counts = tx.by_task[r[1]]
                 for s, n in zip(STATES, r[2:7], strict=True):
                     counts[s] -= n
-            return len(whole), sum(sum(r[2:7]) for r in whole), bool(rows)
+            return len(gone), sum(sum(r[2:7]) for r in gone), bool(rows)
 
         return self.write(op)
+
+    def reap_step(self, budget: int = PRUNE_BUDGET) -> bool:
+        """Delete about ``budget`` rows of a job taken away by :meth:`prune_step`; the job
+        row goes with its last items. Returns False when no such job is left."""
+        return self.write(lambda tx: _reap(tx.conn, budget))
+
+    def reaping(self) -> int:
+        """Jobs taken away by retention whose rows are not all deleted yet."""
+        return int(self._read().execute(
+            "SELECT COUNT(*) FROM jobs WHERE doomed = 1").fetchone()[0])
+
+
+def _reap(c: sqlite3.Connection, budget: int) -> bool:
+    """One budget of a doomed job's rows: logs first, then items, then the job row (whose
+    foreign-key cascade then has fewer than ``budget`` items left to delete)."""
+    row = c.execute("SELECT seq FROM jobs WHERE doomed = 1 ORDER BY seq LIMIT 1").fetchone()
+    if row is None:
+        return False
+    seq = row[0]
+    room = budget - c.execute("DELETE FROM logs WHERE id IN (SELECT id FROM logs "
+                              "WHERE job_seq = ? LIMIT ?)", (seq, budget)).rowcount
+    if room > 0:
+        cut = c.execute("SELECT idx FROM items WHERE job_seq = ? ORDER BY idx "
+                        "LIMIT 1 OFFSET ?", (seq, room)).fetchone()
+        if cut is None:
+            c.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
+        else:
+            c.execute("DELETE FROM items WHERE job_seq = ? AND idx < ?", (seq, cut[0]))
+    return True

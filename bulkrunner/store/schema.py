@@ -81,7 +81,19 @@ def _v2(c: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+def _v3(c: sqlite3.Connection) -> None:
+    # jobs.doomed: retention takes a job away in one short transaction (doomed = 1: no read
+    # finds it, its counts leave the totals, retry and cancel answer 404) and deletes its
+    # items and logs afterwards in small steps, the job row last. Deleting the row first
+    # would cascade to every item in one long transaction, and SQLite cannot turn foreign
+    # keys off inside one. jobs_doomed finds the jobs still being deleted (after a restart).
+    _script(c, """
+    ALTER TABLE jobs ADD COLUMN doomed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_doomed ON jobs(seq) WHERE doomed = 1;
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 
 
 def migrate(conn: sqlite3.Connection) -> int:
