@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from functools import update_wrapper
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 
@@ -268,8 +268,13 @@ def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str |
     click.echo(json.dumps(job, indent=2) if as_json else display.summary(job))
 
 
+def _stderr() -> TextIO:
+    """Where progress is drawn (a seam for tests; click 8.5 deprecates its stream getters)."""
+    return sys.stderr
+
+
 def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: bool) -> NoReturn:
-    err = click.get_text_stream("stderr")
+    err = _stderr()
     bar = display.ProgressLine(tty=err.isatty())
 
     def show(job: dict[str, Any]) -> None:
@@ -353,7 +358,7 @@ def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
                 Path(output).unlink(missing_ok=True)  # no half file that looks complete
                 raise
         else:
-            out = click.get_binary_stream("stdout")
+            out = sys.stdout.buffer
             for chunk in download:
                 out.write(chunk)
             out.flush()
@@ -394,7 +399,7 @@ def logs(obj: Ctx, ident: str, index: int, follow: bool) -> None:
     import time
 
     client = obj.client
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     offset = 0
     while True:
         chunk = client.item_log(ident, index, after=offset)

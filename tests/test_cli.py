@@ -22,6 +22,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+import bulkrunner.cli
 from bulkrunner.cli import cli
 from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
 
@@ -305,9 +306,7 @@ class _Terminal(io.StringIO):
 def test_wait_draws_a_progress_bar_on_a_terminal(server: ServerProcess,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     term = _Terminal()
-    real = click.get_text_stream
-    monkeypatch.setattr(click, "get_text_stream",
-                        lambda name, *a, **k: term if name == "stderr" else real(name, *a, **k))
+    monkeypatch.setattr(bulkrunner.cli, "_stderr", lambda: term)
     ident = ok(br(server, "submit", "add", "--items", "-",
                   input="".join(f'{{"a": {i}}}\n' for i in range(5)))).strip()
     r = br(server, "wait", ident, "--timeout", "30")
