@@ -167,6 +167,7 @@ class DaskExecutor:
         self._cluster: LocalCluster | None = None
         self._up = False               # client connected and subscribed, as last seen
         self._state = (False, "connecting to the Dask scheduler")
+        self._threads = 0              # the cluster's threads, as last seen by the watcher
         self._logged = ""              # the last unhealthy detail logged, to log changes only
         self._stopping = False
         self._stop = threading.Event()
@@ -232,6 +233,11 @@ class DaskExecutor:
             self._aux.submit(self._abort_remote, it)
         except RuntimeError:  # shut down meanwhile
             pass
+
+    def workers(self) -> int:
+        """Threads the cluster offers for items, as last seen by the watcher (for
+        ``/healthz``)."""
+        return self._threads if self._state[0] else 0
 
     def health(self) -> tuple[bool, str]:
         """(ok, detail). Not ok while the scheduler is unreachable or has no workers."""
@@ -392,6 +398,7 @@ class DaskExecutor:
                 threads = int(info.get("total_threads",
                                        sum(w.get("nthreads", 0) for w in workers.values())))
                 ok = n > 0
+                self._threads = threads if ok else 0
                 detail = (f"{n} Dask workers ({threads} threads) at {self.address}" if ok
                           else f"the Dask scheduler at {self.address} has no workers")
             except Exception as e:

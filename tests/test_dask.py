@@ -204,6 +204,7 @@ def test_bulk_spreads_over_workers_and_survives_a_killed_worker(
         h = wait_for(lambda: (r := healthz(c))["status"] == "ok" and r, 30,
                      "server never saw both workers")
         assert h["executor"]["type"] == "dask" and "2 Dask workers" in h["executor"]["detail"]
+        assert h["workers"] == 2  # the cluster's threads (1 each), not max_workers (4)
 
         # 200 items end succeeded, spread over both workers, each item run once.
         runs = tmp_path / "runs.txt"
