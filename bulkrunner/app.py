@@ -61,6 +61,7 @@ def create_app(config: Config | None = None, *, service: Service | None = None,
 
 
 def service() -> Service:
+    """The Service of the current app."""
     svc: Service = current_app.extensions["bulkrunner"]
     return svc
 
@@ -73,6 +74,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 def error_response(code: str, message: str, status: int,
                    details: dict[str, Any] | None = None,
                    headers: dict[str, str] | None = None) -> Response:
+    """A JSON error in the contract's shape: ``{"error": {code, message, details}}``."""
     return _json({"error": {"code": code, "message": message, "details": details or {}}},
                  status, headers)
 
@@ -187,6 +189,7 @@ def _state_arg() -> str | None:
 # ------------------------------------------------------------------ routes
 @api.post("/jobs")
 def submit() -> Response:
+    """POST /api/v1/jobs: submit a job as JSON or a multipart upload (202 new, 200 known key)."""
     svc = service()
     ctype = (request.mimetype or "").lower()
     if ctype == "multipart/form-data":
@@ -212,6 +215,7 @@ def submit() -> Response:
 
 @api.get("/jobs")
 def list_jobs() -> Response:
+    """GET /api/v1/jobs: a page of jobs, newest first, and the cursor of the next one."""
     limit = _int_arg("limit", 20, 1, 1000)
     before = _int_arg("before", None, 0, 2**62)
     task = request.args.get("task") or None
@@ -222,21 +226,25 @@ def list_jobs() -> Response:
 
 @api.get("/jobs/<ident>")
 def get_job(ident: str) -> Response:
+    """GET /api/v1/jobs/<id>: one job (404 when unknown)."""
     return _json(service().get(ident).to_dict())
 
 
 @api.post("/jobs/<ident>/cancel")
 def cancel_job(ident: str) -> Response:
+    """POST /api/v1/jobs/<id>/cancel: cancel its unfinished items (409 when finished)."""
     return _json(service().cancel(ident).to_dict())
 
 
 @api.post("/jobs/<ident>/retry")
 def retry_job(ident: str) -> Response:
+    """POST /api/v1/jobs/<id>/retry: re-queue failed and cancelled items (409 if none)."""
     return _json(service().retry(ident).to_dict())
 
 
 @api.get("/jobs/<ident>/items")
 def list_items(ident: str) -> Response:
+    """GET /api/v1/jobs/<id>/items: a page of the job's items and the next cursor."""
     limit = _int_arg("limit", 100, 1, 10000)
     after = _int_arg("after", None, -1, 2**62)
     items, nxt = service().items(ident, state=_state_arg(), limit=limit or 100, after=after)
@@ -246,6 +254,7 @@ def list_items(ident: str) -> Response:
 
 @api.get("/jobs/<ident>/results")
 def results(ident: str) -> Response:
+    """GET /api/v1/jobs/<id>/results: every item as a JSON Lines or CSV download."""
     fmt = request.args.get("format", "jsonl")
     if fmt not in ("jsonl", "csv"):
         raise errors.InvalidRequest("format must be jsonl or csv", {"field": "format"})
@@ -258,6 +267,7 @@ def results(ident: str) -> Response:
 
 @api.get("/jobs/<ident>/items/<int:index>/log")
 def item_log(ident: str, index: int) -> Response:
+    """GET /api/v1/jobs/<id>/items/<index>/log: the item's output from byte ``after`` on."""
     after = _int_arg("after", 0, 0, 2**62) or 0
     data, size, state = service().item_log(ident, index, after)
     return Response(data, mimetype="text/plain", headers={
@@ -266,6 +276,7 @@ def item_log(ident: str, index: int) -> Response:
 
 @api.post("/prune")
 def prune() -> Response:
+    """POST /api/v1/prune: delete (or with ``dry_run`` count) jobs past their retention."""
     raw = request.args.get("dry_run", "0").lower()
     if raw not in ("0", "1", "true", "false", ""):
         raise errors.InvalidRequest("query parameter dry_run must be 1 or 0",
@@ -275,11 +286,13 @@ def prune() -> Response:
 
 @api.get("/tasks")
 def list_tasks() -> Response:
+    """GET /api/v1/tasks: the registered tasks and the default one."""
     svc = service()
     return _json({"tasks": svc.tasks(), "default": svc.registry.default})
 
 
 def healthz() -> Response:
+    """GET /healthz: the server's health (503 with Retry-After unless ok)."""
     h = service().health()
     if h["status"] == "ok":
         return _json(h)
@@ -287,9 +300,11 @@ def healthz() -> Response:
 
 
 def openapi() -> Response:
+    """GET /openapi.json: the API's OpenAPI document."""
     return _json(openapi_document())
 
 
 def metrics() -> Response:
+    """GET /metrics: the Prometheus metrics."""
     data, ctype = current_app.extensions["bulkrunner_metrics"].render()
     return Response(data, content_type=ctype)

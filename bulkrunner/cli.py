@@ -46,12 +46,14 @@ class Ctx:
 
     @property
     def config(self) -> Config:
+        """The configuration, loaded from the config file on first use."""
         if self._config is None:
             self._config = load_config(find_config_file(self.config_path))
         return self._config
 
     @property
     def client(self) -> Client:
+        """The client for the server, made on first use (``--url`` and token or the config)."""
         if self._client is None:
             url = self.url_opt or self.config.url
             token = self.token_opt or (self.config.server.token or None)
@@ -63,6 +65,7 @@ class Ctx:
 
 
     def close(self) -> None:
+        """Close the client, if one was made."""
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -51,6 +51,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the connection to the server."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -144,22 +145,27 @@ class Client:
                             content_type=f"multipart/form-data; boundary={boundary}")
 
     def job(self, ident: str) -> dict[str, Any]:
+        """One job by id or unique prefix."""
         return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}")  # type: ignore[no-any-return]
 
     def jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
              before: str | None = None) -> dict[str, Any]:
+        """A page of jobs, newest first; ``next`` is the ``before`` of the next page."""
         q = {k: v for k, v in {"state": state, "task": task, "limit": limit,
                                "before": before}.items() if v is not None}
         return self._json("GET", f"/api/v1/jobs?{urlencode(q)}")  # type: ignore[no-any-return]
 
     def cancel(self, ident: str) -> dict[str, Any]:
+        """Cancel a job's unfinished items; returns the job."""
         return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/cancel")  # type: ignore[no-any-return]
 
     def retry(self, ident: str) -> dict[str, Any]:
+        """Re-queue a job's failed and cancelled items; returns the job."""
         return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/retry")  # type: ignore[no-any-return]
 
     def items(self, ident: str, *, state: str | None = None, limit: int = 100,
               after: str | None = None) -> dict[str, Any]:
+        """A page of a job's items; ``next`` is the ``after`` of the next page."""
         q = {k: v for k, v in {"state": state, "limit": limit, "after": after}.items()
              if v is not None}
         return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}/items?"  # type: ignore[no-any-return]
@@ -176,6 +182,7 @@ class Client:
         return Download(resp)
 
     def tasks(self) -> dict[str, Any]:
+        """The registered tasks and the default one."""
         return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
 
     def item_log(self, ident: str, index: int = 0, *, after: int = 0) -> LogChunk:
@@ -241,6 +248,7 @@ class Download:
             self._resp.close()
 
     def close(self) -> None:
+        """Close the response (the download stops)."""
         self._resp.close()
 
     def __enter__(self) -> Download:

@@ -28,6 +28,8 @@ EXECUTOR_TYPES = ("thread", "process", "dask")
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """The ``[server]`` table: where it listens, its token and its limits."""
+
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     threads: int = 8
@@ -39,11 +41,14 @@ class ServerConfig:
 
     @property
     def is_loopback(self) -> bool:
+        """True when the server listens on a loopback address only."""
         return host_is_loopback(self.host)
 
 
 @dataclass(frozen=True)
 class ExecutorConfig:
+    """The ``[executor]`` table: where items run and how many at a time."""
+
     type: str = "thread"
     max_workers: int = 4
     address: str = ""
@@ -51,11 +56,15 @@ class ExecutorConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """The ``[store]`` table: the SQLite file."""
+
     path: str = "bulkrunner.db"
 
 
 @dataclass(frozen=True)
 class JobsConfig:
+    """The ``[jobs]`` table: defaults and limits for jobs and their items."""
+
     max_attempts: int = 1
     timeout: float = 0.0
     max_queued: int = 1_000_000

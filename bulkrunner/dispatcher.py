@@ -117,6 +117,7 @@ class Dispatcher:
 
     @property
     def inflight(self) -> int:
+        """Attempts handed to the executor and not yet finished."""
         return len(self._inflight)
 
     def drain(self, grace: float) -> None:

@@ -85,6 +85,7 @@ class ProgressLine:
         self._last_plain_at = 0.0
 
     def render(self, job: dict[str, Any]) -> str:
+        """The line to show for ``job`` (a job dict from the API)."""
         c = job["items"]
         done = c["succeeded"] + c["failed"] + c["cancelled"]
         if self.first_done is None:

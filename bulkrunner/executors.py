@@ -25,16 +25,26 @@ __all__ = ["FACTORIES", "Executor", "ExecutorLost", "ThreadExecutor", "WorkerDie
 
 
 class Executor(Protocol):
+    """Where items run: what every executor provides."""
+
     kind: str
     max_workers: int
 
-    def submit(self, unit: WorkUnit) -> Future[Outcome]: ...
+    def submit(self, unit: WorkUnit) -> Future[Outcome]:
+        """Start an attempt; the future gives its Outcome."""
+        ...
 
-    def abort(self, unit: WorkUnit) -> None: ...
+    def abort(self, unit: WorkUnit) -> None:
+        """Stop an attempt (cancel or timeout): kill its worker, or set its flag."""
+        ...
 
-    def health(self) -> tuple[bool, str]: ...
+    def health(self) -> tuple[bool, str]:
+        """(ok, detail): whether items can run now, and why not."""
+        ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self) -> None:
+        """Stop running items and release the workers."""
+        ...
 
 
 class ThreadExecutor:
@@ -54,6 +64,7 @@ class ThreadExecutor:
         self._flags: dict[tuple[tuple[int, int], int], threading.Event] = {}
 
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
+        """Run the attempt on a pool thread; the future gives its Outcome."""
         flag = threading.Event()
         ident = (unit.key, unit.claim)
         self._flags[ident] = flag
@@ -62,14 +73,17 @@ class ThreadExecutor:
         return fut
 
     def abort(self, unit: WorkUnit) -> None:
+        """Set the attempt's cooperative flag (a thread cannot be killed)."""
         flag = self._flags.get((unit.key, unit.claim))
         if flag is not None:
             flag.set()
 
     def health(self) -> tuple[bool, str]:
+        """Always ok; the detail is the pool's size."""
         return True, f"{self.max_workers} threads"
 
     def shutdown(self) -> None:
+        """Set every running item's flag and stop the pool without waiting."""
         for flag in list(self._flags.values()):
             flag.set()
         # Threads cannot be killed; do not wait for them (they are daemon-like at exit).

@@ -69,6 +69,7 @@ class Metrics:
 
     # ------------------------------------------------------------------ hooks
     def on_submit(self, job: Job) -> None:
+        """A submit hook: count the job and its items by task."""
         self.jobs_submitted.labels(job.task).inc()
         self.items_submitted.labels(job.task).inc(job.total)
 

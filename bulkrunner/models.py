@@ -24,6 +24,7 @@ class State(StrEnum):
 
     @property
     def finished(self) -> bool:
+        """True for succeeded, failed and cancelled."""
         return self in FINISHED
 
 
@@ -69,6 +70,7 @@ class Item:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The item as the API shows it."""
         return {
             "index": self.index, "params": self.params, "state": self.state.value,
             "attempts": self.attempts, "result": self.result, "error": self.error,
@@ -101,9 +103,11 @@ class Job:
 
     @property
     def total(self) -> int:
+        """Items in every state."""
         return sum(self.counts[s] for s in STATES)
 
     def to_dict(self) -> dict[str, Any]:
+        """The job as the API shows it."""
         return {
             "id": self.id, "task": self.task, "params": self.params,
             "state": self.state.value, "priority": self.priority,
@@ -142,6 +146,7 @@ class ParamSpec:
     nullable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The param as the API shows it."""
         d: dict[str, Any] = {"name": self.name, "type": self.type,
                              "required": self.required, "default": self.default}
         if self.choices is not None:
@@ -154,6 +159,7 @@ class ParamSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ParamSpec:
+        """The param from its API form (the inverse of :meth:`to_dict`)."""
         ch = d.get("choices")
         return cls(name=d["name"], type=d.get("type", "any"),
                    required=bool(d.get("required", True)), default=d.get("default"),

@@ -132,6 +132,7 @@ class ProcessExecutor:
 
     # ------------------------------------------------------------------ public
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
+        """Queue the attempt for a worker process; the future gives its Outcome."""
         fut: Future[Outcome] = Future()
         with self._lock:
             if self._stopping:
@@ -142,6 +143,7 @@ class ProcessExecutor:
         return fut
 
     def abort(self, unit: WorkUnit) -> None:
+        """Drop the attempt if it has not started, else kill its worker process."""
         with self._lock:
             for i, (u, f) in enumerate(self._pending):
                 if u is unit:
@@ -173,6 +175,7 @@ class ProcessExecutor:
             return sum(1 for w in self._workers if w.proc.is_alive())
 
     def shutdown(self) -> None:
+        """Fail what has not started and stop every worker process."""
         with self._lock:
             self._stopping = True
             pending = list(self._pending)

@@ -50,6 +50,7 @@ class Pruner:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the periodic pruning (waits up to 10 s for the thread)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

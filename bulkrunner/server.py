@@ -33,6 +33,7 @@ class JsonFormatter(logging.Formatter):
     about a job (``extra={"job_id": ...}``), exc with the traceback of an exception."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
         out: dict[str, Any] = {"ts": iso(record.created), "level": record.levelname,
                                "logger": record.name, "message": record.getMessage()}
         job_id = getattr(record, "job_id", None)

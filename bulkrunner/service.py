@@ -61,12 +61,14 @@ class Service:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        """Start the dispatcher and the periodic pruning."""
         self.dispatcher.start()
         self.pruner.start()
         self.started = True
 
     @property
     def draining(self) -> bool:
+        """True once shutdown began: no new work is accepted."""
         return self.dispatcher.draining
 
     def begin_drain(self) -> None:
@@ -233,13 +235,16 @@ class Service:
 
     # ------------------------------------------------------------------ read and act
     def get(self, ident: str) -> Job:
+        """One job by id or unique prefix; NotFound when unknown."""
         return self.store.get_job(ident)
 
     def list_jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
              before: int | None = None) -> tuple[list[Job], int | None]:
+        """A page of jobs, newest first, and the cursor of the next page (or None)."""
         return self.store.list_jobs(state=state, task=task, limit=limit, before=before)
 
     def cancel(self, ident: str) -> Job:
+        """Cancel a job's unfinished items and stop the running ones; returns the job."""
         job, running = self.store.cancel_job(ident)
         if running:
             self.dispatcher.abort(running)
@@ -247,6 +252,7 @@ class Service:
         return job
 
     def retry(self, ident: str) -> Job:
+        """Re-queue a job's failed and cancelled items; ShuttingDown while draining."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry once it is back",
                                retry_after=10)
@@ -258,6 +264,7 @@ class Service:
 
     def items(self, ident: str, *, state: str | None = None, limit: int = 100,
               after: int | None = None) -> tuple[list[Item], int | None]:
+        """A page of a job's items in index order, and the cursor of the next page."""
         return self.store.list_items(ident, state=state, limit=limit, after=after)
 
     def export(self, ident: str, fmt: str) -> Iterator[str]:
@@ -296,9 +303,11 @@ class Service:
         return self.pruner.run(dry_run=dry_run)
 
     def tasks(self) -> list[dict[str, Any]]:
+        """The registered tasks as the API shows them."""
         return [t.to_dict() for t in self.registry]
 
     def health(self) -> dict[str, Any]:
+        """What GET /healthz answers: status, executor, queue and worker counts."""
         ex = self.dispatcher.executor
         ok, detail = ex.health() if ex is not None else (False, "not started")
         status = "draining" if self.draining else ("ok" if ok else "executor_unavailable")

@@ -42,6 +42,7 @@ class Task:
     max_attempts: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The task as the API shows it: name, doc and params."""
         return {"name": self.name, "doc": self.doc,
                 "params": [p.to_dict() for p in self.params]}
 

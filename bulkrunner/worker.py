@@ -82,10 +82,12 @@ class Context:
 
     @property
     def job_id(self) -> str | None:
+        """The id of the item's job, or None outside an item."""
         return self.unit.job_id if self.unit else None
 
     @property
     def index(self) -> int | None:
+        """The item's index in its job, or None outside an item."""
         return self.unit.index if self.unit else None
 
     @property

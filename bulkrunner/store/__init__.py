@@ -312,9 +312,11 @@ class Store:
         return int(rows[0][0])
 
     def get_job(self, ident: str) -> Job:
+        """One job by id or unique prefix; NotFound when unknown."""
         return self._job_by_seq(self.resolve_id(ident))
 
     def job_seq(self, ident: str) -> int:
+        """The job sequence number for an id or unique prefix."""
         return self.resolve_id(ident)
 
     def _job_by_seq(self, seq: int) -> Job:
@@ -427,6 +429,7 @@ class Store:
     # ------------------------------------------------------------------ items
     def list_items(self, ident: str, *, state: str | None = None, limit: int = 100,
                    after: int | None = None) -> tuple[list[Item], int | None]:
+        """A page of a job's items in index order, and the index to continue after."""
         seq = self.resolve_id(ident)
         items = self._items(seq, state=state, limit=limit + 1, after=after)
         more = len(items) > limit
