@@ -117,17 +117,21 @@ def _guard_host_and_origin() -> Response | None:
     no CORS preflight) is refused by its Origin / Sec-Fetch-Site headers, which browsers set
     and pages cannot forge.
     """
-    if service().cfg.server.is_loopback:
+    server = service().cfg.server
+    if server.is_loopback:
         host = _hostname(request.host)
-        if not host_is_loopback(host):
+        if not host_is_loopback(host) and host.lower() not in server.allowed_hosts:
             return error_response("forbidden_host", f"this server listens on loopback and "
                                   f"answers only requests for localhost or 127.0.0.1, not "
-                                  f"{host[:100]!r} (a guard against DNS rebinding)", 403)
+                                  f"{host[:100]!r} (a guard against DNS rebinding; a "
+                                  "reverse proxy's name goes in server.allowed_hosts)", 403)
     if request.method in _UNSAFE_METHODS:
         site = request.headers.get("Sec-Fetch-Site")
         origin = request.headers.get("Origin")
+        origin_host = (origin or "").partition("://")[2]
         if site in ("cross-site", "same-site") or (
-                origin is not None and origin.partition("://")[2] != request.host):
+                origin is not None and origin_host != request.host
+                and _hostname(origin_host).lower() not in server.allowed_hosts):
             return error_response("cross_origin", "requests from another web site are "
                                   "refused; use the CLI, the API with a token, or this "
                                   "server's own page", 403)

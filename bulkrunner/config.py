@@ -38,6 +38,8 @@ class ServerConfig:
     max_body_size: int = 32 * 1024 * 1024
     connection_limit: int = 200
     shutdown_grace: float = 10.0
+    allowed_hosts: tuple[str, ...] = ()
+
 
     @property
     def is_loopback(self) -> bool:
@@ -218,6 +220,11 @@ def _build(cls: type, table: dict[str, Any], sec: str, source: str) -> Any:
 
 
 def _typed(value: Any, want: type, key: str, source: str) -> Any:
+    if want is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'must be a list of names in quotes, like ["a.example"], not '
+                              f"{value!r}", file=source, key=key)
+        return tuple(v.strip().lower() for v in value if v.strip())
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) != (want is bool) or not isinstance(value, want):

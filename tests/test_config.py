@@ -56,6 +56,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     ("[executor]\nmax_workers = 0\n", "executor.max_workers", "at least 1"),
     ("[jobs]\ntimeout = -1\n", "jobs.timeout", "0 (none)"),
     ("[wat]\n", "wat", "unknown section"),
+    ("[server]\nallowed_hosts = \"a.example\"\n", "server.allowed_hosts", "list of names"),
     ("[tasks]\nx = \"nocolon\"\n", "tasks.x", "module:function"),
     ("[tasks.x]\ntimeout = 3\n", "tasks.x.path", "path"),
     ("[tasks.x]\npath = \"a:b\"\ncolour = 1\n", "tasks.x.colour", "unknown key"),

@@ -147,3 +147,18 @@ def test_login_never_redirects_off_site(secured: Any, target: str) -> None:
         parts = urlsplit(cleaned)
         assert not parts.scheme and not parts.netloc, location
         assert not cleaned.startswith("//") and "\\" not in cleaned, location
+
+
+def test_allowed_hosts_let_a_reverse_proxy_through(app_factory: Any) -> None:
+    client = app_factory(server='allowed_hosts = ["Jobs.Example.com"]').test_client()
+    assert client.get("/api/v1/tasks", headers={"Host": "jobs.example.com"}).status_code == 200
+    # The proxy keeps the public Host, or rewrites it to loopback: the page's Origin passes.
+    for host in ("jobs.example.com", "127.0.0.1:8470"):
+        r = client.post("/api/v1/jobs", json={"task": "echo"},
+                        headers={"Host": host, "Origin": "https://jobs.example.com"})
+        assert r.status_code == 202, (host, r.json)
+    r = client.get("/api/v1/tasks", headers={"Host": "evil.example"})
+    assert r.status_code == 403 and "server.allowed_hosts" in r.json["error"]["message"]
+    r = client.post("/api/v1/jobs", json={"task": "echo"},
+                    headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
