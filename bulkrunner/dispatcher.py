@@ -20,7 +20,7 @@ from bulkrunner.config import Config
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
 from bulkrunner.store import Claimed, Finish, Store, backoff_delay
 from bulkrunner.tasks import Registry
-from bulkrunner.worker import Outcome, WorkUnit, error_dict
+from bulkrunner.worker import Outcome, WorkUnit
 
 log = logging.getLogger("bulkrunner.dispatcher")
 
@@ -392,4 +392,4 @@ class _Reports:
         self._progress(key, frac, msg)
 
 
-__all__ = ["Dispatcher", "Observer", "error_dict"]
+__all__ = ["Dispatcher", "Observer"]

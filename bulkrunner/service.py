@@ -26,7 +26,7 @@ from bulkrunner.errors import (
     StoreUnavailable,
 )
 from bulkrunner.itemfiles import detect_format, parse_items
-from bulkrunner.models import STATES, Item, Job
+from bulkrunner.models import Item, Job
 from bulkrunner.retention import Pruner
 from bulkrunner.store import JobChange, NewJob, Store
 from bulkrunner.tasks import Registry, Task
@@ -180,8 +180,6 @@ class Service:
             raise InvalidSubmission({"params": _NOT_FINITE})
         if not items:
             return [None]
-        known = {p.name: p for p in task.params}
-        need = {p.name for p in task.params if p.required} - set(params)
         out: list[str | None] = []
         bad: dict[str, str] = {}
         first_row: int | None = None
@@ -190,18 +188,7 @@ class Service:
             if not isinstance(item, dict):
                 bad[label] = "must be an object of param names to values"
             else:
-                for name, value in item.items():
-                    spec = known.get(name)
-                    if spec is None:
-                        if not task.accepts_any:
-                            bad[f"{label}.{name}"] = (f"unknown param; {task.name} takes "
-                                                      f"{', '.join(known) or 'no params'}")
-                        continue
-                    problem = spec.check(value)
-                    if problem:
-                        bad[f"{label}.{name}"] = problem
-                for name in need - item.keys():
-                    bad[f"{label}.{name}"] = "required param is missing"
+                bad.update(task.check(item, prefix=label, given=params))
                 if not bad:
                     text = _strict_dumps(item) if item else None
                     if item and text is None:
@@ -425,7 +412,7 @@ def _encodable(text: str) -> str:
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
-__all__ = ["STATES", "Service"]
+__all__ = ["Service"]
 
 
 def form_to_body(form: Mapping[str, str]) -> dict[str, Any]:

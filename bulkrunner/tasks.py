@@ -8,10 +8,11 @@ client input reaches an import.
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,15 +47,21 @@ class Task:
         return {"name": self.name, "doc": self.doc,
                 "params": [p.to_dict() for p in self.params]}
 
+    @functools.cached_property
+    def by_name(self) -> dict[str, ParamSpec]:
+        """The params by name (computed once: bulk submissions check every item)."""
+        return {p.name: p for p in self.params}
+
     def check(self, params: Mapping[str, Any], *, prefix: str = "params",
-              complete: bool = True) -> dict[str, str]:
+              complete: bool = True, given: Collection[str] = ()) -> dict[str, str]:
         """Field -> problem for ``params``; empty when they fit the signature.
 
         With ``complete=False`` missing required params are not reported (the job-level
-        params of a bulk, which items complete).
+        params of a bulk, which items complete); names in ``given`` count as present (an
+        item's check, with the job's params given).
         """
         problems: dict[str, str] = {}
-        known = {p.name: p for p in self.params}
+        known = self.by_name
         for name, value in params.items():
             spec = known.get(name)
             if spec is None:
@@ -68,7 +75,7 @@ class Task:
                 problems[f"{prefix}.{name}"] = problem
         if complete:
             for spec in self.params:
-                if spec.required and spec.name not in params:
+                if spec.required and spec.name not in params and spec.name not in given:
                     problems[f"{prefix}.{spec.name}"] = "required param is missing"
         return problems
 
