@@ -1,6 +1,6 @@
 """``python -m bulkrunner``."""
 
-from bulkrunner.cli import main
+from bulkrunner.client.cli import main
 
 if __name__ == "__main__":
     main()

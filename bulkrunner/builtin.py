@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bulkrunner.worker import Context
+from bulkrunner.runtime import Context
 
 
 def echo(**params: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The file is read once with ``tomllib``. Every mistake (bad TOML, unknown key, wrong type,
 value out of range) becomes one :class:`~bulkrunner.errors.ConfigError` that names the file,
-the key and the fix. Task *import* happens later, in :mod:`bulkrunner.tasks`.
+the key and the fix. Task *import* happens later, in :mod:`bulkrunner.server.tasks`.
 """
 
 from __future__ import annotations

@@ -132,8 +132,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 @pytest.fixture
 def app_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Factory: an in-process Flask app over a temp database; its service is closed after."""
-    from bulkrunner.app import create_app
     from bulkrunner.config import load_config
+    from bulkrunner.server.app import create_app
 
     apps: list[Any] = []
 

@@ -22,8 +22,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-import bulkrunner.cli
-from bulkrunner.cli import cli
+import bulkrunner.client.cli
+from bulkrunner.client.cli import cli
 from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
 
 ID = re.compile(r"^[0-9a-f]{32}$")
@@ -306,7 +306,7 @@ class _Terminal(io.StringIO):
 def test_wait_draws_a_progress_bar_on_a_terminal(server: ServerProcess,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     term = _Terminal()
-    monkeypatch.setattr(bulkrunner.cli, "_stderr", lambda: term)
+    monkeypatch.setattr(bulkrunner.client.cli, "_stderr", lambda: term)
     ident = ok(br(server, "submit", "add", "--items", "-",
                   input="".join(f'{{"a": {i}}}\n' for i in range(5)))).strip()
     r = br(server, "wait", ident, "--timeout", "30")

@@ -8,7 +8,7 @@ import pytest
 
 from bulkrunner.config import Config, config_from_dict, load_config
 from bulkrunner.errors import ConfigError
-from bulkrunner.tasks import Registry
+from bulkrunner.server.tasks import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

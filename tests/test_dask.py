@@ -181,8 +181,8 @@ def test_serve_without_distributed_exits_2_naming_the_extra(tmp_path: Path) -> N
 
 
 def test_nothing_imports_dask_unless_chosen() -> None:
-    code = ("import sys, bulkrunner.server, bulkrunner.app, bulkrunner.service, "
-            "bulkrunner.dispatcher, bulkrunner.executors, bulkrunner.procpool; "
+    code = ("import sys, bulkrunner.server.run, bulkrunner.server.app, bulkrunner.server.service, "
+            "bulkrunner.server.dispatcher, bulkrunner.executors, bulkrunner.executors.process; "
             "print(','.join(m for m in ('dask', 'distributed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True, cwd=ROOT)

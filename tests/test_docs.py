@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bulkrunner.cli import cli
+from bulkrunner.client.cli import cli
 from tests.conftest import ROOT
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from bulkrunner.executors import ExecutorLost, ThreadExecutor, WorkerDied
-from bulkrunner.procpool import ProcessExecutor, describe_exit
-from bulkrunner.worker import WorkUnit
+from bulkrunner.executors.process import ProcessExecutor, describe_exit
+from bulkrunner.runtime import WorkUnit
 from tests.conftest import wait_for
 
 

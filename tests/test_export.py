@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from bulkrunner.models import Item, State
-from bulkrunner.service import _csv_rows
+from bulkrunner.server.service import _csv_rows
 from tests.conftest import SAMPLE_TASKS, wait_for
 
 JOBS = "/api/v1/jobs"

@@ -1,5 +1,15 @@
-"""Imports point one way (architecture.md), third-party libraries stay in their edge
-modules, and the client side loads no Flask, waitress or Dask."""
+"""The four import rules of the package's rooms, third-party libraries kept at their edges,
+and the client side and the worker side loading nothing heavy.
+
+- ``client/`` imports no server code (``server``, ``store``, ``executors``, ``runtime``) and
+  none of Flask, waitress, Dask or sqlite3;
+- ``runtime/`` imports only the standard library and ``errors`` / ``models``;
+- ``store/`` knows nothing of execution policy: only ``errors`` / ``models`` and sqlite3;
+- ``server/`` may use everything.
+
+The shared modules at the top (``errors``, ``models``, ``config``) import no room, and
+``executors/`` runs the runtime and nothing of the server.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +20,30 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "bulkrunner"
 
-# A module may import only modules of a lower layer. Lower layers know nothing of higher.
-LAYERS: dict[str, int] = {
-    "errors": 0, "models": 1, "display": 1, "capture": 1, "config": 2, "worker": 2,
-    "client": 3, "__init__": 3, "procpool": 3, "dask_executor": 3, "executors": 4,
-    "tasks": 4, "builtin": 4, "store": 4, "openapi": 4, "itemfiles": 5, "retention": 5,
-    "dispatcher": 6, "service": 7, "web": 8, "metrics": 8, "app": 9, "server": 10,
-    "cli": 11, "__main__": 12,
+SHARED = {"errors", "models", "config"}
+#: What each room (or top-level module) may import from the package.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(), "models": {"errors"}, "config": {"errors", "models"},
+    "runtime": {"errors", "models", "runtime"},
+    "store": {"errors", "models", "store"},
+    "executors": SHARED | {"runtime", "executors"},
+    "client": SHARED | {"client"},
+    "server": SHARED | {"runtime", "executors", "store", "server", "builtin", "__init__"},
+    "builtin": {"runtime"},
+    "flask": SHARED | {"server"},
+    "__init__": {"runtime"},
+    "__main__": {"client"},
 }
-# Third-party (and sqlite3) imports allowed only in these modules.
-EDGES = {"flask": {"app", "web"}, "werkzeug": {"app", "web"}, "jinja2": {"web"},
-         "waitress": {"server"}, "click": {"cli"}, "sqlite3": {"store"},
-         "distributed": {"dask_executor"}, "dask": {"dask_executor"},
-         "prometheus_client": {"metrics"}}
+#: Third-party (and sqlite3) imports, and the rooms allowed to make them.
+EDGES: dict[str, set[str]] = {
+    "flask": {"server", "flask"}, "werkzeug": {"server", "flask"}, "jinja2": {"server"},
+    "waitress": {"server"}, "prometheus_client": {"server"}, "click": {"client", "server"},
+    "sqlite3": {"store"}, "distributed": {"executors"}, "dask": {"executors"},
+}
+STDLIB = sys.stdlib_module_names
 
 
-def _module_of(path: Path) -> str:
+def _room(path: Path) -> str:
     rel = path.relative_to(PKG)
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
@@ -37,49 +55,65 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-            if node.module == "bulkrunner":
-                out |= {f"bulkrunner.{a.name}" for a in node.names}
+            if node.module != "bulkrunner":
+                out.add(node.module)
+            else:  # ``from bulkrunner import errors``: each name is a module (or __version__)
+                out |= {"bulkrunner." + (a.name if not a.name.startswith("_") else "__init__")
+                        for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            out.add("<relative>")
     return out
 
 
-def test_imports_point_one_way() -> None:
+def test_every_module_keeps_its_rooms_rules() -> None:
     problems = []
     for path in sorted(PKG.rglob("*.py")):
-        me = _module_of(path)
-        assert me in LAYERS, f"{path}: new module; give it a layer in this test"
-        for name in _imports(path):
+        room = _room(path)
+        assert room in ALLOWED, f"{path}: a new room or top-level module; give it rules here"
+        for name in sorted(_imports(path)):
             parts = name.split(".")
-            if parts[0] == "bulkrunner" and len(parts) > 1:
-                target = parts[1]
-                if target not in LAYERS or target == me:
-                    continue
-                if (me, target) == ("openapi", "__init__"):
-                    continue
-                if LAYERS[target] >= LAYERS[me]:
-                    problems.append(f"{me} imports {target}")
-            elif parts[0] == "bulkrunner" and me not in ("openapi",) and LAYERS[me] <= 3:
-                problems.append(f"{me} imports the package")
-            elif parts[0] in EDGES and me not in EDGES[parts[0]]:
-                problems.append(f"{me} imports {parts[0]} (allowed in {EDGES[parts[0]]})")
+            if name == "<relative>":
+                problems.append(f"{path.relative_to(PKG)}: relative import (use absolute)")
+            elif parts[0] == "bulkrunner":
+                target = parts[1] if len(parts) > 1 else "__init__"
+                if target != room and target not in ALLOWED[room]:
+                    problems.append(f"{path.relative_to(PKG)} imports bulkrunner.{target}")
+            elif parts[0] in EDGES:
+                if room not in EDGES[parts[0]]:
+                    problems.append(f"{path.relative_to(PKG)} imports {parts[0]} "
+                                    f"(allowed in {sorted(EDGES[parts[0]])})")
+            elif room == "runtime" and parts[0] not in STDLIB:
+                problems.append(f"{path.relative_to(PKG)} imports {parts[0]} (runtime is "
+                                "standard library only)")
     assert not problems, "\n".join(problems)
 
 
+def test_the_rules_catch_a_wrong_import(tmp_path: Path) -> None:
+    # The checker itself: a client module importing the store is reported.
+    bad = tmp_path / "bad.py"
+    bad.write_text("from bulkrunner.store import Store\nimport flask\n")
+    names = _imports(bad)
+    assert "bulkrunner.store" in names and "flask" in names
+    assert "store" not in ALLOWED["client"] and "client" not in EDGES["flask"]
+
+
+def _loaded(code: str, modules: tuple[str, ...]) -> str:
+    probe = (f"import sys; {code}; "
+             f"print(','.join(m for m in {modules!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return out.stdout.strip()
+
+
 def test_client_side_loads_no_server_code() -> None:
-    code = ("import sys, bulkrunner.cli, bulkrunner.client; "
-            "heavy = [m for m in ('flask', 'werkzeug', 'waitress', 'distributed', 'dask', "
-            "'sqlite3', 'bulkrunner.app', 'bulkrunner.store') if m in sys.modules]; "
-            "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
-    assert out.stdout.strip() == "", f"client side imported: {out.stdout.strip()}"
+    heavy = _loaded("import bulkrunner.client.cli, bulkrunner.client",
+                    ("flask", "werkzeug", "waitress", "distributed", "dask", "sqlite3",
+                     "bulkrunner.server", "bulkrunner.store", "bulkrunner.executors"))
+    assert heavy == "", f"client side imported: {heavy}"
 
 
-def test_worker_module_is_light() -> None:
+def test_worker_side_is_light() -> None:
     # Worker processes and Dask workers import it: no server code, no third party.
-    code = ("import sys, bulkrunner.worker; "
-            "print(','.join(m for m in ('flask', 'click', 'sqlite3', 'bulkrunner.store') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
-    assert out.stdout.strip() == ""
+    heavy = _loaded("import bulkrunner.runtime, bulkrunner.builtin",
+                    ("flask", "click", "sqlite3", "bulkrunner.store", "bulkrunner.server"))
+    assert heavy == "", f"worker side imported: {heavy}"

@@ -12,8 +12,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from bulkrunner.errors import InvalidSubmission
-from bulkrunner.itemfiles import detect_format, parse_items
-from bulkrunner.tasks import Task, task_from_function
+from bulkrunner.server.itemfiles import detect_format, parse_items
+from bulkrunner.server.tasks import Task, task_from_function
 from tests import sample_tasks
 from tests.conftest import wait_for
 

@@ -235,7 +235,7 @@ def test_json_server_log(serve: Callable[..., ServerProcess], tmp_path: Path) ->
 
 # --------------------------------------------------------------------------- units
 def test_item_log_cuts_at_the_limit_between_characters() -> None:
-    from bulkrunner.capture import ItemLog
+    from bulkrunner.runtime.capture import ItemLog
 
     got: list[tuple[tuple[int, int], int, str]] = []
     log = ItemLog((1, 0), 3, lambda *a: got.append(a), limit=5)
@@ -247,7 +247,7 @@ def test_item_log_cuts_at_the_limit_between_characters() -> None:
 
 
 def test_concurrent_run_items_with_a_sink(caplog: pytest.LogCaptureFixture) -> None:
-    from bulkrunner.worker import WorkUnit, run_item
+    from bulkrunner.runtime import WorkUnit, run_item
 
     caplog.set_level("INFO", logger="tests.log_tasks")
     got: dict[tuple[int, int], list[str]] = {}

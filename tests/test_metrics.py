@@ -138,8 +138,8 @@ def test_each_app_has_its_own_registry(app_factory: Callable[..., Flask],
 
 
 def app_factory_in(directory: Path) -> Flask:
-    from bulkrunner.app import create_app
     from bulkrunner.config import load_config
+    from bulkrunner.server.app import create_app
     from tests.conftest import toml_config
 
     return create_app(load_config(toml_config(directory)))

@@ -19,7 +19,7 @@ from flask import Flask
 from bulkrunner.config import RetentionConfig, config_from_dict
 from bulkrunner.errors import ConfigError, NotFound
 from bulkrunner.models import STATES, State
-from bulkrunner.retention import Pruner
+from bulkrunner.server.retention import Pruner
 from bulkrunner.store import Finish, NewJob, Store
 from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner
 
-from bulkrunner.cli import cli
+from bulkrunner.client.cli import cli
 from tests.conftest import ROOT, toml_config, wait_for
 
 TOKEN = "s3cret-token-value"

@@ -6,8 +6,8 @@ import pytest
 
 from bulkrunner.config import config_from_dict
 from bulkrunner.errors import InvalidSubmission
-from bulkrunner.tasks import Registry, task_from_function
-from bulkrunner.worker import Context
+from bulkrunner.runtime import Context
+from bulkrunner.server.tasks import Registry, task_from_function
 from tests import sample_tasks
 
 

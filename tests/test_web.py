@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from bulkrunner.client import Client
-from bulkrunner.web.auth import COOKIE, SESSION_SECONDS, Sessions
-from bulkrunner.web.fields import form_fields
+from bulkrunner.server.web.auth import COOKIE, SESSION_SECONDS, Sessions
+from bulkrunner.server.web.fields import form_fields
 from tests.conftest import ROOT, SAMPLE_TASKS, ServerProcess, toml_config, wait_for
 
 try:

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from bulkrunner.worker import Context, WorkUnit, context, run_item
+from bulkrunner.runtime import Context, WorkUnit, context, run_item
 
 
 def unit(target: str, params: dict[str, object] | None = None, **kw: object) -> WorkUnit:

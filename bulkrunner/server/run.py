@@ -20,7 +20,7 @@ from logging.handlers import QueueHandler, QueueListener
 from types import FrameType
 from typing import Any, NoReturn
 
-import bulkrunner.capture as capture
+import bulkrunner.runtime.capture as capture
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError
 from bulkrunner.models import iso
@@ -136,8 +136,8 @@ def _serve(cfg: Config, log_level: str) -> int:
 
     from waitress import create_server
 
-    from bulkrunner.app import create_app
-    from bulkrunner.service import Service
+    from bulkrunner.server.app import create_app
+    from bulkrunner.server.service import Service
 
     svc = Service(cfg)
     try:

@@ -24,11 +24,11 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import bulkrunner.capture as capture
+import bulkrunner.runtime.capture as capture
 from bulkrunner.errors import ExecutorLost, WorkerDied
-from bulkrunner.worker import Outcome, Reporter, WorkUnit, run_item
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_item
 
-log = logging.getLogger("bulkrunner.procpool")
+log = logging.getLogger("bulkrunner.executors.process")
 
 # After a worker fails to start (EMFILE, ENOMEM, a broken forkserver), wait this long before
 # the next try, doubling up to the cap: such causes pass in seconds, not microseconds.
@@ -114,7 +114,7 @@ class ProcessExecutor:
         methods = mp.get_all_start_methods()
         self._ctx: Any = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self._ctx.set_forkserver_preload(["bulkrunner.worker", *(preload or [])])
+            self._ctx.set_forkserver_preload(["bulkrunner.runtime", *(preload or [])])
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._pending: deque[tuple[WorkUnit, Future[Outcome]]] = deque()

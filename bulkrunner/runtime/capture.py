@@ -15,7 +15,7 @@ item runs. Each attempt keeps the head of its output up to a size limit, then a 
 Not captured: writes to file descriptors 1 and 2 below Python (C extensions, child
 processes), and bytes written to ``sys.stdout.buffer``.
 
-Imported by :mod:`bulkrunner.worker`, so it stays in the standard library.
+Imported by :mod:`bulkrunner.runtime`, so it stays in the standard library.
 """
 
 from __future__ import annotations

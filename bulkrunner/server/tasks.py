@@ -19,7 +19,7 @@ from typing import Any
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, InvalidSubmission
 from bulkrunner.models import ParamSpec
-from bulkrunner.worker import Context, resolve
+from bulkrunner.runtime import Context, resolve
 
 BUILTIN_TASKS = {
     "echo": "bulkrunner.builtin:echo",

@@ -2,15 +2,15 @@
 
 ``register(app)`` adds the blueprint named ``"web"`` (pages, plus static files under
 ``/assets``) to the app. ``session_auth(request)`` lets the API accept the page's session
-cookie in place of a Bearer token (see :mod:`bulkrunner.web.auth`).
+cookie in place of a Bearer token (see :mod:`bulkrunner.server.web.auth`).
 """
 
 from __future__ import annotations
 
 from flask import Flask
 
-from bulkrunner.web.auth import install, session_auth
-from bulkrunner.web.views import bp
+from bulkrunner.server.web.auth import install, session_auth
+from bulkrunner.server.web.views import bp
 
 
 def register(app: Flask) -> None:

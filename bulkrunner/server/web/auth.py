@@ -20,7 +20,7 @@ COOKIE = "bulkrunner_session"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_SECONDS = 7 * 24 * 3600
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-EXTENSION = "bulkrunner.web"
+EXTENSION = "bulkrunner.server.web"
 
 
 class Sessions:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from bulkrunner.config import Config
-from bulkrunner.dispatcher import Dispatcher
 from bulkrunner.errors import (
     ConfigError,
     InvalidSubmission,
@@ -25,13 +24,14 @@ from bulkrunner.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
-from bulkrunner.itemfiles import detect_format, parse_items
 from bulkrunner.models import Item, Job
-from bulkrunner.retention import Pruner
+from bulkrunner.server.dispatcher import Dispatcher
+from bulkrunner.server.itemfiles import detect_format, parse_items
+from bulkrunner.server.retention import Pruner
+from bulkrunner.server.tasks import Registry, Task
 from bulkrunner.store import JobChange, NewJob, Store
-from bulkrunner.tasks import Registry, Task
 
-log = logging.getLogger("bulkrunner.service")
+log = logging.getLogger("bulkrunner.server.service")
 
 SUBMIT_KEYS = ("task", "params", "items", "priority", "max_attempts", "timeout", "key")
 MAX_PRIORITY = 1_000_000

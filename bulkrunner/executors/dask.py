@@ -20,7 +20,7 @@ apart:
 
 Progress reports and captured output travel worker -> scheduler -> server as Dask events
 on a topic private to this server; cooperative cancel is a ``distributed.Event`` per
-attempt that the item's :class:`~bulkrunner.worker.Context` polls while the task checks it.
+attempt that the item's :class:`~bulkrunner.runtime.Context` polls while the task checks it.
 """
 
 # distributed ships partial type hints: many of its calls are untyped.
@@ -44,7 +44,7 @@ from distributed import Client, Event, KilledWorker, LocalCluster, get_worker
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ExecutorLost, WorkerDied
-from bulkrunner.worker import Outcome, Reporter, WorkUnit, error_dict, run_item
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit, error_dict, run_item
 
 log = logging.getLogger("bulkrunner.dask")
 
@@ -101,7 +101,7 @@ class _WorkerReports:
     Progress is throttled to one event per ``_PROGRESS_INTERVAL`` (plus the final 100 %):
     a report dropped by the throttle is superseded by the next one, and the outcome sets
     the final progress anyway. Output arrives in chunks of at most 16 KB (see
-    :mod:`bulkrunner.capture`), each sent before the task's result, so an item's log is
+    :mod:`bulkrunner.runtime.capture`), each sent before the task's result, so an item's log is
     complete when its outcome is recorded.
     """
 

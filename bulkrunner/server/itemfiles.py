@@ -15,7 +15,7 @@ import json
 from typing import Any, NamedTuple
 
 from bulkrunner.errors import InvalidSubmission
-from bulkrunner.tasks import Task
+from bulkrunner.server.tasks import Task
 
 _MAX_ERRORS = 20
 

@@ -8,6 +8,7 @@ input error, including a 4xx from the server; 3 the server cannot be reached; 4
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -17,8 +18,8 @@ from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 
-from bulkrunner import display
-from bulkrunner.client import FINISHED, Client
+from bulkrunner.client import display
+from bulkrunner.client.api import Client
 from bulkrunner.config import (
     EXECUTOR_TYPES,
     TOKEN_ENV,
@@ -28,7 +29,7 @@ from bulkrunner.config import (
     load_config,
 )
 from bulkrunner.errors import ApiError, BulkrunnerError, ConfigError, ServerUnreachable
-from bulkrunner.models import STATES, ParamSpec
+from bulkrunner.models import FINISHED, STATES, ParamSpec
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 F = TypeVar("F", bound=Callable[..., Any])
@@ -138,8 +139,9 @@ def cli(ctx: click.Context, config: str | None, url: str | None, token: str | No
 def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
           max_workers: int | None, db: str | None, log_level: str, log_format: str) -> None:
     """Run the job server (waitress) until SIGTERM or Ctrl-C."""
-    from bulkrunner.server import run_server
-
+    # The one command that runs the server: its code is loaded only here, so every other
+    # command starts without Flask, waitress or sqlite3.
+    run_server = importlib.import_module("bulkrunner.server.run").run_server
     try:
         cfg = obj.config.with_overrides(
             server={"host": host, "port": port},

@@ -21,7 +21,7 @@ from typing import Any
 from bulkrunner.config import RetentionConfig
 from bulkrunner.store import Store
 
-log = logging.getLogger("bulkrunner.retention")
+log = logging.getLogger("bulkrunner.server.retention")
 
 PRUNED_STATES = ("succeeded", "failed", "cancelled")
 

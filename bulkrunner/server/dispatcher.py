@@ -18,11 +18,11 @@ from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
+from bulkrunner.runtime import Outcome, WorkUnit
+from bulkrunner.server.tasks import Registry
 from bulkrunner.store import Claimed, Finish, Store, backoff_delay
-from bulkrunner.tasks import Registry
-from bulkrunner.worker import Outcome, WorkUnit
 
-log = logging.getLogger("bulkrunner.dispatcher")
+log = logging.getLogger("bulkrunner.server.dispatcher")
 
 #: ``observer(event, data)``: called from the dispatcher thread (metrics, logs). Events:
 #: "claimed", "finished", "timeout", "worker_died", "recovered". "finished" carries
@@ -381,7 +381,7 @@ class Dispatcher:
 
 class _Reports:
     """The reporter handed to executors: called with progress, and ``log`` takes captured
-    output (:func:`bulkrunner.worker.run_item` looks for it)."""
+    output (:func:`bulkrunner.runtime.run_item` looks for it)."""
 
     def __init__(self, progress: Callable[[tuple[int, int], float | None, str | None], None],
                  log: Callable[[tuple[int, int], int, str], None]) -> None:

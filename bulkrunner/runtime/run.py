@@ -13,21 +13,13 @@ import json
 import os
 import socket
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import bulkrunner.capture as capture
-
-#: ``report(key, fraction, message)``: how a context sends progress to the server; either
-#: may be None for "unchanged".
-Reporter = Callable[[tuple[int, int], "float | None", "str | None"], None]
-
-
-class Cancelled(Exception):
-    """Raised by :meth:`Context.check` once the item was cancelled."""
+import bulkrunner.runtime.capture as capture
+from bulkrunner.runtime.context import Cancelled, Context, Reporter, _current
 
 
 @dataclass(frozen=True)
@@ -64,76 +56,6 @@ class Outcome:
     retryable: bool = True
 
 
-class Context:
-    """Handed to a task that asks for it (a parameter annotated ``Context``), or found
-    with :func:`bulkrunner.context` while an item runs.
-
-    It reports progress and a message, and tells the task when it should stop: when its
-    item was cancelled or its deadline passed. Thread tasks cannot be killed, so a long
-    task should call :meth:`check` now and then.
-    """
-
-    def __init__(self, unit: WorkUnit | None = None, reporter: Reporter | None = None,
-                 cancel: threading.Event | None = None) -> None:
-        self.unit = unit
-        self._reporter = reporter
-        self._cancel = cancel or threading.Event()
-        self._last_report = 0.0
-
-    @property
-    def job_id(self) -> str | None:
-        """The id of the item's job, or None outside an item."""
-        return self.unit.job_id if self.unit else None
-
-    @property
-    def index(self) -> int | None:
-        """The item's index in its job, or None outside an item."""
-        return self.unit.index if self.unit else None
-
-    @property
-    def deadline(self) -> float | None:
-        """Wall-clock time (``time.time()``) at which this attempt times out, or None."""
-        return self.unit.deadline if self.unit else None
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the item was cancelled or timed out: the task should stop."""
-        return self._cancel.is_set() or (self.deadline is not None and time.time() >= self.deadline)
-
-    def check(self) -> None:
-        """Raise :class:`Cancelled` or :class:`TimeoutError` if the task should stop."""
-        if self._cancel.is_set():
-            raise Cancelled("the item was cancelled")
-        if self.deadline is not None and time.time() >= self.deadline:
-            raise TimeoutError(f"the attempt passed its timeout of {self.unit.timeout:g} s"
-                               if self.unit else "timed out")
-
-    def progress(self, done: float, total: float | None = None,
-                 message: str | None = None) -> None:
-        """Report ``done`` out of ``total`` (or a fraction when total is None) and a message."""
-        frac = (done / total if total else done) if total != 0 else 1.0
-        frac = min(max(float(frac), 0.0), 1.0)
-        self._send(frac, message)
-
-    def message(self, text: str) -> None:
-        """Report a message without changing the progress."""
-        self._send(None, text)
-
-    def _send(self, frac: float | None, message: str | None) -> None:
-        if self._reporter is None or self.unit is None:
-            return
-        self._reporter(self.unit.key, frac, None if message is None else str(message)[:1000])
-
-
-_current = threading.local()
-_NULL_CONTEXT = Context()
-
-
-def context() -> Context:
-    """The context of the item running on this thread (a no-op one outside an item)."""
-    return getattr(_current, "ctx", None) or _NULL_CONTEXT
-
-
 @functools.lru_cache(maxsize=256)
 def resolve(target: str) -> Callable[..., Any]:
     """Import ``module:function``. Only ever called with paths from the server's config."""
@@ -168,7 +90,7 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
              cancel: threading.Event | None = None) -> Outcome:
     """Run one attempt of one item and return its outcome; never raises for task errors.
 
-    When the reporter has a ``log`` method (a :data:`~bulkrunner.capture.LogSink`), what
+    When the reporter has a ``log`` method (a :data:`~bulkrunner.runtime.capture.LogSink`), what
     the task prints and logs is captured and sent there, all of it before this returns.
     """
     if cancel is not None and cancel.is_set():  # cancelled while it waited for a thread

@@ -16,9 +16,15 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from bulkrunner import __version__, errors
 from bulkrunner.models import STATES
-from bulkrunner.service import Service
-from bulkrunner.web.auth import COOKIE, SESSION_SECONDS, configured_token, session_nonce, sessions
-from bulkrunner.web.fields import form_fields
+from bulkrunner.server.service import Service
+from bulkrunner.server.web.auth import (
+    COOKIE,
+    SESSION_SECONDS,
+    configured_token,
+    session_nonce,
+    sessions,
+)
+from bulkrunner.server.web.fields import form_fields
 
 bp = Blueprint("web", __name__, template_folder="templates", static_folder="static",
                static_url_path="/assets")

@@ -14,14 +14,15 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from bulkrunner import errors, web
+from bulkrunner import errors
 from bulkrunner.config import Config, host_is_loopback, load_config
-from bulkrunner.metrics import Metrics
 from bulkrunner.models import STATES
-from bulkrunner.openapi import openapi_document
-from bulkrunner.service import Service
+from bulkrunner.server import web
+from bulkrunner.server.metrics import Metrics
+from bulkrunner.server.openapi import openapi_document
+from bulkrunner.server.service import Service
 
-log = logging.getLogger("bulkrunner.app")
+log = logging.getLogger("bulkrunner.server.app")
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
 STATUS = {
@@ -154,7 +155,7 @@ def _security_headers(resp: Response) -> Response:
 def _authenticate() -> Response | None:
     token = service().cfg.server.token
     if not token or request.path == "/healthz" or request.blueprint == "web":
-        return None  # web pages check the page session themselves (bulkrunner.web)
+        return None  # web pages check the page session themselves (bulkrunner.server.web)
     given = request.headers.get("Authorization", "")
     if not given and web.session_auth(request):
         return None

@@ -23,8 +23,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from bulkrunner.errors import ApiError, ServerUnreachable
-
-FINISHED = ("succeeded", "failed", "cancelled")
+from bulkrunner.models import FINISHED
 
 
 class Client:

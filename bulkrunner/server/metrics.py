@@ -19,7 +19,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from bulkrunner.models import STATES, Job
-from bulkrunner.service import Service
+from bulkrunner.server.service import Service
 from bulkrunner.store import Finish
 
 #: Run-duration buckets, seconds: tasks run from milliseconds to hours.

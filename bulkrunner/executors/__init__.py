@@ -11,14 +11,14 @@ in a failure of the executor (it is re-queued without spending one).
 from __future__ import annotations
 
 import importlib
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Protocol
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
-from bulkrunner.worker import Outcome, Reporter, WorkUnit, run_item
+from bulkrunner.executors.thread import ThreadExecutor
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
 __all__ = ["FACTORIES", "Executor", "ExecutorLost", "ThreadExecutor", "WorkerDied",
            "make_executor"]
@@ -47,51 +47,8 @@ class Executor(Protocol):
         ...
 
 
-class ThreadExecutor:
-    """Items on a ``ThreadPoolExecutor``. For I/O-bound tasks: CPU-bound ones hold the GIL.
-
-    A thread cannot be killed: cancel and timeout set the item's cooperative flag
-    (``ctx.cancelled`` / ``ctx.check()``), and the slot stays busy until the function
-    returns.
-    """
-
-    kind = "thread"
-
-    def __init__(self, max_workers: int, reporter: Reporter | None = None) -> None:
-        self.max_workers = max_workers
-        self._reporter = reporter
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="bulkrunner-item")
-        self._flags: dict[tuple[tuple[int, int], int], threading.Event] = {}
-
-    def submit(self, unit: WorkUnit) -> Future[Outcome]:
-        """Run the attempt on a pool thread; the future gives its Outcome."""
-        flag = threading.Event()
-        ident = (unit.key, unit.claim)
-        self._flags[ident] = flag
-        fut = self._pool.submit(run_item, unit, self._reporter, flag)
-        fut.add_done_callback(lambda _: self._flags.pop(ident, None))
-        return fut
-
-    def abort(self, unit: WorkUnit) -> None:
-        """Set the attempt's cooperative flag (a thread cannot be killed)."""
-        flag = self._flags.get((unit.key, unit.claim))
-        if flag is not None:
-            flag.set()
-
-    def health(self) -> tuple[bool, str]:
-        """Always ok; the detail is the pool's size."""
-        return True, f"{self.max_workers} threads"
-
-    def shutdown(self) -> None:
-        """Set every running item's flag and stop the pool without waiting."""
-        for flag in list(self._flags.values()):
-            flag.set()
-        # Threads cannot be killed; do not wait for them (they are daemon-like at exit).
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _process(cfg: Config, reporter: Reporter | None, preload: list[str]) -> Executor:
-    from bulkrunner.procpool import ProcessExecutor
+    from bulkrunner.executors.process import ProcessExecutor
     return ProcessExecutor(cfg.executor.max_workers, reporter, preload=preload)
 
 
@@ -105,7 +62,7 @@ def _dask(cfg: Config, reporter: Reporter | None, preload: list[str]) -> Executo
     except ImportError:
         raise ConfigError('executor.type = "dask" needs Dask: pip install "bulkrunner[dask]"',
                           file=cfg.source, key="executor.type") from None
-    mod = importlib.import_module("bulkrunner.dask_executor")
+    mod = importlib.import_module("bulkrunner.executors.dask")
     return mod.DaskExecutor(cfg, reporter)  # type: ignore[no-any-return]
 
 

@@ -1,0 +1,13 @@
+"""What runs on a worker: the work unit, the task's context and :func:`run_item`.
+
+Imported by worker processes and Dask workers, so everything here uses the standard library
+only (and :mod:`bulkrunner.errors` / :mod:`bulkrunner.models`), never server code.
+"""
+
+from __future__ import annotations
+
+from bulkrunner.runtime.context import Cancelled, Context, Reporter, context
+from bulkrunner.runtime.run import Outcome, WorkUnit, error_dict, resolve, run_item, worker_name
+
+__all__ = ["Cancelled", "Context", "Outcome", "Reporter", "WorkUnit", "context", "error_dict",
+           "resolve", "run_item", "worker_name"]
