@@ -1,20 +1,35 @@
-"""Shared fixtures: configs in a temp dir, an in-process app, and a real server process."""
+"""Shared fixtures and helpers: configs in a temp dir, an in-process app, a real server
+process, the real CLI in a fresh interpreter, and waiting for a job (never a fixed sleep:
+``wait_for`` polls a condition until a timeout, and fails with a message)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from flask.testing import FlaskClient
+
+    from bulkrunner.client import Client
+    from bulkrunner.runtime import WorkUnit
+    from bulkrunner.store import Store
+
 ROOT = Path(__file__).resolve().parent.parent
+JOBS = "/api/v1/jobs"
+FINISHED = ("succeeded", "failed", "cancelled")
+#: What a developer's shell may hold that would point the CLI or a server elsewhere.
+ENV_VARS = ("BULKRUNNER_URL", "BULKRUNNER_TOKEN", "BULKRUNNER_CONFIG")
 SAMPLE_TASKS = {
     "add": "tests.sample_tasks:add", "typed": "tests.sample_tasks:typed",
     "square": "tests.sample_tasks:square", "noop": "tests.sample_tasks:noop",
@@ -24,15 +39,23 @@ SAMPLE_TASKS = {
     "record": "tests.sample_tasks:record", "big": "tests.sample_tasks:big",
     "tally": "tests.sample_tasks:tally",
 }
+LOG_TASKS = {
+    **SAMPLE_TASKS, "chatter": "tests.log_tasks:chatter", "ticker": "tests.log_tasks:ticker",
+    "flood": "tests.log_tasks:flood", "thread_print": "tests.log_tasks:thread_print",
+    "print_then_fail": "tests.log_tasks:print_then_fail",
+    "odd_text": "tests.log_tasks:odd_text", "print_until": "tests.log_tasks:print_until",
+}
 
 
 def toml_config(tmp: Path, *, executor: str = "thread", max_workers: int = 2,
                 extra: str = "", tasks: dict[str, str] | None = None,
-                jobs: str = "", server: str = "") -> Path:
+                jobs: str = "", server: str = "", shutdown_grace: float = 5,
+                retry_backoff: float = 0.05) -> Path:
     """Write a config file in ``tmp`` and return its path."""
-    lines = ["[server]", 'host = "127.0.0.1"', "port = 0", "shutdown_grace = 5", server,
-             "[executor]", f'type = "{executor}"', f"max_workers = {max_workers}",
-             "[store]", 'path = "test.db"', "[jobs]", "retry_backoff = 0.05", jobs, "[tasks]"]
+    lines = ["[server]", 'host = "127.0.0.1"', "port = 0", f"shutdown_grace = {shutdown_grace}",
+             server, "[executor]", f'type = "{executor}"', f"max_workers = {max_workers}",
+             "[store]", 'path = "test.db"', "[jobs]", f"retry_backoff = {retry_backoff}", jobs,
+             "[tasks]"]
     for name, target in (tasks or SAMPLE_TASKS).items():
         lines.append(f'{name} = "{target}"')
     lines.append(extra)
@@ -54,15 +77,100 @@ def wait_for(pred: Callable[[], Any], timeout: float, message: str,
     raise AssertionError(f"timed out after {timeout} s: {message} (last: {last!r})")
 
 
+def wait_job_state(fetch: Callable[[], dict[str, Any]], timeout: float, what: str,
+                   states: tuple[str, ...] = FINISHED) -> dict[str, Any]:
+    """Poll ``fetch()`` (a job, as the API shows it) until its state is one of ``states``;
+    return that job. ``what`` names the job in the timeout's message."""
+    def reached() -> dict[str, Any] | None:
+        job = fetch()
+        return job if job["state"] in states else None
+    job: dict[str, Any] = wait_for(reached, timeout, f"{what} to reach {'/'.join(states)}")
+    return job
+
+
+def wait_job(c: Client, job_id: str, timeout: float,
+             states: tuple[str, ...] = FINISHED) -> dict[str, Any]:
+    """Poll a real server (through ``c``) until the job is in one of ``states``."""
+    return wait_job_state(lambda: c.job(job_id), timeout, f"job {job_id}", states)
+
+
+def all_items(c: Client, job_id: str) -> list[dict[str, Any]]:
+    """Every item of a job on a real server, page after page."""
+    items: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        page = c.items(job_id, limit=10000, after=after)
+        items += page["items"]
+        after = page["next"]
+        if after is None:
+            return items
+
+
+def wait_app_job(client: FlaskClient, ident: str, timeout: float = 20,
+                 states: tuple[str, ...] = FINISHED) -> dict[str, Any]:
+    """Poll an in-process app (its Flask test client) until the job is in ``states``."""
+    def fetch() -> dict[str, Any]:
+        r = client.get(f"{JOBS}/{ident}")
+        assert r.status_code == 200, r.get_data(as_text=True)
+        job: dict[str, Any] = r.get_json()
+        return job
+    return wait_job_state(fetch, timeout, f"job {ident}", states)
+
+
+def work_unit(target: str, params: dict[str, Any] | None = None, **kw: Any) -> WorkUnit:
+    """One attempt of item 0 of job "j" (claim 1, no timeout), ``kw`` overriding fields."""
+    from bulkrunner.runtime import WorkUnit
+
+    base: dict[str, Any] = dict(job_id="j", job_seq=1, index=0, claim=1, task="t",
+                                target=target, params=params or {}, timeout=0.0,
+                                deadline=None)
+    return WorkUnit(**{**base, **kw})
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on when asked (another process may take it later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: this one's, without $BULKRUNNER_URL, _TOKEN
+    and _CONFIG, with PYTHONPATH at the repository root (``tests.*`` tasks import)."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    return {**env, "PYTHONPATH": str(ROOT), **(extra or {})}
+
+
+def cli_command(*args: str, url: str | None = None) -> list[str]:
+    """The argv of the real ``bulkrunner`` CLI in a fresh interpreter."""
+    return [sys.executable, "-m", "bulkrunner", *(["--url", url] if url else []), *args]
+
+
+def run_cli(*args: str, url: str | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI to its end and capture its output. It runs in ``cwd``, by default
+    an empty temp dir made for it (never the repository: no ./bulkrunner.toml is read
+    there, nothing is written there); ``env`` defaults to ``child_env()``."""
+    if cwd is None:
+        with tempfile.TemporaryDirectory(prefix="bulkrunner-cli-") as empty:
+            return run_cli(*args, url=url, cwd=Path(empty), env=env, timeout=timeout)
+    return subprocess.run(cli_command(*args, url=url), cwd=cwd,
+                          env=child_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 class ServerProcess:
-    """A real ``bulkrunner serve`` subprocess on a free port."""
+    """A real ``bulkrunner serve`` subprocess on a free port. As a context manager it is
+    started on entry and killed on exit (``with ServerProcess(cfg) as srv: yield srv`` is a
+    module-scoped server fixture)."""
 
     def __init__(self, config: Path, args: list[str] | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.config = config
         self.args = args or []
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.env.pop("BULKRUNNER_URL", None)
+        self.env = child_env(env)
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.log_path = config.parent / f"server-{int(time.time() * 1000)}.log"
@@ -85,6 +193,16 @@ class ServerProcess:
         self.url = wait_for(ready, timeout, f"server did not start; log:\n{self.log_path}")
         return self
 
+    def __enter__(self) -> ServerProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text()
 
@@ -106,6 +224,26 @@ class ServerProcess:
             self.proc.wait(10)
         if hasattr(self, "_log"):
             self._log.close()
+
+
+@pytest.fixture
+def isolated_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The test runs in ``tmp_path``, without $BULKRUNNER_URL, _TOKEN or _CONFIG: an
+    in-process CLI reads no stray ./bulkrunner.toml and writes nothing into the repository."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A fresh store in ``tmp_path``, closed after."""
+    from bulkrunner.store import Store
+
+    s = Store(str(tmp_path / "t.db"))
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -11,9 +11,6 @@ import io
 import json
 import logging
 import re
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,26 +21,18 @@ from click.testing import CliRunner, Result
 
 import bulkrunner.client.cli
 from bulkrunner.client.cli import cli
-from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
+from tests.conftest import ServerProcess, free_port, run_cli, toml_config, wait_job_state
 
 ID = re.compile(r"^[0-9a-f]{32}$")
+# No stray ./bulkrunner.toml or $BULKRUNNER_* from the environment: every test runs in its
+# own tmp_path (so nothing the CLI writes lands in the repository).
+pytestmark = pytest.mark.usefixtures("isolated_cwd")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(toml_config(tmp_path_factory.mktemp("cli-server"), max_workers=4))
-    try:
-        yield srv.start()
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No stray ./bulkrunner.toml or $BULKRUNNER_* from the environment."""
-    for name in ("BULKRUNNER_URL", "BULKRUNNER_TOKEN", "BULKRUNNER_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
+    with ServerProcess(toml_config(tmp_path_factory.mktemp("cli-server"), max_workers=4)) as s:
+        yield s
 
 
 def invoke(args: list[str], input: str | bytes | None = None) -> Result:
@@ -74,11 +63,8 @@ def job_json(server: ServerProcess, ident: str) -> dict[str, Any]:
 
 
 def wait_done(server: ServerProcess, ident: str, timeout: float = 30) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        job = job_json(server, ident)
-        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-    job: dict[str, Any] = wait_for(done, timeout, f"job {ident} did not finish")
-    return job
+    """Poll ``bulkrunner status --json`` until the job has finished."""
+    return wait_job_state(lambda: job_json(server, ident), timeout, f"job {ident}")
 
 
 def error_line(result: Result, code: int) -> str:
@@ -392,10 +378,7 @@ def test_tasks(server: ServerProcess) -> None:
 
 # --------------------------------------------------------------------------- unreachable, url
 def test_unreachable_server_is_exit_3(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"
     for args in (["status"], ["status", "abc"], ["submit", "add", "-p", "a=1"], ["tasks"],
                  ["wait", "abc"], ["cancel", "abc"], ["results", "abc"]):
         err = error_line(invoke(["--url", url, *args]), 3)
@@ -506,14 +489,10 @@ def test_help_of_every_command() -> None:
 def test_status_as_a_real_process(server: ServerProcess) -> None:
     ident = submit(server, "add", "--param", "a=20", "--param", "b=22")
     wait_done(server, ident)
-    proc = subprocess.run([sys.executable, "-m", "bulkrunner", "--url", server.url,
-                           "status", ident[:8]], capture_output=True, text=True, timeout=30,
-                          cwd=ROOT)
+    proc = run_cli("status", ident[:8], url=server.url)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^state\s+succeeded$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^result\s+42$", proc.stdout, re.M), proc.stdout
-    missing = subprocess.run([sys.executable, "-m", "bulkrunner", "--url", server.url,
-                              "status", "f" * 32], capture_output=True, text=True,
-                             timeout=30, cwd=ROOT)
+    missing = run_cli("status", "f" * 32, url=server.url)
     assert missing.returncode == 2 and "no job with id" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -9,8 +9,7 @@ import pytest
 from bulkrunner.config import Config, config_from_dict, load_config
 from bulkrunner.errors import ConfigError
 from bulkrunner.server.tasks import Registry
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def _load(tmp_path: Path, text: str) -> Config:

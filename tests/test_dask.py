@@ -8,6 +8,7 @@ restart it), and with PYTHONPATH at the repository root so ``tests.sample_tasks`
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ class DaskProcesses:
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}  # address -> process
         self.address = ""
+        self.tls: list[str] = []  # extra options for both, e.g. --protocol tls --tls-cert
         self._n = 0
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
@@ -68,9 +70,9 @@ class DaskProcesses:
         """Start the scheduler (port 0: a free one); returns its address."""
         proc, log = self._spawn("scheduler", [
             "scheduler", "--host", "127.0.0.1", "--port", str(port),
-            "--dashboard-address", "127.0.0.1:0"])
+            "--dashboard-address", "127.0.0.1:0", *self.tls])
         self.scheduler = proc
-        self.address = self._await_line(proc, log, r"Scheduler at:\s+(tcp://\S+)",
+        self.address = self._await_line(proc, log, r"Scheduler at:\s+((?:tcp|tls)://\S+)",
                                          "dask scheduler")
         return self.address
 
@@ -78,8 +80,10 @@ class DaskProcesses:
         """Start a one-thread worker; returns its address once it registered."""
         proc, log = self._spawn("worker", [
             "worker", self.address, "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1",
-            "--dashboard-address", "127.0.0.1:0", "--local-directory", str(self.tmp)])
-        addr = self._await_line(proc, log, r"Start worker at:\s+(tcp://\S+)", "dask worker")
+            "--dashboard-address", "127.0.0.1:0", "--local-directory", str(self.tmp),
+            *self.tls])
+        addr = self._await_line(proc, log, r"Start worker at:\s+((?:tcp|tls)://\S+)",
+                                "dask worker")
         self._await_line(proc, log, r"(Registered to)", "dask worker registration")
         self.workers[addr] = proc
         return addr
@@ -143,6 +147,67 @@ def wait_job(c: Client, job_id: str, timeout: float) -> dict[str, Any]:
 
 def healthz(c: Client) -> dict[str, Any]:
     return c.health()
+
+
+# Run by `python -c` as another local user would: try to run os.getpid on the scheduler
+# (run_on_scheduler) or on a worker (its "run" handler), and print one JSON line saying
+# whether it ran or how it failed. argv: how to connect, the address.
+ATTACK = """
+import asyncio, json, os, sys, time
+from distributed import Client
+from distributed.core import rpc
+from distributed.protocol import pickle
+from distributed.security import Security
+
+how, address = sys.argv[1], sys.argv[2]
+security = Security.temporary() if how.endswith("own-cert") else None
+if how.endswith("tcp"):
+    address = address.replace("tls://", "tcp://")
+
+async def on_worker():
+    args = (security or Security()).get_connection_args("client")
+    async with rpc(address, timeout=5, connection_args=args) as r:
+        return await r.run(function=pickle.dumps(os.getpid))
+
+t = time.monotonic()
+try:
+    if how.startswith("scheduler"):
+        with Client(address, timeout=5, set_as_default=False, security=security) as c:
+            out = {"ran": repr(c.run_on_scheduler(os.getpid))}
+    else:
+        out = {"ran": repr(asyncio.run(asyncio.wait_for(on_worker(), 20)))}
+except Exception as e:
+    out = {"error": f"{type(e).__name__}: {e}"}
+print(json.dumps({"seconds": time.monotonic() - t, **out}), flush=True)
+os._exit(0)  # a Client that failed to start holds up a normal exit for 10 s
+"""
+ATTACKS = {  # how -> the error that shows the comm layer refused it
+    "scheduler-no-cert": r"^TypeError: TLS expects a `ssl_context`",
+    "scheduler-tcp": r"^CommClosedError: .*Connection reset",
+    "scheduler-own-cert": r"^FatalCommClosedError: TLS certificate does not match",
+    "worker-tcp": r"^CommClosedError: .*before comm was established",
+    "worker-own-cert": r"^FatalCommClosedError: .*before comm was established",
+}
+
+
+def attack(how: str, address: str) -> subprocess.Popen[str]:
+    """Start one ATTACK from another process (its result: :func:`attack_result`)."""
+    return subprocess.Popen([sys.executable, "-c", ATTACK, how, address], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def attack_result(how: str, proc: subprocess.Popen[str]) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"attack {how} did not finish within 60 s") from None
+    assert proc.returncode == 0, f"attack {how} exited {proc.returncode}:\n{err}"
+    lines = out.strip().splitlines()
+    assert lines, f"attack {how} printed nothing:\n{err}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
 def healthz_status(url: str) -> int:
@@ -307,7 +372,7 @@ def test_local_cluster_worker_died_timeout_and_stop(tmp_path: Path, serve: Serve
         job = c.submit("add", {"a": 1}, items=[{"b": i} for i in range(20)])
         assert wait_job(c, job["id"], 60)["state"] == "succeeded"
         workers = {it["worker"] for it in all_items(c, job["id"])}
-        assert len(workers) == 1 and next(iter(workers)).startswith("tcp://127.0.0.1:")
+        assert len(workers) == 1 and next(iter(workers)).startswith("tls://127.0.0.1:")
 
         # What a task prints and logs on a Dask worker reaches the item's log, and
         # progress reaches the job, both through the scheduler as Dask events.
@@ -339,3 +404,89 @@ def test_local_cluster_worker_died_timeout_and_stop(tmp_path: Path, serve: Serve
 
     server.signal(signal.SIGTERM)
     assert server.wait(60) == 0
+
+
+def test_local_cluster_without_cryptography_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("distributed")
+    from bulkrunner.executors.dask import DaskExecutor
+
+    # Security.temporary() imports cryptography when called: fail before any cluster starts.
+    monkeypatch.setitem(sys.modules, "cryptography", None)
+    cfg = load_config(dask_config(tmp_path, "", max_workers=1))
+    with pytest.raises(ConfigError, match=r"cryptography.*pip install cryptography"):
+        DaskExecutor(cfg)
+
+
+@needs_dask
+@pytest.mark.slow
+def test_local_cluster_refuses_clients_without_its_certificate(tmp_path: Path,
+                                                               serve: Serve) -> None:
+    # The finding: the local cluster listened on plain tcp:// on loopback, so any local
+    # user's `distributed.Client(address).run_on_scheduler(...)` ran code inside the server
+    # (and a worker's "run" handler on a worker), as the server's user. Now it is TLS with
+    # a certificate of this run only, which no other process has.
+    server = serve(dask_config(tmp_path, "", max_workers=1))
+    m = wait_for(lambda: re.search(r"started a local Dask cluster of 1 worker processes at "
+                                   r"([a-z]+://[\d.]+:\d+)", server.log()), 60,
+                 "the server did not log its local cluster's address")
+    scheduler = m.group(1)
+    assert scheduler.startswith("tls://127.0.0.1:"), scheduler
+    with Client(server.url, timeout=30) as c:
+        h = wait_for(lambda: (r := healthz(c))["status"] == "ok" and r, 60,
+                     "local cluster never became healthy")
+        assert f"at {scheduler}" in h["executor"]["detail"], h
+        job = c.submit("add", {"a": 1}, items=[{"b": i} for i in range(5)])
+        assert wait_job(c, job["id"], 60)["state"] == "succeeded"
+        worker = all_items(c, job["id"])[0]["worker"]
+        assert worker.startswith("tls://127.0.0.1:"), worker
+
+        procs = {how: attack(how, worker if how.startswith("worker") else scheduler)
+                 for how in ATTACKS}
+        for how, proc in procs.items():
+            result = attack_result(how, proc)
+            assert "ran" not in result, f"{how}: another process ran code: {result}"
+            assert re.search(ATTACKS[how], result["error"]), f"{how}: {result}"
+            assert result["seconds"] < 15, f"{how} took {result['seconds']:.1f} s to fail"
+
+        # The server's own client still has the certificate: items run as before.
+        job = c.submit("add", {"a": 2}, items=[{"b": i} for i in range(5)])
+        done = wait_job(c, job["id"], 60)
+        assert done["state"] == "succeeded", done
+        assert [it["result"] for it in all_items(c, job["id"])] == [2, 3, 4, 5, 6]
+
+
+@needs_dask
+@pytest.mark.slow
+def test_external_scheduler_with_tls_from_dask_config(tmp_path: Path,
+                                                      dask_procs: DaskProcesses,
+                                                      serve: Serve) -> None:
+    # The recipe of docs/dask.md: scheduler and workers started with --tls-* files, the
+    # server given its client certificate through Dask's own config (environment here).
+    from distributed.security import Security
+
+    creds = Security.temporary()  # type: ignore[no-untyped-call]  # self-signed: its own CA
+    cert, key = tmp_path / "dask.pem", tmp_path / "dask.key"
+    cert.write_text(creds.tls_scheduler_cert)
+    key.write_text(creds.tls_scheduler_key)
+    key.chmod(0o600)
+    dask_procs.tls = ["--protocol", "tls", "--tls-ca-file", str(cert),
+                      "--tls-cert", str(cert), "--tls-key", str(key)]
+    address = dask_procs.start_scheduler()
+    assert address.startswith("tls://127.0.0.1:"), address
+    worker = dask_procs.start_worker()
+    assert worker.startswith("tls://127.0.0.1:"), worker
+    server = serve(dask_config(tmp_path, address, max_workers=1), env={
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(cert),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(cert),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(key)})
+    with Client(server.url, timeout=30) as c:
+        wait_for(lambda: healthz(c)["status"] == "ok", 30,
+                 "the server never connected to the TLS scheduler")
+        job = c.submit("add", {"a": 1}, items=[{"b": i} for i in range(5)])
+        assert wait_job(c, job["id"], 60)["state"] == "succeeded"
+        assert {it["worker"] for it in all_items(c, job["id"])} == {worker}
+    for how in ("scheduler-no-cert", "scheduler-own-cert"):
+        result = attack_result(how, attack(how, address))
+        assert "ran" not in result and re.search(ATTACKS[how], result["error"]), result

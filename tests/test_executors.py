@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import wait
@@ -13,14 +14,13 @@ import pytest
 from bulkrunner.executors import ExecutorLost, ThreadExecutor, WorkerDied
 from bulkrunner.executors.process import ProcessExecutor, describe_exit
 from bulkrunner.runtime import WorkUnit
-from tests.conftest import wait_for
+from tests.conftest import wait_for, work_unit
 
 
 def unit(target: str, index: int = 0, timeout: float = 0, **params: object) -> WorkUnit:
-    return WorkUnit(job_id="j", job_seq=1, index=index, claim=1, task="t",
-                    target=f"tests.sample_tasks:{target}", params=params, timeout=timeout,
-                    deadline=time.time() + timeout if timeout else None,
-                    context_param="ctx" if target in ("slow", "progress") else None)
+    return work_unit(f"tests.sample_tasks:{target}", params, index=index, timeout=timeout,
+                     deadline=time.time() + timeout if timeout else None,
+                     context_param="ctx" if target in ("slow", "progress") else None)
 
 
 @pytest.fixture
@@ -72,9 +72,8 @@ def test_progress_travels_over_the_pipe() -> None:
     p = ProcessExecutor(1, lambda *a: seen.append(a), preload=["tests.sample_tasks"])
     try:
         assert p.submit(unit("progress", steps=3, delay=0)).result(timeout=60).ok
-        deadline = time.monotonic() + 10
-        while len(seen) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(seen) >= 3, 10, "the 3 progress reports did not arrive",
+                 interval=0.01)
         assert [s[2] for s in seen] == ["step 1 of 3", "step 2 of 3", "step 3 of 3"]
     finally:
         p.shutdown()
@@ -91,7 +90,7 @@ def test_thread_abort_sets_the_cooperative_flag() -> None:
     try:
         u = unit("slow", seconds=30)
         f = ex.submit(u)
-        time.sleep(0.1)
+        wait_for(f.running, 10, "the slow item did not start on a thread", interval=0.01)
         ex.abort(u)
         out = f.result(timeout=10)
         assert out.error is not None and out.error["type"] == "Cancelled"
@@ -116,9 +115,16 @@ def test_a_pool_that_cannot_start_workers_backs_off_and_says_so(
     try:
         f = p.submit(unit("add", a=1))
         wait_for(lambda: calls, 10, "the pool never tried to start a worker")
-        time.sleep(0.5)
-        # Backing off from 0.1 s, doubling: a handful of tries, not a spinning core.
-        assert 1 <= len(calls) <= 6, f"{len(calls)} tries to start a worker in 0.5 s"
+        # Backing off from 0.1 s, doubling: tries at about 0, 0.1, 0.3 and 0.7 s. Once one
+        # comes more than 0.5 s after the first, the tries of that first 0.5 s are all in.
+        wait_for(lambda: calls[-1] - calls[0] > 0.5, 10,
+                 "the pool did not try again after backing off")
+        in_window = [t for t in calls if t - calls[0] <= 0.5]
+        # A handful of tries, not a spinning core.
+        assert 1 <= len(in_window) <= 6, f"{len(in_window)} tries to start a worker in 0.5 s"
+        gaps = [b - a for a, b in itertools.pairwise(calls[:4])]
+        assert all(gap >= 0.1 * 2**i * 0.95 for i, gap in enumerate(gaps)), (
+            f"the pool did not back off from 0.1 s, doubling: gaps {gaps}")
         ok, detail = p.health()
         assert not ok and detail.startswith("cannot start worker processes: ")
         assert "Too many open files" in detail

@@ -13,18 +13,16 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from bulkrunner.models import Item, State
-from bulkrunner.server.service import _csv_rows
-from tests.conftest import SAMPLE_TASKS, wait_for
-
-JOBS = "/api/v1/jobs"
+from bulkrunner.server.export import csv_rows as _csv_rows
+from tests.conftest import JOBS, SAMPLE_TASKS, wait_app_job
 
 
 def export_csv(client: FlaskClient, body: dict[str, Any]) -> list[dict[str, str]]:
     r = client.post(JOBS, json=body)
     assert r.status_code == 202, r.get_data(as_text=True)
     ident = r.get_json()["id"]
-    wait_for(lambda: client.get(f"{JOBS}/{ident}").get_json()["state"] == "succeeded", 20,
-             f"job {ident} did not succeed")
+    job = wait_app_job(client, ident, 20)
+    assert job["state"] == "succeeded", job
     out = client.get(f"{JOBS}/{ident}/results?format=csv")
     assert out.status_code == 200
     return list(csv.DictReader(io.StringIO(out.get_data(as_text=True))))

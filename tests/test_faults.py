@@ -30,27 +30,13 @@ from urllib.parse import urlsplit
 import pytest
 
 from bulkrunner.client import Client
-from tests.conftest import toml_config, wait_for
+from tests.conftest import all_items, toml_config, wait_for, wait_job
 
 MAX_WORKERS = 4
 N_ITEMS = 1000
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 # --------------------------------------------------------------------------- helpers
-def _config(tmp: Path, *, grace: float | None = None, backoff: float | None = None,
-            **kwargs: Any) -> Path:
-    """``toml_config`` with a different shutdown grace or retry backoff (keys it sets)."""
-    path = toml_config(tmp, **kwargs)
-    text = path.read_text()
-    if grace is not None:
-        text = text.replace("shutdown_grace = 5\n", f"shutdown_grace = {grace}\n")
-    if backoff is not None:
-        text = text.replace("retry_backoff = 0.05\n", f"retry_backoff = {backoff}\n")
-    path.write_text(text)
-    return path
-
-
 def _raw(url: str, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None,
          timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
@@ -91,23 +77,6 @@ def _assert_error_shape(status: int, data: bytes, what: str) -> None:
     assert isinstance(err["details"], dict), f"{what}: details {err['details']!r}"
 
 
-def _wait_job(c: Client, job_id: str, timeout: float,
-              states: tuple[str, ...] = FINISHED) -> dict[str, Any]:
-    return wait_for(lambda: (lambda j: j if j["state"] in states else None)(c.job(job_id)),
-                    timeout, f"job {job_id} to reach {'/'.join(states)}", interval=0.05)
-
-
-def _all_items(c: Client, job_id: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    after: str | None = None
-    while True:
-        page = c.items(job_id, limit=10000, after=after)
-        items += page["items"]
-        after = page["next"]
-        if after is None:
-            return items
-
-
 def _runs(path: Path) -> list[int]:
     """The indices the ``record`` task wrote, one line per run (a partial last line dropped)."""
     if not path.exists():
@@ -130,7 +99,7 @@ def _report(line: str) -> None:
 def test_kill9_mid_bulk_then_restart_loses_nothing(serve: Any, tmp_path: Path,
                                                    executor: str) -> None:
     """slow: kill -9 with 1,000 items running and queued; the restart finishes them all."""
-    cfg = _config(tmp_path, executor=executor, max_workers=MAX_WORKERS)
+    cfg = toml_config(tmp_path, executor=executor, max_workers=MAX_WORKERS)
     runs = tmp_path / "runs.txt"
     first = serve(cfg)
     with Client(first.url) as c:
@@ -161,11 +130,11 @@ def test_kill9_mid_bulk_then_restart_loses_nothing(serve: Any, tmp_path: Path,
              interval=0.005)
     t_first = time.monotonic() - t0
     with Client(second.url) as c:
-        done = _wait_job(c, job["id"], 120)
+        done = wait_job(c, job["id"], 120)
         t_end = time.monotonic() - t0
         assert done["state"] == "succeeded", done
         assert done["items"]["succeeded"] == N_ITEMS, done["items"]
-        items = _all_items(c, job["id"])
+        items = all_items(c, job["id"])
     assert len(items) == N_ITEMS
     # Interrupted items were re-queued without spending an attempt (max_attempts is 1).
     assert all(it["state"] == "succeeded" and it["attempts"] == 1 for it in items)
@@ -187,7 +156,7 @@ def test_kill9_mid_bulk_then_restart_loses_nothing(serve: Any, tmp_path: Path,
 def test_item_running_at_three_server_crashes_fails_as_interrupted(
         serve: Any, tmp_path: Path) -> None:
     """slow: an item that was running at 3 kill -9s fails, so it cannot crash-loop a server."""
-    cfg = _config(tmp_path, executor="thread", max_workers=2)
+    cfg = toml_config(tmp_path, executor="thread", max_workers=2)
     runs = tmp_path / "runs.txt"
     server = serve(cfg)
     with Client(server.url) as c:
@@ -201,8 +170,8 @@ def test_item_running_at_three_server_crashes_fails_as_interrupted(
         server.wait(10)
         server = serve(cfg)
     with Client(server.url) as c:
-        done = _wait_job(c, job["id"], 10)
-        (item,) = _all_items(c, job["id"])
+        done = wait_job(c, job["id"], 10)
+        (item,) = all_items(c, job["id"])
     assert done["state"] == "failed", done
     assert item["error"]["type"] == "Interrupted" and "3 times" in item["error"]["message"], item
     assert item["attempts"] == 0, item  # interruptions are not the item's attempts
@@ -212,27 +181,27 @@ def test_item_running_at_three_server_crashes_fails_as_interrupted(
 # --------------------------------------------------------------------------- 2. dead workers
 def test_worker_exit_fails_only_its_own_item(serve: Any, tmp_path: Path) -> None:
     """slow: os._exit and SIGKILL in a process worker fail only that item, with the cause."""
-    s = serve(_config(tmp_path, executor="process", max_workers=7))
+    s = serve(toml_config(tmp_path, executor="process", max_workers=7))
     with Client(s.url) as c:
         bystanders = c.submit("slow", {"seconds": 3.0}, items=[{} for _ in range(6)])
         wait_for(lambda: c.job(bystanders["id"])["items"]["running"] == 6, 30,
                  "the 6 bystander items to be running together")
-        died = _wait_job(c, c.submit("die", {"code": 7})["id"], 20)
+        died = wait_job(c, c.submit("die", {"code": 7})["id"], 20)
         assert died["state"] == "failed", died
         assert died["error"]["type"] == "WorkerDied", died["error"]
         assert "exit code 7" in died["error"]["message"], died["error"]
         # The bystanders shared the pool with the dead worker and ran on, unharmed.
         assert c.job(bystanders["id"])["items"]["running"] == 6, \
             "the worker death disturbed the other running items"
-        done = _wait_job(c, bystanders["id"], 30)
+        done = wait_job(c, bystanders["id"], 30)
         assert done["state"] == "succeeded", done
         assert done["items"]["succeeded"] == 6
-        assert all(it["attempts"] == 1 for it in _all_items(c, bystanders["id"]))
+        assert all(it["attempts"] == 1 for it in all_items(c, bystanders["id"]))
 
-        later = _wait_job(c, c.submit("add", {"a": 40, "b": 2})["id"], 20)
+        later = wait_job(c, c.submit("add", {"a": 40, "b": 2})["id"], 20)
         assert later["state"] == "succeeded" and later["result"] == 42, later
 
-        killed = _wait_job(c, c.submit("sigkill_self")["id"], 20)
+        killed = wait_job(c, c.submit("sigkill_self")["id"], 20)
         assert killed["state"] == "failed", killed
         assert killed["error"]["type"] == "WorkerDied", killed["error"]
         assert "SIGKILL" in killed["error"]["message"], killed["error"]
@@ -246,40 +215,44 @@ def test_worker_exit_fails_only_its_own_item(serve: Any, tmp_path: Path) -> None
 def test_item_that_always_kills_its_worker_fails_after_max_attempts(
         serve: Any, tmp_path: Path) -> None:
     """slow: a worker-killing item with max_attempts=3 fails after exactly 3, no loop."""
-    s = serve(_config(tmp_path, executor="process", max_workers=2))
+    # No retry backoff: a 4th attempt, were one queued, would be due at once, and the
+    # dispatcher claims it ahead of any job submitted later (same priority, older job).
+    s = serve(toml_config(tmp_path, executor="process", max_workers=2, retry_backoff=0))
     with Client(s.url) as c:
         job = c.submit("die", {"code": 3}, max_attempts=3)
-        failed = _wait_job(c, job["id"], 30)
+        failed = wait_job(c, job["id"], 30)
         assert failed["state"] == "failed", failed
-        (item,) = _all_items(c, job["id"])
+        (item,) = all_items(c, job["id"])
         assert item["attempts"] == 3, item
         assert len(item["errors"]) == 3, item["errors"]
         assert all(e["type"] == "WorkerDied" and "exit code 3" in e["message"]
                    for e in item["errors"]), item["errors"]
         assert [e["attempt"] for e in item["errors"]] == [1, 2, 3]
-        time.sleep(1.0)  # longer than a retry backoff and a dispatcher poll: no 4th attempt
-        again = c.job(job["id"])
-        (item,) = _all_items(c, job["id"])
-        assert again["state"] == "failed" and item["attempts"] == 3, (again, item)
-        later = _wait_job(c, c.submit("add", {"a": 1})["id"], 20)
+        # The submission wakes the dispatcher; once the later job has run, a 4th attempt
+        # of the failed item would have been claimed first (no backoff, older job).
+        later = wait_job(c, c.submit("add", {"a": 1})["id"], 20)
         assert later["state"] == "succeeded", later
+        again = c.job(job["id"])
+        (item,) = all_items(c, job["id"])
+        assert again["state"] == "failed" and item["attempts"] == 3, (again, item)
+        assert len(item["errors"]) == 3, item["errors"]
 
 
 # --------------------------------------------------------------------------- 3. timeouts
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_timeout_fails_a_10s_task_within_3s(serve: Any, tmp_path: Path, executor: str) -> None:
     """slow: a 10 s task that never checks, with a 1 s timeout, fails within 3 s."""
-    s = serve(_config(tmp_path, executor=executor, max_workers=2))
+    s = serve(toml_config(tmp_path, executor=executor, max_workers=2))
     # Threads cannot be killed: one stubborn thread stays busy, so time out only one there.
     # Processes: every worker gets a stubborn item, so the later job needs a new worker.
     n = 1 if executor == "thread" else 2
     with Client(s.url) as c:
         t0 = time.monotonic()
         job = c.submit("stubborn", {"seconds": 10}, items=[{} for _ in range(n)], timeout=1)
-        done = _wait_job(c, job["id"], 8)
+        done = wait_job(c, job["id"], 8)
         latency = time.monotonic() - t0
         assert done["state"] == "failed", done
-        items = _all_items(c, job["id"])
+        items = all_items(c, job["id"])
         for it in items:
             assert it["error"]["type"] == "TimeoutError", it["error"]
             assert "timeout of 1 s" in it["error"]["message"], it["error"]
@@ -289,7 +262,7 @@ def test_timeout_fails_a_10s_task_within_3s(serve: Any, tmp_path: Path, executor
         assert latency < 3.0, f"the timeout took {latency:.2f} s"
         assert all(0.9 <= d < 2.0 for d in spans), spans
 
-        later = _wait_job(c, c.submit("add", {"a": 1, "b": 1})["id"], 10)
+        later = wait_job(c, c.submit("add", {"a": 1, "b": 1})["id"], 10)
         assert later["state"] == "succeeded" and later["result"] == 2, later
         if executor == "thread":
             # The failed attempt's thread runs on and keeps its slot until it returns.
@@ -305,7 +278,7 @@ def test_sigterm_drains_exits_0_and_the_job_finishes_after_restart(
         serve: Any, tmp_path: Path, executor: str) -> None:
     """slow: SIGTERM answers 503 while draining, exits 0 in the grace; the job runs after."""
     grace = 2.0
-    cfg = _config(tmp_path, executor=executor, max_workers=2, grace=grace)
+    cfg = toml_config(tmp_path, executor=executor, max_workers=2, shutdown_grace=grace)
     first = serve(cfg)
     with Client(first.url) as c:
         job = c.submit("stubborn", {"seconds": 3.0})
@@ -337,9 +310,9 @@ def test_sigterm_drains_exits_0_and_the_job_finishes_after_restart(
 
     second = serve(cfg)
     with Client(second.url) as c:
-        done = _wait_job(c, job["id"], 20)
+        done = wait_job(c, job["id"], 20)
         assert done["state"] == "succeeded", done
-        (item,) = _all_items(c, job["id"])
+        (item,) = all_items(c, job["id"])
         assert item["attempts"] == 1, item  # the drain did not spend an attempt
         jobs = c.jobs(limit=10)["jobs"]
         assert [j["id"] for j in jobs] == [job["id"]], "the 503 submission stored a job"
@@ -348,7 +321,7 @@ def test_sigterm_drains_exits_0_and_the_job_finishes_after_restart(
 # --------------------------------------------------------------------------- 5. queue full
 def test_queue_full_answers_503_and_stores_nothing(serve: Any, tmp_path: Path) -> None:
     """Past jobs.max_queued waiting items a submission gets 503 and Retry-After."""
-    s = serve(_config(tmp_path, executor="thread", max_workers=1, jobs="max_queued = 10"))
+    s = serve(toml_config(tmp_path, executor="thread", max_workers=1, jobs="max_queued = 10"))
     with Client(s.url) as c:
         blocker = c.submit("slow", {"seconds": 30})
         wait_for(lambda: c.job(blocker["id"])["state"] == "running", 10,
@@ -375,7 +348,7 @@ def test_flaky_task_succeeds_on_third_attempt_with_growing_backoff(
         serve: Any, tmp_path: Path) -> None:
     """slow: max_attempts=3 and a task failing twice: succeeded, 3 attempts, 2 errors."""
     backoff = 0.4
-    s = serve(_config(tmp_path, executor="thread", max_workers=2, backoff=backoff))
+    s = serve(toml_config(tmp_path, executor="thread", max_workers=2, retry_backoff=backoff))
     counter = tmp_path / "flaky.count"
     seen: dict[int, float] = {}  # attempt number -> when the task wrote its count (mtime)
     with Client(s.url) as c:
@@ -391,9 +364,9 @@ def test_flaky_task_succeeds_on_third_attempt_with_growing_backoff(
             return 3 in seen
 
         wait_for(third_seen, 20, "the third attempt", interval=0.005)
-        done = _wait_job(c, job["id"], 10)
+        done = wait_job(c, job["id"], 10)
         assert done["state"] == "succeeded" and done["result"] == 3, done
-        (item,) = _all_items(c, job["id"])
+        (item,) = all_items(c, job["id"])
     assert item["attempts"] == 3, item
     assert len(item["errors"]) == 2, item["errors"]
     assert [e["attempt"] for e in item["errors"]] == [1, 2]
@@ -552,11 +525,11 @@ def _barrage(rng: random.Random, job_id: str) -> list[Request]:
 def test_malformed_input_barrage_never_gets_a_5xx(serve: Any, tmp_path: Path) -> None:
     """slow: hundreds of malformed requests: no 5xx, the contract's error body, a healthy
     server after."""
-    cfg = _config(tmp_path, executor="thread", max_workers=2, tasks=SAFE_TASKS,
+    cfg = toml_config(tmp_path, executor="thread", max_workers=2, tasks=SAFE_TASKS,
                   server=f"max_body_size = {MAX_BODY}")
     s = serve(cfg)
     with Client(s.url) as c:
-        job = _wait_job(c, c.submit("add", {"a": 1})["id"], 20)
+        job = wait_job(c, c.submit("add", {"a": 1})["id"], 20)
     reqs = _barrage(random.Random(20261124), job["id"])
     assert len(reqs) >= 300, len(reqs)
     problems: list[str] = []
@@ -591,7 +564,7 @@ def test_malformed_input_barrage_never_gets_a_5xx(serve: Any, tmp_path: Path) ->
     assert s.proc is not None and s.proc.poll() is None, "the server died"
     with Client(s.url) as c:
         assert c.health()["status"] == "ok"
-        later = _wait_job(c, c.submit("add", {"a": 2, "b": 3})["id"], 20)
+        later = wait_job(c, c.submit("add", {"a": 2, "b": 3})["id"], 20)
         assert later["state"] == "succeeded" and later["result"] == 5, later
 
 
@@ -601,7 +574,7 @@ def test_schemathesis_finds_no_server_error(serve: Any, tmp_path: Path) -> None:
     st = shutil.which("st") or shutil.which("schemathesis")
     if st is None:
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
-    cfg = _config(tmp_path, executor="thread", max_workers=2, tasks=SAFE_TASKS)
+    cfg = toml_config(tmp_path, executor="thread", max_workers=2, tasks=SAFE_TASKS)
     s = serve(cfg)
     # Random ids only ever reach the 404 of cancel and retry: point those two at a real job
     # (a bulk of short sleeps), so cancel and retry run their state changes over and over.

@@ -15,9 +15,8 @@ from bulkrunner.errors import InvalidSubmission
 from bulkrunner.server.itemfiles import detect_format, parse_items
 from bulkrunner.server.tasks import Task, task_from_function
 from tests import sample_tasks
-from tests.conftest import wait_for
+from tests.conftest import JOBS, wait_app_job
 
-JOBS = "/api/v1/jobs"
 TYPED = task_from_function("typed", "tests.sample_tasks:typed", sample_tasks.typed)
 ADD = task_from_function("add", "tests.sample_tasks:add", sample_tasks.add)
 
@@ -104,8 +103,8 @@ def upload(client: FlaskClient, data: str, filename: str, **fields: str) -> Any:
 
 
 def finished_items(client: FlaskClient, ident: str) -> list[dict[str, Any]]:
-    wait_for(lambda: client.get(f"{JOBS}/{ident}").get_json()["state"] == "succeeded", 20,
-             f"job {ident} did not succeed")
+    job = wait_app_job(client, ident, 20)
+    assert job["state"] == "succeeded", job
     items: list[dict[str, Any]] = client.get(f"{JOBS}/{ident}/items").get_json()["items"]
     return items
 

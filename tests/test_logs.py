@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,14 +16,16 @@ import pytest
 from flask import Flask
 
 from bulkrunner.client import Client
-from tests.conftest import ROOT, SAMPLE_TASKS, ServerProcess, toml_config, wait_for
-
-JOBS = "/api/v1/jobs"
-TASKS = {**SAMPLE_TASKS, "chatter": "tests.log_tasks:chatter",
-         "ticker": "tests.log_tasks:ticker", "flood": "tests.log_tasks:flood",
-         "thread_print": "tests.log_tasks:thread_print",
-         "print_then_fail": "tests.log_tasks:print_then_fail",
-         "odd_text": "tests.log_tasks:odd_text"}
+from tests.conftest import (
+    JOBS,
+    LOG_TASKS,
+    ServerProcess,
+    cli_command,
+    run_cli,
+    toml_config,
+    wait_app_job,
+    work_unit,
+)
 
 
 def run(app: Flask, body: dict[str, Any], timeout: float = 30) -> str:
@@ -33,8 +34,7 @@ def run(app: Flask, body: dict[str, Any], timeout: float = 30) -> str:
     r = client.post(JOBS, json=body)
     assert r.status_code == 202, r.get_json()
     ident = str(r.get_json()["id"])
-    wait_for(lambda: client.get(f"{JOBS}/{ident}").get_json()["state"]
-             in ("succeeded", "failed", "cancelled"), timeout, f"job {body} finishes")
+    wait_app_job(client, ident, timeout)
     return ident
 
 
@@ -58,7 +58,7 @@ def test_concurrent_items_each_get_only_their_own_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     # The server runs at INFO; in this process the root logger would stop task INFO lines.
     caplog.set_level("INFO", logger="tests.log_tasks")
-    app = app_factory(executor=executor, max_workers=2, tasks=TASKS)
+    app = app_factory(executor=executor, max_workers=2, tasks=LOG_TASKS)
     ident = run(app, {"task": "chatter", "params": {"lines": 20, "delay": 0.01},
                       "items": [{"name": "alpha"}, {"name": "beta"}]}, timeout=60)
     items = app.test_client().get(f"{JOBS}/{ident}/items").get_json()["items"]
@@ -77,14 +77,14 @@ def test_concurrent_items_each_get_only_their_own_lines(
 
 def test_process_executor_captures_threads_the_task_starts(
         app_factory: Callable[..., Flask]) -> None:
-    app = app_factory(executor="process", max_workers=1, tasks=TASKS)
+    app = app_factory(executor="process", max_workers=1, tasks=LOG_TASKS)
     ident = run(app, {"task": "thread_print", "params": {"name": "T"}}, timeout=60)
     assert item_log(app, ident).get_data(as_text=True) == "T from a thread\n"
 
 
 def test_capture_ends_with_the_item(app_factory: Callable[..., Flask],
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    app = app_factory(tasks=TASKS)
+    app = app_factory(tasks=LOG_TASKS)
     run(app, {"task": "chatter", "params": {"name": "inside", "lines": 1}})
     print("outside any item")
     out = capsys.readouterr()
@@ -92,7 +92,7 @@ def test_capture_ends_with_the_item(app_factory: Callable[..., Flask],
 
 
 def test_log_is_capped_keeping_the_head(app_factory: Callable[..., Flask]) -> None:
-    app = app_factory(tasks=TASKS, jobs="max_log_size = 1000")
+    app = app_factory(tasks=LOG_TASKS, jobs="max_log_size = 1000")
     ident = run(app, {"task": "flood", "params": {"size": 50_000, "line": 100}})
     text = item_log(app, ident).get_data(as_text=True)
     head, marker = text[:1000], text[1000:]
@@ -104,7 +104,7 @@ def test_log_is_capped_keeping_the_head(app_factory: Callable[..., Flask]) -> No
 
 def test_zero_max_log_size_captures_nothing(app_factory: Callable[..., Flask],
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    app = app_factory(tasks=TASKS, jobs="max_log_size = 0")
+    app = app_factory(tasks=LOG_TASKS, jobs="max_log_size = 0")
     ident = run(app, {"task": "chatter", "params": {"name": "loose", "lines": 1}})
     r = item_log(app, ident)
     assert r.status_code == 200 and r.data == b"" and r.headers["X-Log-Size"] == "0"
@@ -112,14 +112,14 @@ def test_zero_max_log_size_captures_nothing(app_factory: Callable[..., Flask],
 
 
 def test_each_run_of_an_item_is_marked(app_factory: Callable[..., Flask]) -> None:
-    app = app_factory(tasks=TASKS)
+    app = app_factory(tasks=LOG_TASKS)
     ident = run(app, {"task": "print_then_fail", "params": {"name": "p"}, "max_attempts": 2})
     text = item_log(app, ident).get_data(as_text=True)
     assert text == "p before the failure\n--- run 2 ---\np before the failure\n"
 
 
 def test_after_returns_only_what_is_new(app_factory: Callable[..., Flask]) -> None:
-    app = app_factory(tasks=TASKS)
+    app = app_factory(tasks=LOG_TASKS)
     ident = run(app, {"task": "odd_text"})
     whole = item_log(app, ident)
     text = whole.get_data(as_text=True)
@@ -133,7 +133,7 @@ def test_after_returns_only_what_is_new(app_factory: Callable[..., Flask]) -> No
 
 
 def test_log_route_errors(app_factory: Callable[..., Flask]) -> None:
-    app = app_factory(tasks=TASKS)
+    app = app_factory(tasks=LOG_TASKS)
     ident = run(app, {"task": "add", "params": {"a": 1}})
     r = item_log(app, ident, 5)
     assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
@@ -144,18 +144,16 @@ def test_log_route_errors(app_factory: Callable[..., Flask]) -> None:
 
 
 # --------------------------------------------------------------------------- real server
-def _cli(server: ServerProcess, *args: str) -> list[str]:
-    return [sys.executable, "-m", "bulkrunner", "--url", server.url, *args]
-
-
 def test_logs_follow_shows_lines_as_they_are_printed(
         serve: Callable[..., ServerProcess], tmp_path: Path) -> None:
-    server = serve(toml_config(tmp_path, tasks=TASKS))
+    server = serve(toml_config(tmp_path, tasks=LOG_TASKS))
     with Client(server.url) as client:
         ident = client.submit("ticker", {"n": 10, "delay": 0.2})["id"]
     seen: list[tuple[float, str]] = []
-    with subprocess.Popen(_cli(server, "logs", ident[:8], "--follow"), cwd=ROOT,
-                          env=server.env, stdout=subprocess.PIPE,
+    empty = tmp_path / "cli"  # not the server's folder: the CLI would read its config
+    empty.mkdir()
+    with subprocess.Popen(cli_command("logs", ident[:8], "--follow", url=server.url),
+                          cwd=empty, env=server.env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
 
         def read() -> None:
@@ -183,25 +181,23 @@ def test_logs_follow_shows_lines_as_they_are_printed(
 
 def test_logs_without_follow_and_errors(serve: Callable[..., ServerProcess],
                                         tmp_path: Path) -> None:
-    server = serve(toml_config(tmp_path, tasks=TASKS))
+    server = serve(toml_config(tmp_path, tasks=LOG_TASKS))
     with Client(server.url) as client:
         ident = client.submit("chatter", {"name": "c", "lines": 2})["id"]
         client.wait(ident, timeout=20)
-    out = subprocess.run(_cli(server, "logs", ident), cwd=ROOT, env=server.env,
-                         capture_output=True, text=True, timeout=30)
+    out = run_cli("logs", ident, url=server.url)
     assert out.returncode == 0, out.stderr
     # The server logs at INFO, so the task's logging.info lines are captured too.
     assert [ln.split(" INFO ")[-1] for ln in out.stdout.splitlines()] == [
         "c out 0", "c err 0", "tests.log_tasks: c log 0",
         "c out 1", "c err 1", "tests.log_tasks: c log 1"]
-    out = subprocess.run(_cli(server, "logs", ident, "--item", "3"), cwd=ROOT,
-                         env=server.env, capture_output=True, text=True, timeout=30)
+    out = run_cli("logs", ident, "--item", "3", url=server.url)
     assert out.returncode == 2 and "no item 3" in out.stderr
 
 
 def test_json_server_log(serve: Callable[..., ServerProcess], tmp_path: Path) -> None:
     token, secret = "tok-9f8e7d6c5b4a", "hunter2-in-a-param"
-    server = serve(toml_config(tmp_path, tasks=TASKS, server=f'token = "{token}"'),
+    server = serve(toml_config(tmp_path, tasks=LOG_TASKS, server=f'token = "{token}"'),
                    args=["--log-format", "json"])
     with Client(server.url, token) as client:
         ok = client.submit("typed", {"n": 1, "ratio": 0.5, "flag": True, "name": secret})["id"]
@@ -247,7 +243,7 @@ def test_item_log_cuts_at_the_limit_between_characters() -> None:
 
 
 def test_concurrent_run_items_with_a_sink(caplog: pytest.LogCaptureFixture) -> None:
-    from bulkrunner.runtime import WorkUnit, run_item
+    from bulkrunner.runtime import run_item
 
     caplog.set_level("INFO", logger="tests.log_tasks")
     got: dict[tuple[int, int], list[str]] = {}
@@ -261,10 +257,9 @@ def test_concurrent_run_items_with_a_sink(caplog: pytest.LogCaptureFixture) -> N
                 got.setdefault(key, []).append(text)
 
     def one(i: int) -> None:
-        unit = WorkUnit(job_id="j", job_seq=1, index=i, claim=1, task="chatter",
-                        target="tests.log_tasks:chatter",
-                        params={"name": f"n{i}", "lines": 30, "delay": 0.001},
-                        timeout=0, deadline=None)
+        unit = work_unit("tests.log_tasks:chatter",
+                         {"name": f"n{i}", "lines": 30, "delay": 0.001}, index=i,
+                         task="chatter")
         assert run_item(unit, Reporter()).ok
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,10 @@ from bulkrunner.config import RetentionConfig, config_from_dict
 from bulkrunner.errors import ConfigError, NotFound
 from bulkrunner.models import STATES, State
 from bulkrunner.server.retention import Pruner
-from bulkrunner.store import Finish, NewJob, Store
-from tests.conftest import ROOT, ServerProcess, toml_config, wait_for
+from bulkrunner.store import Finish, NewJob, Store, jobs
+from tests.conftest import JOBS, ServerProcess, run_cli, toml_config, wait_for
 
 DAY = 86400.0
-JOBS = "/api/v1/jobs"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(str(tmp_path / "t.db"))
-    yield s
-    s.close()
 
 
 def make_job(store: Store, outcome: str, n: int = 1, task: str = "t",
@@ -52,7 +43,7 @@ def make_job(store: Store, outcome: str, n: int = 1, task: str = "t",
                                  result="1", error={"type": "E", "message": "x"})
                           for c in claimed])
     if age:
-        seq = store.job_seq(ident)
+        seq = store.resolve_id(ident)
         store.write(lambda tx: tx.conn.execute(
             "UPDATE jobs SET finished_at = finished_at - ? WHERE seq = ?", (age, seq)))
     return ident
@@ -135,7 +126,7 @@ def test_a_big_job_goes_in_small_steps(store: Store) -> None:
 
 def test_logs_of_a_deleted_job_are_dropped(store: Store) -> None:
     ident = make_job(store, "succeeded", age=2 * DAY)
-    seq = store.job_seq(ident)
+    seq = store.resolve_id(ident)
     Pruner(store, RetentionConfig(succeeded=DAY)).run()
     store.append_logs({(seq, 0, 1): "late output\n"})  # from a straggling worker
     assert rows(store, "logs") == 0
@@ -205,9 +196,7 @@ def test_prune_command(serve: Callable[..., ServerProcess], tmp_path: Path) -> N
         store.close()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "bulkrunner", "--url", server.url,
-                               *args], cwd=ROOT, env=server.env, capture_output=True,
-                              text=True, timeout=30)
+        return run_cli(*args, url=server.url)
 
     out = cli("prune", "--dry-run")
     assert out.returncode == 0, out.stderr
@@ -224,7 +213,7 @@ def test_a_job_being_pruned_is_gone_at_once_and_its_counts_with_it(store: Store)
     # The reviewer's repro: one budget of a 3,000-item job deleted, then a retry. The job
     # used to stay with all its counts and a retry re-queued what was left of it.
     ident = make_job(store, "failed", n=3000, age=40 * DAY)
-    seq = store.job_seq(ident)
+    seq = store.resolve_id(ident)
     store.prune_step("failed", time.time() - 30 * DAY, budget=2000)
     assert rows(store, "items") > 0  # its rows go later, in steps
     for act in (store.get_job, store.retry_job, store.cancel_job, store.list_items,
@@ -232,7 +221,7 @@ def test_a_job_being_pruned_is_gone_at_once_and_its_counts_with_it(store: Store)
         with pytest.raises(NotFound):
             act(ident)
     with pytest.raises(NotFound):
-        store._items(seq, limit=10, after=None)
+        jobs.items_page(store._read(), seq, limit=10, after=None)
     assert store.list_jobs()[0] == []
     assert store.stats() == dict.fromkeys(STATES, 0)
     assert store.counts_by_task().get("t", dict.fromkeys(STATES, 0)) == dict.fromkeys(STATES, 0)
@@ -292,7 +281,7 @@ def test_an_export_started_before_a_prune_is_whole(store: Store) -> None:
 
 def test_reads_racing_a_prune_get_404_or_everything(store: Store) -> None:
     ident = make_job(store, "succeeded", n=3000, age=2 * DAY)
-    seq = store.job_seq(ident)
+    seq = store.resolve_id(ident)
     outcomes: list[str] = []
     problems: list[BaseException] = []
     done = threading.Event()
@@ -302,7 +291,7 @@ def test_reads_racing_a_prune_get_404_or_everything(store: Store) -> None:
             try:
                 job = store.get_job(ident)
                 assert job.counts["succeeded"] == job.total == 3000
-                assert len(store._items(seq, limit=5000, after=None)) == 3000
+                assert len(jobs.items_page(store._read(), seq, limit=5000, after=None)) == 3000
                 assert len(list(store.iter_items(ident, chunk=700))) == 3000
                 assert len(store.list_items(ident, limit=5000)[0]) == 3000
                 outcomes.append("whole")
@@ -317,8 +306,13 @@ def test_reads_racing_a_prune_get_404_or_everything(store: Store) -> None:
         t.start()
     try:
         wait_for(lambda: outcomes, 15, "no read finished before the prune")
-        while store.prune_step("succeeded", time.time() - DAY, budget=100)[2]:
-            time.sleep(0.001)  # let the readers in between steps
+        while True:
+            reads = len(outcomes)
+            if not store.prune_step("succeeded", time.time() - DAY, budget=100)[2]:
+                break
+            # Let the readers in between steps: one more read ends before the next step.
+            wait_for(lambda n=reads: len(outcomes) > n or problems, 15,
+                     "no read ended between two prune steps", interval=0.001)
         wait_for(lambda: outcomes[-1:] == ["404"], 15, "reads did not see the job gone")
     finally:
         done.set()

@@ -3,8 +3,6 @@ limits on bodies and results, and only registered tasks run."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bulkrunner.client.cli import cli
-from tests.conftest import ROOT, toml_config, wait_for
+from tests.conftest import JOBS, ROOT, run_cli, toml_config, wait_app_job
 
 TOKEN = "s3cret-token-value"
 
@@ -92,10 +90,8 @@ def test_item_and_param_limits(app_factory: Any) -> None:
 
 def test_oversized_result_fails_its_item_cleanly(app_factory: Any) -> None:
     client = app_factory(jobs="max_result_size = 1000").test_client()
-    r = client.post("/api/v1/jobs", json={"task": "big", "params": {"n": 5000}})
-    job_id = r.json["id"]
-    job = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}").json)["state"] in
-                   ("succeeded", "failed") and j, 30, "big job did not finish")
+    r = client.post(JOBS, json={"task": "big", "params": {"n": 5000}})
+    job = wait_app_job(client, r.json["id"], 30)
     assert job["state"] == "failed"
     assert job["error"]["type"] == "ResultTooLarge"
     assert job["result"] is None
@@ -113,16 +109,20 @@ def test_import_paths_are_never_run(app_factory: Any, task: str) -> None:
 def test_refuses_public_host_without_token(tmp_path: Path) -> None:
     cfg = toml_config(tmp_path)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "bulkrunner", "--config", str(cfg), "serve",
-                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60,
-                         env=env, cwd=tmp_path)
+    out = run_cli("--config", str(cfg), "serve", "--host", "0.0.0.0", cwd=tmp_path, env=env,
+                  timeout=60)
     assert out.returncode == 2
     assert "refusing to serve on 0.0.0.0 without a token" in out.stderr
     assert "server.token" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_sends_the_token_from_the_environment(serve: Any, tmp_path: Path) -> None:
-    server = serve(toml_config(tmp_path, server=f'token = "{TOKEN}"'))
+def test_cli_sends_the_token_from_the_environment(serve: Any, tmp_path: Path,
+                                                  isolated_cwd: Path) -> None:
+    # The CLI runs in tmp_path (isolated_cwd); the server's config stays out of it, or the
+    # CLI would read the token from ./bulkrunner.toml.
+    home = tmp_path / "server"
+    home.mkdir()
+    server = serve(toml_config(home, server=f'token = "{TOKEN}"'))
     runner = CliRunner()
     denied = runner.invoke(cli, ["--url", server.url, "tasks"], env={"BULKRUNNER_TOKEN": ""})
     assert denied.exit_code == 2 and "token" in denied.output

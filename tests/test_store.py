@@ -105,7 +105,7 @@ def test_stale_outcomes_are_ignored(store: Store) -> None:
     (c2,) = store.claim(1)
     assert c2.claim == c.claim + 1
     # The first attempt's late result arrives now: it must not touch the new attempt.
-    assert store.finish([Finish(c.job_seq, 0, c.claim, ok=True, result="1")]) == 0
+    assert store.finish([Finish(c.job_seq, 0, c.claim, ok=True, result="1")]).states == ["stale"]
     assert store.get_job(job.id).state is State.RUNNING
 
 
@@ -120,13 +120,15 @@ def test_uncharged_finish_requeues_without_spending_an_attempt(store: Store) -> 
 def test_cancel_and_retry(store: Store) -> None:
     job, _ = store.insert_job(new(3))
     running = store.claim(1)
-    j, keys = store.cancel_job(job.id)
+    j, keys, changes = store.cancel_job(job.id)
+    assert [(ch.old, ch.new) for ch in changes] == [("running", "cancelled")]
     assert keys == [(running[0].job_seq, 0, running[0].claim)]
     assert j.state is State.CANCELLED and j.counts["cancelled"] == 3
     assert store.queued == 0
     with pytest.raises(JobFinished):
         store.cancel_job(job.id)
-    j = store.retry_job(job.id)
+    j, changes = store.retry_job(job.id)
+    assert [(ch.old, ch.new) for ch in changes] == [("cancelled", "queued")]
     assert j.state is State.QUEUED and j.counts["queued"] == 3 and j.finished_at is None
     for c in store.claim(3):
         store.finish([Finish(c.job_seq, c.index, c.claim, ok=True, result="null")])
@@ -139,9 +141,12 @@ def test_recovery_requeues_running_and_fails_after_three_interruptions(store: St
     job, _ = store.insert_job(new(1))
     for _ in range(2):
         store.claim(1)
-        assert store.requeue_running(interrupted=True) == {"requeued": 1, "failed": 0}
+        assert store.requeue_running(interrupted=True)[0] == {"requeued": 1, "failed": 0}
     store.claim(1)
-    assert store.requeue_running(interrupted=True) == {"requeued": 0, "failed": 1}
+    counts, per_job, changes = store.requeue_running(interrupted=True)
+    assert counts == {"requeued": 0, "failed": 1}
+    assert per_job == {job.id: {"requeued": 0, "failed": 1}}
+    assert [(ch.old, ch.new) for ch in changes] == [("running", "failed")]
     (item,), _ = store.list_items(job.id)
     assert item.state is State.FAILED and item.attempts == 0
     assert item.error is not None and item.error["type"] == "Interrupted"
@@ -151,7 +156,7 @@ def test_graceful_requeue_counts_no_interruption(store: Store) -> None:
     store.insert_job(new(1))
     for _ in range(5):
         store.claim(1)
-        assert store.requeue_running(interrupted=False)["requeued"] == 1
+        assert store.requeue_running(interrupted=False)[0]["requeued"] == 1
 
 
 def test_ids_resolve_by_unique_prefix(store: Store) -> None:
@@ -178,17 +183,16 @@ def test_idempotency_key(store: Store) -> None:
         store.insert_job(new(key="k", x=2))
 
 
-def test_backpressure_check_runs_in_the_transaction(store: Store) -> None:
-    store.insert_job(new(5))
-
-    def check(queued: int) -> None:
-        if queued + 5 > 8:
-            raise QueueFull("full")
-
-    with pytest.raises(QueueFull):
-        store.insert_job(new(5), check=check)
+def test_backpressure_is_checked_in_the_transaction(store: Store) -> None:
+    store.insert_job(new(5), max_queued=8)
+    with pytest.raises(QueueFull, match="max_queued = 8"):
+        store.insert_job(new(5), max_queued=8)
+    with pytest.raises(QueueFull):  # the keyed path checks the same limit
+        store.insert_job(new(5, key="k"), max_queued=8)
     assert store.queued == 5
     assert len(store.list_jobs()[0]) == 1
+    store.insert_job(new(3), max_queued=8)  # exactly full is allowed
+    assert store.queued == 8
 
 
 def test_concurrent_writers_share_commits(store: Store) -> None:

@@ -4,12 +4,19 @@ its session, redirect and header rules through the Flask test client.
 Browser tests run against a real ``bulkrunner serve`` process. The browser is never
 downloaded: Playwright launches ``/usr/bin/chromium`` (apt package ``chromium``), and those
 tests skip with a reason when it or Playwright is missing.
+
+Two tests take the README's screenshots (``job.png``, ``jobs.png``). They go to a temp dir,
+so a test run never changes a tracked file; to refresh the README's images on purpose, name
+the folder (relative to the repository root) in ``BULKRUNNER_SCREENSHOTS``::
+
+    BULKRUNNER_SCREENSHOTS=docs/screenshots pytest tests/test_web.py
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +28,7 @@ import pytest
 from bulkrunner.client import Client
 from bulkrunner.server.web.auth import COOKIE, SESSION_SECONDS, Sessions
 from bulkrunner.server.web.fields import form_fields
-from tests.conftest import ROOT, SAMPLE_TASKS, ServerProcess, toml_config, wait_for
+from tests.conftest import LOG_TASKS, ROOT, ServerProcess, toml_config, wait_for
 
 try:
     from playwright.sync_api import (
@@ -40,7 +47,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 20_000        # any one wait for the page
-SHOTS = ROOT / "docs" / "screenshots"
+LOG_POLL_MS = 1000         # how often the log panel polls a running item (job.js LOG_MS)
 TOKEN = "web-test-token-1f2e3d4c5b6a"
 
 Serve = Callable[..., ServerProcess]
@@ -129,9 +136,21 @@ def _state(page: Page) -> Any:
     return page.locator("[data-field=state] .badge")
 
 
-def _screenshot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / name), full_page=False)
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where screenshots go: a temp dir, or $BULKRUNNER_SCREENSHOTS (relative to the
+    repository root), e.g. ``BULKRUNNER_SCREENSHOTS=docs/screenshots`` to refresh the
+    README's images on purpose."""
+    chosen = os.environ.get("BULKRUNNER_SCREENSHOTS")
+    folder = ROOT / chosen if chosen else tmp_path / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _screenshot(page: Page, folder: Path, name: str) -> None:
+    path = folder / name
+    page.screenshot(path=str(path), full_page=False)
+    assert path.stat().st_size > 0, f"the screenshot {path} is empty"
 
 
 # ---------------------------------------------------------------------------- tests
@@ -234,7 +253,9 @@ def test_upload_errors_show_by_the_upload(session: Callable[..., Session],
 
 
 def test_upload_csv_and_download_results(session: Callable[..., Session],
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, shots: Path) -> None:
+    """Also saves the README's job.png into ``shots`` (a temp dir unless
+    $BULKRUNNER_SCREENSHOTS is set, e.g. to docs/screenshots)."""
     s = session(max_workers=4)
     items = tmp_path / "numbers.csv"
     items.write_text("x\n" + "".join(f"{i}\n" for i in range(50)))
@@ -247,7 +268,7 @@ def test_upload_csv_and_download_results(session: Callable[..., Session],
     expect(page.locator("[data-count=succeeded]")).to_have_text("50")
     expect(page.locator(".items-table tbody tr")).to_have_count(50)
     expect(page.locator(".items-table tbody tr").nth(7)).to_contain_text("49")
-    _screenshot(page, "job.png")
+    _screenshot(page, shots, "job.png")
 
     with page.expect_download() as info:
         page.get_by_role("link", name="Results CSV").click()
@@ -287,7 +308,10 @@ def test_failing_job_shows_its_traceback_and_retries(session: Callable[..., Sess
     expect(_state(page)).to_have_text("failed")
 
 
-def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session]) -> None:
+def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session],
+                                               shots: Path) -> None:
+    """Also saves the README's jobs.png into ``shots`` (a temp dir unless
+    $BULKRUNNER_SCREENSHOTS is set, e.g. to docs/screenshots)."""
     s = session(max_workers=1)
     page = s.open("/")
     expect(page.locator(".empty")).to_be_visible()
@@ -323,7 +347,7 @@ def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session]) 
     expect(page.locator("tbody tr").nth(2).locator("progress")).to_have_count(1)
     page.wait_for_function("() => document.querySelector('tbody tr:nth-child(3) progress')"
                            ".value >= 0.1")
-    _screenshot(page, "jobs.png")
+    _screenshot(page, shots, "jobs.png")
 
     page.get_by_label("State").select_option("cancelled")
     page.wait_for_url(re.compile(r"state=cancelled"))
@@ -480,9 +504,6 @@ def test_form_fields_follow_the_param_types() -> None:
 
 
 # ---------------------------------------------------------------------------- item logs
-LOG_TASKS = {**SAMPLE_TASKS, "chatter": "tests.log_tasks:chatter",
-             "odd_text": "tests.log_tasks:odd_text",
-             "print_until": "tests.log_tasks:print_until"}
 WORKER = re.compile(r"^\S+:\d+$")  # host:pid on the thread and process executors
 
 
@@ -498,6 +519,17 @@ def _log_requests(page: Page) -> list[tuple[str, int]]:
     return seen
 
 
+# Counts the page's fetches of item logs (an init script is not bound by the page's CSP).
+COUNT_LOG_FETCHES = r"""(() => {
+  const realFetch = window.fetch;
+  window.__logFetches = 0;
+  window.fetch = function (input, init) {
+    if (/\/items\/\d+\/log(\?|$)/.test(String(input))) window.__logFetches += 1;
+    return realFetch.apply(this, arguments);
+  };
+})();"""
+
+
 def _item_row(page: Page, index: int) -> Any:
     return page.locator(f'.items-table tbody tr[data-key="{index}"]')
 
@@ -509,6 +541,10 @@ def test_item_log_panel_follows_what_the_item_prints(session: Callable[..., Sess
     with s.client() as c:
         job = c.submit("print_until", {"path": str(gate)},
                        items=[{"name": "first"}, {"name": "second"}])
+    # The page's timers run on Playwright's clock (in real time until told otherwise), so
+    # the test can later run them ahead instead of sleeping through a polling interval.
+    s.page.clock.install()
+    s.page.add_init_script(COUNT_LOG_FETCHES)
     page = s.open(f"/jobs/{job['id']}")
     answers = _log_requests(page)
 
@@ -538,7 +574,14 @@ def test_item_log_panel_follows_what_the_item_prints(session: Callable[..., Sess
     assert any(re.search(r"[?&]after=[1-9]\d*", url) for url, _ in answers), (
         f"the panel never asked for only the new text: {answers}")
     settled = len(answers)
-    page.wait_for_timeout(1500)  # more than one polling interval
+    fetched = page.evaluate("window.__logFetches")
+    assert fetched >= settled, f"the fetch counter missed log requests: {fetched}, {answers}"
+    # Fire every timer due in the next two polling intervals now: a panel that still
+    # polled the finished item would fetch its log again (fetch is called synchronously
+    # from the timer, so the count is up before run_for returns).
+    page.clock.run_for(2 * LOG_POLL_MS + 100)
+    assert page.evaluate("window.__logFetches") == fetched, (
+        f"the panel kept polling a finished item: {answers}")
     assert len(answers) == settled, f"the panel kept polling a finished item: {answers}"
 
     # Closing gives the focus back to the row's button (the row was redrawn meanwhile).

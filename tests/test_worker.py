@@ -6,23 +6,17 @@ import json
 import threading
 import time
 
-from bulkrunner.runtime import Context, WorkUnit, context, run_item
-
-
-def unit(target: str, params: dict[str, object] | None = None, **kw: object) -> WorkUnit:
-    base = dict(job_id="j", job_seq=1, index=0, claim=1, task="t", target=target,
-                params=params or {}, timeout=0.0, deadline=None)
-    base.update(kw)
-    return WorkUnit(**base)  # type: ignore[arg-type]
+from bulkrunner.runtime import Context, context, run_item
+from tests.conftest import work_unit
 
 
 def test_success_is_json_text() -> None:
-    out = run_item(unit("tests.sample_tasks:add", {"a": 2, "b": 3}))
+    out = run_item(work_unit("tests.sample_tasks:add", {"a": 2, "b": 3}))
     assert out.ok and out.result == "5" and out.worker
 
 
 def test_exception_becomes_data_with_traceback() -> None:
-    out = run_item(unit("tests.sample_tasks:square", {"x": -1}))
+    out = run_item(work_unit("tests.sample_tasks:square", {"x": -1}))
     assert not out.ok and out.retryable
     assert out.error is not None
     assert out.error["type"] == "ValueError" and out.error["message"] == "negative: -1"
@@ -30,20 +24,20 @@ def test_exception_becomes_data_with_traceback() -> None:
 
 
 def test_non_json_result_fails_the_item() -> None:
-    out = run_item(unit("builtins:object"))
+    out = run_item(work_unit("builtins:object"))
     assert not out.ok and out.error is not None
     assert out.error["type"] == "ResultNotSerializable"
 
 
 def test_oversized_result_fails_cleanly() -> None:
-    out = run_item(unit("tests.sample_tasks:big", {"n": 5000}, max_result_size=1000))
+    out = run_item(work_unit("tests.sample_tasks:big", {"n": 5000}, max_result_size=1000))
     assert not out.ok and out.error is not None and out.error["type"] == "ResultTooLarge"
     assert "jobs.max_result_size" in out.error["message"]
 
 
 def test_context_reports_progress_and_is_found_by_context() -> None:
     seen: list[tuple[object, ...]] = []
-    u = unit("tests.sample_tasks:progress", {"steps": 3, "delay": 0}, context_param="ctx")
+    u = work_unit("tests.sample_tasks:progress", {"steps": 3, "delay": 0}, context_param="ctx")
     out = run_item(u, lambda *a: seen.append(a))
     assert out.ok and json.loads(out.result or "") == 3
     assert [s[1] for s in seen] == [1 / 3, 2 / 3, 1.0]
@@ -53,13 +47,13 @@ def test_context_reports_progress_and_is_found_by_context() -> None:
 
 def test_cancel_flag_and_deadline_stop_a_cooperative_task() -> None:
     flag = threading.Event()
-    u = unit("tests.sample_tasks:slow", {"seconds": 10}, context_param="ctx")
+    u = work_unit("tests.sample_tasks:slow", {"seconds": 10}, context_param="ctx")
     threading.Timer(0.1, flag.set).start()
     t0 = time.monotonic()
     out = run_item(u, None, flag)
     assert time.monotonic() - t0 < 2
     assert out.error is not None and out.error["type"] == "Cancelled" and not out.retryable
-    u = unit("tests.sample_tasks:slow", {"seconds": 10}, context_param="ctx", timeout=0.1,
+    u = work_unit("tests.sample_tasks:slow", {"seconds": 10}, context_param="ctx", timeout=0.1,
              deadline=time.time() + 0.1)
     out = run_item(u)
     assert out.error is not None and out.error["type"] == "TimeoutError"

@@ -4,17 +4,29 @@ talks to it over HTTP through :class:`~bulkrunner.client.Client` and loads no se
 Exit codes (contract section 5): 0 success; 1 the job ended failed or cancelled; 2 usage or
 input error, including a 4xx from the server; 3 the server cannot be reached; 4
 ``wait --timeout`` elapsed.
+
+Errors follow click's design: a command raises a :class:`CliError` (a
+:class:`click.ClickException` that carries its exit code and prints ``error: <message>`` on
+stderr), and :class:`BulkrunnerGroup` turns bulkrunner's own errors
+(:class:`~bulkrunner.errors.ApiError`, :class:`~bulkrunner.errors.ServerUnreachable`,
+:class:`~bulkrunner.errors.ConfigError`, any other
+:class:`~bulkrunner.errors.BulkrunnerError`) into one, in one place, so commands just call the
+client. The job-state exits (0, or 1 for a failed or cancelled job) are ``ctx.exit(code)``.
+
+Text from the server is printed through :func:`bulkrunner.client.display.clean` (control
+characters shown as ``\\x1b``-style escapes) in human output; ``--json`` output is
+``json.dumps`` with its default ``ensure_ascii``, which escapes every control character.
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import json
 import sys
-from collections.abc import Callable
-from functools import update_wrapper
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import IO, Any, NoReturn, TextIO
 
 import click
 
@@ -28,11 +40,75 @@ from bulkrunner.config import (
     find_config_file,
     load_config,
 )
-from bulkrunner.errors import ApiError, BulkrunnerError, ConfigError, ServerUnreachable
+from bulkrunner.errors import ApiError, BulkrunnerError, ServerUnreachable
 from bulkrunner.models import FINISHED, STATES, ParamSpec
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
-F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(click.ClickException):
+    """An error the CLI reports as ``error: <message>`` on stderr, exiting with ``exit_code``.
+
+    Raised as is, it is a usage or input error (exit 2), the server's 4xx refusals included;
+    the subclasses carry the other codes of the contract. Unlike :class:`click.UsageError`
+    it prints no usage line: the command line was well formed, what it asked for was not.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def format_message(self) -> str:
+        """The message, its control characters escaped (it may quote the server)."""
+        return display.clean(self.message)
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Print ``error: <message>`` to ``file``, stderr by default."""
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None,
+                   color=self.show_color)
+
+
+class ServerError(CliError):
+    """The server cannot be reached, or answered 5xx (busy, shutting down, broken): exit 3."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class WaitTimeout(CliError):
+    """``wait --timeout`` (or ``submit --wait``) gave up before the job finished: exit 4."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+def translate(e: BulkrunnerError) -> CliError:
+    """The :class:`CliError` that reports ``e``, with the contract's exit code."""
+    if isinstance(e, ServerUnreachable):
+        return ServerError(e.message)
+    if isinstance(e, ApiError):
+        if e.status >= 500:
+            # Busy, shutting down or broken: the server, not the input, is the problem.
+            return ServerError(f"the server cannot take this now: {e.message}")
+        fields = e.details.get("fields") if isinstance(e.details, dict) else None
+        if isinstance(fields, dict) and len(fields) > 1:
+            return CliError("the server refused the submission:\n" + "\n".join(
+                f"  {k}: {v}" for k, v in fields.items()))
+        return CliError(e.message)
+    return CliError(e.message)  # ConfigError, and any other error bulkrunner raises on purpose
+
+
+class BulkrunnerGroup(click.Group):
+    """The command group; the one place where bulkrunner's errors become click's."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a :class:`~bulkrunner.errors.BulkrunnerError` it raises comes
+        out as the matching :class:`CliError`, which click prints and exits with."""
+        try:
+            return super().invoke(ctx)
+        except BulkrunnerError as e:
+            raise translate(e) from e
+
+
+def _exit_for(job: dict[str, Any]) -> NoReturn:
+    """Exit 0 if the job succeeded, 1 if it failed or was cancelled."""
+    click.get_current_context().exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
 
 
 class Ctx:
@@ -75,36 +151,7 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(f: F) -> F:
-    """Turn bulkrunner errors into a sentence on stderr and the contract's exit code."""
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except ServerUnreachable as e:
-            _fail(e.message, EXIT_UNREACHABLE)
-        except ApiError as e:
-            if e.status >= 500:
-                # Busy, shutting down or broken: the server, not the input, is the problem.
-                _fail(f"the server cannot take this now: {e.message}", EXIT_UNREACHABLE)
-            fields = e.details.get("fields") if isinstance(e.details, dict) else None
-            msg = e.message
-            if isinstance(fields, dict) and len(fields) > 1:
-                msg = "the server refused the submission:\n" + "\n".join(
-                    f"  {k}: {v}" for k, v in fields.items())
-            _fail(msg, EXIT_USAGE)
-        except ConfigError as e:
-            _fail(e.message, EXIT_USAGE)
-        except BulkrunnerError as e:
-            _fail(e.message, EXIT_USAGE)
-    return update_wrapper(wrapper, f)  # type: ignore[return-value]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BulkrunnerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config", metavar="FILE", envvar="BULKRUNNER_CONFIG",
               help="Config file (default: $BULKRUNNER_CONFIG, else ./bulkrunner.toml).")
 @click.option("--url", metavar="URL", envvar=URL_ENV,
@@ -142,14 +189,11 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
     # The one command that runs the server: its code is loaded only here, so every other
     # command starts without Flask, waitress or sqlite3.
     run_server = importlib.import_module("bulkrunner.server.run").run_server
-    try:
-        cfg = obj.config.with_overrides(
-            server={"host": host, "port": port},
-            executor={"type": executor, "max_workers": max_workers},
-            store={"path": db})
-        run_server(cfg, log_level=log_level, log_format=log_format)
-    except ConfigError as e:
-        _fail(e.message, EXIT_USAGE)
+    cfg = obj.config.with_overrides(  # a ConfigError here or from run_server is exit 2
+        server={"host": host, "port": port},
+        executor={"type": executor, "max_workers": max_workers},
+        store={"path": db})
+    run_server(cfg, log_level=log_level, log_format=log_format)
 
 
 # --------------------------------------------------------------------------- submit
@@ -204,7 +248,6 @@ def _read_items(path: str) -> tuple[bytes, str]:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and show progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_ctx
-@handles_errors
 def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str | None,
            priority: int | None, max_attempts: int | None, timeout: float | None,
            key: str | None, wait_: bool, as_json: bool) -> None:
@@ -231,9 +274,9 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
                             timeout=timeout, key=key)
     if wait_:
         if not as_json:
-            click.echo(job["id"])
+            click.echo(display.clean(job["id"]))
         _wait_and_exit(client, job["id"], None, as_json)
-    click.echo(json.dumps(job, indent=2) if as_json else job["id"])
+    click.echo(json.dumps(job, indent=2) if as_json else display.clean(job["id"]))
 
 
 # --------------------------------------------------------------------------- status / wait
@@ -246,7 +289,6 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="How many jobs to list.")
 @pass_ctx
-@handles_errors
 def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str | None,
            task: str | None, limit: int) -> None:
     """Show one job (by id or unique prefix), or a table of recent jobs."""
@@ -267,7 +309,7 @@ def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str |
             if job["state"] in FINISHED:
                 if not tty:
                     click.echo(text)
-                sys.exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
+                _exit_for(job)
             time.sleep(0.5)
     job = client.job(ident)
     click.echo(json.dumps(job, indent=2) if as_json else display.summary(job))
@@ -276,6 +318,26 @@ def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str |
 def _stderr() -> TextIO:
     """Where progress is drawn (a seam for tests; click 8.5 deprecates its stream getters)."""
     return sys.stderr
+
+
+def _stdout_isatty() -> bool:
+    """Whether stdout is a terminal (a seam for tests, like :func:`_stderr`)."""
+    return sys.stdout.isatty()
+
+
+def _write_text(chunks: Iterable[bytes], out: IO[bytes]) -> None:
+    """Copy UTF-8 ``chunks`` to ``out`` through :func:`display.clean`: control characters but
+    newline and tab are escaped, and bytes that are not UTF-8 show as ``\\xNN``. A character
+    split between two chunks is decoded whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+    for chunk in chunks:
+        text = decoder.decode(chunk)
+        if text:
+            out.write(display.clean(text).encode())
+            out.flush()
+    if tail := decoder.decode(b"", final=True):
+        out.write(display.clean(tail).encode())
+        out.flush()
 
 
 def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: bool) -> NoReturn:
@@ -293,14 +355,14 @@ def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: b
     except TimeoutError as e:
         if bar.tty:
             err.write("\n")
-        _fail(str(e), EXIT_TIMEOUT)
+        raise WaitTimeout(str(e)) from None
     if bar.tty:
         err.write("\n")
     if as_json:
         click.echo(json.dumps(job, indent=2))
     elif job["state"] != "succeeded":
         click.echo(display.summary(job), err=True)
-    sys.exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
+    _exit_for(job)
 
 
 @cli.command()
@@ -308,7 +370,6 @@ def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: b
 @click.option("--timeout", type=click.FloatRange(min=0), help="Give up after SECONDS (exit 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the finished job as JSON.")
 @pass_ctx
-@handles_errors
 def wait(obj: Ctx, ident: str, timeout: float | None, as_json: bool) -> None:
     """Wait for a job to finish: exit 0 if it succeeded, 1 if it failed or was cancelled."""
     _wait_and_exit(obj.client, ident, timeout, as_json)
@@ -319,24 +380,22 @@ def wait(obj: Ctx, ident: str, timeout: float | None, as_json: bool) -> None:
 @click.argument("ident", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_ctx
-@handles_errors
 def cancel(obj: Ctx, ident: str, as_json: bool) -> None:
     """Cancel a job: queued items never run, running ones are stopped."""
     job = obj.client.cancel(ident)
-    click.echo(json.dumps(job, indent=2) if as_json else
-               f"cancelled {job['id']} ({job['items']['cancelled']} item(s) cancelled)")
+    click.echo(json.dumps(job, indent=2) if as_json else display.clean(
+        f"cancelled {job['id']} ({job['items']['cancelled']} item(s) cancelled)"))
 
 
 @cli.command()
 @click.argument("ident", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_ctx
-@handles_errors
 def retry(obj: Ctx, ident: str, as_json: bool) -> None:
     """Re-queue a job's failed and cancelled items; succeeded ones are kept."""
     job = obj.client.retry(ident)
-    click.echo(json.dumps(job, indent=2) if as_json else
-               f"retrying {job['id']}: {job['items']['queued']} item(s) queued again")
+    click.echo(json.dumps(job, indent=2) if as_json else display.clean(
+        f"retrying {job['id']}: {job['items']['queued']} item(s) queued again"))
 
 
 @cli.command()
@@ -346,15 +405,19 @@ def retry(obj: Ctx, ident: str, as_json: bool) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
               help="Write to FILE instead of stdout.")
 @pass_ctx
-@handles_errors
 def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
-    """Download every item's params, state, result and error."""
+    """Download every item's params, state, result and error.
+
+    The export is data, so it is copied byte for byte to FILE or to a pipe; only on a
+    terminal are its control characters shown as escapes (a CSV cell holds an item's error
+    message as the task raised it).
+    """
     with obj.client.results(ident, fmt) as download:  # raises before any file is created
         if output:
             try:
                 f = open(output, "wb")  # noqa: SIM115 (closed below; open errors are input errors)
             except OSError as e:
-                _fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+                raise CliError(f"cannot write {output}: {e.strerror}") from None
             try:
                 with f:
                     for chunk in download:
@@ -362,6 +425,8 @@ def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
             except BaseException:
                 Path(output).unlink(missing_ok=True)  # no half file that looks complete
                 raise
+        elif _stdout_isatty():
+            _write_text(download, sys.stdout.buffer)
         else:
             out = sys.stdout.buffer
             for chunk in download:
@@ -372,7 +437,6 @@ def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @pass_ctx
-@handles_errors
 def tasks(obj: Ctx, as_json: bool) -> None:
     """List the tasks the server runs, with their params."""
     listing = obj.client.tasks()
@@ -381,14 +445,14 @@ def tasks(obj: Ctx, as_json: bool) -> None:
         return
     for t in listing["tasks"]:
         default = " (default)" if t["name"] == listing.get("default") else ""
-        click.echo(f"{t['name']}{default}")
-        doc = (t.get("doc") or "").strip().splitlines()
-        if doc:
+        click.echo(display.clean(f"{t['name']}{default}"))
+        doc = display.clean(t.get("doc") or "").strip().split("\n")
+        if doc[0]:
             click.echo(f"    {doc[0]}")
         for p in t["params"]:
             req = "required" if p["required"] else f"default {json.dumps(p['default'])}"
             choices = f", one of {p['choices']}" if p.get("choices") else ""
-            click.echo(f"    --param {p['name']}=<{p['type']}>  ({req}{choices})")
+            click.echo(display.clean(f"    --param {p['name']}=<{p['type']}>  ({req}{choices})"))
 
 
 # --------------------------------------------------------------------------- observability
@@ -398,30 +462,34 @@ def tasks(obj: Ctx, as_json: bool) -> None:
               help="Which item of the job.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the item finishes.")
 @pass_ctx
-@handles_errors
 def logs(obj: Ctx, ident: str, index: int, follow: bool) -> None:
-    """Print what an item printed and logged while it ran (--follow: as it runs)."""
+    """Print what an item printed and logged while it ran (--follow: as it runs).
+
+    The log is text for reading, shown the same way to a terminal, a pipe or a file:
+    newlines and tabs are kept; every other control character (ESC, BEL, CR, DEL, C1) and
+    any byte that is not UTF-8 prints as a visible \\xNN escape.
+    """
     import time
 
     client = obj.client
-    out = sys.stdout.buffer
-    offset = 0
-    while True:
-        chunk = client.item_log(ident, index, after=offset)
-        if chunk.data:
-            out.write(chunk.data)
-            out.flush()
-        offset = chunk.size
-        if not follow or chunk.state in FINISHED:
-            return
-        time.sleep(0.25)
+
+    def chunks() -> Iterable[bytes]:
+        offset = 0
+        while True:
+            chunk = client.item_log(ident, index, after=offset)
+            yield chunk.data
+            offset = chunk.size
+            if not follow or chunk.state in FINISHED:
+                return
+            time.sleep(0.25)
+
+    _write_text(chunks(), sys.stdout.buffer)
 
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @pass_ctx
-@handles_errors
 def prune(obj: Ctx, dry_run: bool, as_json: bool) -> None:
     """Delete finished jobs older than the server's [retention] ages, with their items and
     logs (the server also does this every few minutes)."""
@@ -432,8 +500,8 @@ def prune(obj: Ctx, dry_run: bool, as_json: bool) -> None:
     jobs, items = res["jobs"], res["items"]
     verb = "would delete" if res["dry_run"] else "deleted"
     detail = ", ".join(f"{jobs[s]} {s}" for s in jobs)
-    click.echo(f"{verb} {sum(jobs.values())} job(s) with {sum(items.values())} item(s) "
-               f"({detail})")
+    click.echo(display.clean(f"{verb} {sum(jobs.values())} job(s) with "
+                             f"{sum(items.values())} item(s) ({detail})"))
 
 
 def main() -> None:

@@ -1,8 +1,14 @@
-"""How the CLI shows jobs: a summary, a table, and a progress line. Pure formatting."""
+"""How the CLI shows jobs: a summary, a table, and a progress line. Pure formatting.
+
+Everything here that comes from the server (ids, names, messages, errors, tracebacks,
+results, params) goes through :func:`clean`, so what a task or a submitter put in a job
+cannot drive the terminal of whoever looks at it.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from datetime import datetime
@@ -10,6 +16,30 @@ from typing import Any
 
 STATE_MARK = {"queued": "…", "running": "▸", "succeeded": "✓", "failed": "✗",
               "cancelled": "⊘"}
+
+
+# Unicode category Cc (C0 controls, DEL, C1 controls) except tab and newline.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+def clean(text: str) -> str:
+    """``text`` made safe to print on a terminal (or into a file someone will ``cat``).
+
+    Every control character (Unicode category Cc: the C0 range with ESC, BEL, BS and CR,
+    DEL, and the C1 range with its one-character CSI ``\\x9b``) becomes a visible
+    ``\\x1b``-style escape, except newline and tab, which are kept. So a job error such as
+    ``"\\x1b]0;PWNED\\x07\\x1b[31mRED"`` prints as ``\\x1b]0;PWNED\\x07\\x1b[31mRED``
+    instead of retitling the window and turning the rest of the screen red; the readable text
+    stays. Carriage return is escaped too: it would let one line overwrite another. Other
+    characters, backslashes included, are left as they are, so ``clean`` is idempotent (and
+    a literal ``\\x1b`` in the text looks like an escaped one: this is for reading, not a
+    reversible encoding).
+    """
+    return _CONTROL.sub(_escape, text)
 
 
 def _when(ts: str | None) -> str:
@@ -23,7 +53,7 @@ def _when(ts: str | None) -> str:
 
 
 def _short(value: Any, width: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
+    text = clean(value if isinstance(value, str) else json.dumps(value))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -52,10 +82,11 @@ def summary(job: dict[str, Any]) -> str:
     err = job.get("error")
     if err:
         lines.append(f"error     {err.get('type')}: {err.get('message')}")
-        tb = (err.get("traceback") or "").rstrip()
+        # Cleaned before it is split, so a control character in it is shown, not a line break.
+        tb = clean(err.get("traceback") or "").rstrip()
         if tb:
-            lines.append("traceback\n" + "\n".join("  " + ln for ln in tb.splitlines()))
-    return "\n".join(lines)
+            lines.append("traceback\n" + "\n".join("  " + ln for ln in tb.split("\n")))
+    return clean("\n".join(lines))
 
 
 def table(jobs: list[dict[str, Any]]) -> str:
@@ -65,9 +96,9 @@ def table(jobs: list[dict[str, Any]]) -> str:
     rows = [("ID", "TASK", "STATE", "ITEMS", "PROGRESS", "CREATED")]
     for j in jobs:
         c = j["items"]
-        rows.append((j["id"][:12], _short(j["task"], 20), j["state"],
+        rows.append((clean(j["id"][:12]), _short(j["task"], 20), clean(j["state"]),
                      f"{c['succeeded'] + c['failed'] + c['cancelled']}/{c['total']}",
-                     f"{j['progress'] * 100:.0f}%", _when(j["created_at"])))
+                     f"{j['progress'] * 100:.0f}%", clean(_when(j["created_at"]))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
@@ -97,7 +128,7 @@ class ProgressLine:
         frac = job["progress"]
         width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 70))
         bar = "█" * int(frac * width) + "░" * (width - int(frac * width))
-        parts = [f"{job['state']:<9}", f"{bar} {frac * 100:3.0f}%",
+        parts = [f"{clean(job['state']):<9}", f"{bar} {frac * 100:3.0f}%",
                  f"{done}/{c['total']}"]
         if c["failed"]:
             parts.append(f"{c['failed']} failed")

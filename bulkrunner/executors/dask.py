@@ -5,6 +5,14 @@ Imported only when Dask is chosen (see :mod:`bulkrunner.executors`). With
 starts a :class:`distributed.LocalCluster` of ``max_workers`` worker processes (one thread
 each, on loopback), so Dask can be tried on one machine.
 
+A Dask scheduler, its workers and nannies run whatever a connected client sends, and
+loopback is open to every user of the machine, so the local cluster speaks TLS with a key
+and certificate made for this run (:meth:`distributed.security.Security.temporary`, kept in
+memory and handed to the worker processes when they start): it listens on ``tls://``
+addresses and requires every peer, this server's own client included, to present that
+certificate. An external scheduler is secured by Dask's own configuration
+(``distributed.comm.tls.*``, which ``Client`` reads): see docs/dask.md.
+
 The queue stays in SQLite: the dispatcher hands this executor at most ``max_workers`` items
 at a time, and each becomes one Dask task running :func:`run_on_worker`. The Dask future
 is bridged to a plain ``concurrent.futures.Future`` so the dispatcher cannot tell executors
@@ -41,9 +49,10 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 from distributed import Client, Event, KilledWorker, LocalCluster, get_worker
+from distributed.security import Security
 
 from bulkrunner.config import Config
-from bulkrunner.errors import ExecutorLost, WorkerDied
+from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit, error_dict, run_item
 
 log = logging.getLogger("bulkrunner.dask")
@@ -165,6 +174,9 @@ class DaskExecutor:
         self._items: dict[_Ident, _Inflight] = {}
         self._client: Client | None = None
         self._cluster: LocalCluster | None = None
+        # The local cluster's TLS credentials; None for an external scheduler, where
+        # Client takes them from Dask's config (distributed.comm.tls.*), if any.
+        self._security: Security | None = None
         self._up = False               # client connected and subscribed, as last seen
         self._state = (False, "connecting to the Dask scheduler")
         self._threads = 0              # the cluster's threads, as last seen by the watcher
@@ -179,14 +191,18 @@ class DaskExecutor:
             # Processes, so CPU-bound items do not share the server's GIL (and
             # processes=False with host= fails to start, facts.md). The dashboard on a
             # free loopback port: dashboard_address=None still binds the fixed :8787,
-            # which a second server would collide with.
+            # which a second server would collide with. TLS with this run's own
+            # certificate (see the module docstring): with security= LocalCluster picks
+            # tls:// for the scheduler, the nannies and the workers by itself.
+            self._security = _temporary_security(cfg)
             self._cluster = LocalCluster(
                 n_workers=self.max_workers, threads_per_worker=1, processes=True,
-                host="127.0.0.1", dashboard_address="127.0.0.1:0")
+                host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                security=self._security)
             self.address = self._cluster.scheduler_address
-            log.info("started a local Dask cluster of %d worker processes at %s "
-                     "(dashboard %s)", self.max_workers, self.address,
-                     self._cluster.dashboard_link)
+            log.info("started a local Dask cluster of %d worker processes at %s, TLS with "
+                     "a certificate of this run only (dashboard %s)", self.max_workers,
+                     self.address, self._cluster.dashboard_link)
         # A remote scheduler that is down at start is not fatal: the server comes up,
         # /healthz says why, and the watcher keeps trying.
         self._connect()
@@ -327,7 +343,8 @@ class DaskExecutor:
     def _connect(self) -> bool:
         try:
             target: Any = self._cluster if self._cluster is not None else self.address
-            client = Client(target, timeout=CONNECT_TIMEOUT, set_as_default=False)
+            client = Client(target, timeout=CONNECT_TIMEOUT, set_as_default=False,
+                            security=self._security)
         except Exception as e:
             self._state = (False, self._unreachable(str(e) or type(e).__name__))
             return False
@@ -418,6 +435,18 @@ class DaskExecutor:
                     Event(name, client=client).clear()
                 except Exception as e:
                     log.debug("clearing %s: %r", name, e)
+
+
+def _temporary_security(cfg: Config) -> Security:
+    """A key and self-signed certificate for one run of the local cluster (in memory)."""
+    try:
+        security: Security = Security.temporary()
+    except ImportError:  # it needs the cryptography package
+        raise ConfigError('the local Dask cluster (executor.address = "") needs the '
+                          '"cryptography" package for its TLS certificates: '
+                          "pip install cryptography",
+                          file=cfg.source, key="executor.address") from None
+    return security
 
 
 def _settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:

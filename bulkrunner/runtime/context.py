@@ -18,6 +18,19 @@ if TYPE_CHECKING:
 Reporter = Callable[[tuple[int, int], "float | None", "str | None"], None]
 
 
+def safe_text(text: str) -> str:
+    """``text`` with unpaired surrogates (which ``json.loads`` happily makes, but which have
+    no UTF-8 form and which SQLite, msgpack and every HTTP response refuse) written as
+    backslash escapes. Text a task reports goes through this before it leaves the item."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class Cancelled(Exception):
     """Raised by :meth:`Context.check` once the item was cancelled."""
 
@@ -80,7 +93,8 @@ class Context:
     def _send(self, frac: float | None, message: str | None) -> None:
         if self._reporter is None or self.unit is None:
             return
-        self._reporter(self.unit.key, frac, None if message is None else str(message)[:1000])
+        self._reporter(self.unit.key, frac,
+                       None if message is None else safe_text(str(message)[:1000]))
 
 
 _current = threading.local()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import bulkrunner.runtime.capture as capture
-from bulkrunner.runtime.context import Cancelled, Context, Reporter, _current
+from bulkrunner.runtime.context import Cancelled, Context, Reporter, _current, safe_text
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ def worker_name() -> str:
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
     """The contract's error object for an exception."""
-    return {"type": type(exc).__name__, "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc))}
+    return {"type": type(exc).__name__, "message": safe_text(str(exc)),
+            "traceback": safe_text("".join(traceback.format_exception(exc)))}
 
 
 def run_item(unit: WorkUnit, reporter: Reporter | None = None,

@@ -1,9 +1,11 @@
 """The dispatcher: moves items from the store's queue onto the executor and back.
 
-One thread. Each turn it records the outcomes that came back, fails attempts that passed
-their deadline, flushes progress, and claims as many queued items as the executor has free
-slots (``max_workers``), so the queue stays in SQLite and memory stays flat however many
-items wait. At start it re-queues what a crashed server left running; at stop it drains.
+One thread. Each turn it collects the outcomes that came back, fails attempts that passed
+their deadline, and in one transaction records those outcomes with the progress and output
+reported meanwhile and claims as many queued items as the executor has free slots
+(``max_workers``), so the queue stays in SQLite and memory stays flat however many items
+wait. At start it re-queues what a crashed server left running; at stop it drains. What
+happens is told on the event bus (:mod:`bulkrunner.server.events`).
 """
 
 from __future__ import annotations
@@ -14,23 +16,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from typing import Any
+from dataclasses import dataclass
 
 from bulkrunner.config import Config
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
-from bulkrunner.runtime import Outcome, WorkUnit
+from bulkrunner.runtime import Outcome, WorkUnit, safe_text
+from bulkrunner.server.events import EventBus, Finished, JobChanged, Recovered, Started
+from bulkrunner.server.policy import INTERRUPTIONS_ALLOWED, backoff_delay
 from bulkrunner.server.tasks import Registry
-from bulkrunner.store import Claimed, Finish, Store, backoff_delay
+from bulkrunner.store import Claimed, Finish, JobChange, Store
 
-log = logging.getLogger("bulkrunner.server.dispatcher")
+log = logging.getLogger("bulkrunner.dispatcher")
 
-#: ``observer(event, data)``: called from the dispatcher thread (metrics, logs). Events:
-#: "claimed", "finished", "timeout", "worker_died", "recovered". "finished" carries
-#: ``finishes`` and ``states``: what each item became ("queued" again, "succeeded",
-#: "failed"), or "stale" when the store ignored it.
-Observer = Callable[[str, dict[str, Any]], None]
-
-_PROGRESS_FLUSH = 0.5      # seconds between progress writes
+_PROGRESS_FLUSH = 0.5      # seconds between progress writes while no item ends
 # Claim-ahead for very short items on the thread executor: each dispatcher turn is a
 # transaction, and with only max_workers items per turn the workers would wait on it. Only
 # while recent items took under _SHORT_ITEM seconds; and an item claimed ahead that has not
@@ -42,18 +40,29 @@ _GIVE_BACK = 0.02
 _IDLE_POLL = 0.5           # seconds between looks at the queue when nothing wakes us
 
 
+@dataclass(slots=True)
+class _Ended:
+    """An attempt's end waiting to be recorded, with what its event will say."""
+
+    finish: Finish
+    job_id: str
+    task: str
+    duration: float
+    cause: str | None = None
+
+
 class Dispatcher:
     """Keeps the executor busy with queued items and records how each attempt ended."""
 
-    def __init__(self, cfg: Config, store: Store, registry: Registry,
+    def __init__(self, cfg: Config, store: Store, registry: Registry, events: EventBus,
                  executor_factory: Callable[..., Executor] = make_executor) -> None:
         self.cfg = cfg
         self.store = store
         self.registry = registry
+        self.events = events
         self._factory = executor_factory
         self.executor: Executor | None = None
         self.max_workers = cfg.executor.max_workers
-        self.observers: list[Observer] = []
         self._inflight: dict[Future[Outcome], WorkUnit] = {}
         self._submitted: dict[Future[Outcome], float] = {}
         #: Moving average of item durations (submit to outcome), for claim-ahead.
@@ -61,8 +70,8 @@ class Dispatcher:
         self._timed_out: set[Future[Outcome]] = set()
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
-        #: Outcomes not yet recorded; kept until the store has them (a failed write retries).
-        self._unrecorded: list[Finish] = []
+        #: Ends not yet recorded; kept until the store has them (a failed write retries).
+        self._unrecorded: list[_Ended] = []
         self._progress: dict[tuple[int, int], tuple[float | None, str | None]] = {}
         self._progress_lock = threading.Lock()
         #: Captured output waiting to be written: (job_seq, index, claim) -> chunks.
@@ -83,15 +92,17 @@ class Dispatcher:
     def start(self) -> None:
         """Re-queue what a previous server left running, build the executor, start."""
         t0 = time.monotonic()
-        jobs: dict[str, dict[str, int]] = {}
-        self.recovered = self.store.requeue_running(interrupted=True, jobs=jobs)
+        self.recovered, jobs, changes = self.store.requeue_running(
+            interrupted=True, max_interruptions=INTERRUPTIONS_ALLOWED)
+        self._changed(changes)
         if any(self.recovered.values()):
             log.info("recovery: re-queued %(requeued)d interrupted items, failed %(failed)d "
                      "interrupted too often", self.recovered)
             for job_id, n in jobs.items():
                 log.info("job %s recovered: %d interrupted item(s) re-queued, %d failed",
                          job_id, n["requeued"], n["failed"], extra={"job_id": job_id})
-            self._emit("recovered", {**self.recovered, "seconds": time.monotonic() - t0})
+            self.events.emit(Recovered(self.recovered["requeued"], self.recovered["failed"],
+                                       time.monotonic() - t0))
         self.executor = self._factory(self.cfg, _Reports(self._report, self._log),
                                       self.registry.modules())
         self._thread = threading.Thread(target=self._run, name="bulkrunner-dispatcher",
@@ -139,7 +150,7 @@ class Dispatcher:
             deadline = time.monotonic() + grace
             while (self._inflight and time.monotonic() < deadline
                    and not self._hurry.is_set()):
-                time.sleep(0.05)
+                self._hurry.wait(0.05)
             self._shut_down()
             self._drained = True
         finally:
@@ -152,7 +163,8 @@ class Dispatcher:
             self._thread.join(timeout=10)
         if self.executor is not None:
             self.executor.shutdown()
-        left = self.store.requeue_running(interrupted=False)
+        left, _, changes = self.store.requeue_running(interrupted=False)
+        self._changed(changes)
         if left["requeued"]:
             log.info("shutdown: %d running items go back to the queue for the next start",
                      left["requeued"])
@@ -164,16 +176,14 @@ class Dispatcher:
             self._wake.wait(self._next_wait())
             self._wake.clear()
             try:
-                self._turn()
                 now = time.monotonic()
-                if now - last_flush >= _PROGRESS_FLUSH:
-                    self._flush_progress()
+                flush = now - last_flush >= _PROGRESS_FLUSH
+                if self._turn(flush=flush) or flush:
                     last_flush = now
             except Exception:  # background code logs and carries on
                 log.exception("dispatcher error; retrying in a moment")
-                time.sleep(0.5)
-        self._turn(claim=False)
-        self._flush_progress()
+                self._stop.wait(0.5)
+        self._turn(claim=False, flush=True)
 
     def _next_wait(self) -> float:
         now = time.time()
@@ -198,9 +208,10 @@ class Dispatcher:
             for f in waiting:
                 f.cancel()  # its callback re-queues the item, free of charge
 
-    def _turn(self, claim: bool = True) -> None:
+    def _turn(self, claim: bool = True, flush: bool = False) -> bool:
+        """One turn; True when it wrote progress and output (so the flush timer restarts)."""
         self._give_back()
-        finishes, self._unrecorded = self._unrecorded, []
+        ended, self._unrecorded = self._unrecorded, []
         while True:
             try:
                 fut = self._done.get_nowait()
@@ -216,9 +227,9 @@ class Dispatcher:
             if fut in self._timed_out:
                 self._timed_out.discard(fut)
                 continue
-            finishes.append(self._finish_for(unit, fut))
+            ended.append(self._ended(unit, fut, took))
         self._handle_aborts()
-        finishes += self._expire()
+        ended += self._expire()
         if self._retry_due is not None and time.time() >= self._retry_due:
             self._retry_due = None
         free = 0
@@ -226,35 +237,51 @@ class Dispatcher:
             free = self._capacity() - len(self._inflight)
             if free > 0 and not self.executor.health()[0]:
                 free = 0
-        if not finishes and free <= 0:
-            return
-        states: list[str] = []
+        # An item's progress and output are complete once its end is recorded: they go in
+        # the same transaction as the ends (and the next claim), one commit for all three.
+        flush = flush or bool(ended)
+        progress, logs = self._take_reports() if flush else ({}, {})
+        if not ended and free <= 0 and not progress and not logs:
+            return flush
         try:
-            if finishes:
-                # An item's progress and log are complete once its end is recorded.
-                self._flush_progress()
-            # Outcomes and the next claim share one transaction: one commit per turn.
-            claimed = self.store.turn(finishes, free, self._backoff_noted, states=states)
+            turn = self.store.turn([e.finish for e in ended], free, self._backoff,
+                                   progress=progress, logs=logs)
         except BaseException:
-            self._unrecorded = finishes + self._unrecorded  # recorded on the next turn
+            self._unrecorded = ended + self._unrecorded  # recorded on the next turn
+            self._give_reports_back(progress, logs)
             self._wake.set()
             raise
-        if finishes:
-            self._emit("finished", {"finishes": finishes, "states": states})
-        for c in claimed:
+        if turn.dropped:
+            log.warning("progress and output of %d item(s) could not be stored and were "
+                        "dropped: %s", len(progress) + len(logs), turn.dropped)
+        if turn.retry_due is not None and (self._retry_due is None
+                                           or turn.retry_due < self._retry_due):
+            self._retry_due = turn.retry_due
+        for e, state in zip(ended, turn.states, strict=True):
+            f = e.finish
+            self.events.emit(Finished(e.job_id, f.job_seq, f.index, f.claim, e.task, f.ok,
+                                      state, f.charge, e.duration, e.cause))
+        self._changed(turn.changes)
+        for c in turn.claimed:
             try:
                 self._submit(c)
             except Exception:  # one item's trouble must not strand the rest of the claim
                 log.exception("could not start item %s of job %s; it goes back to the queue",
                               c.index, c.job_id)
-                self._unrecorded.append(Finish(c.job_seq, c.index, c.claim, charge=False))
+                self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim,
+                                                      charge=False), c.job_id, c.task, 0.0))
+                self._wake.set()
+        return flush
 
     def _submit(self, c: Claimed) -> None:
         assert self.executor is not None
         if c.task not in self.registry:
-            self.store.finish([Finish(c.job_seq, c.index, c.claim, retryable=False, error={
-                "type": "UnknownTask", "message": f"the task {c.task!r} is no longer in the "
-                "config; add it back and retry the job", "traceback": ""})])
+            self._unrecorded.append(_Ended(Finish(
+                c.job_seq, c.index, c.claim, retryable=False, error={
+                    "type": "UnknownTask", "message": f"the task {c.task!r} is no longer in "
+                    "the config; add it back and retry the job", "traceback": ""}),
+                c.job_id, c.task, 0.0))
+            self._wake.set()
             return
         task = self.registry.get(c.task)
         unit = WorkUnit(job_id=c.job_id, job_seq=c.job_seq, index=c.index, claim=c.claim,
@@ -267,22 +294,14 @@ class Dispatcher:
             fut = self.executor.submit(unit)
         except Exception as e:
             log.warning("executor refused item %s of job %s: %s", c.index, c.job_id, e)
-            self.store.finish([Finish(c.job_seq, c.index, c.claim, charge=False)])
+            self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim, charge=False),
+                                           c.job_id, c.task, 0.0))
+            self._wake.set()
             return
         self._inflight[fut] = unit
         self._submitted[fut] = time.monotonic()
-        self._emit("claimed", {"unit": unit})
+        self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
         fut.add_done_callback(self._on_done)
-
-    def _backoff_noted(self, attempt: int) -> float:
-        # The store calls this (on its writer thread, while finish() waits) for each item
-        # it puts back in the queue to retry; note when the retry is due so the loop wakes
-        # then instead of up to _IDLE_POLL later, which would stretch short backoffs.
-        delay = self._backoff(attempt)
-        due = time.time() + delay
-        if self._retry_due is None or due < self._retry_due:
-            self._retry_due = due
-        return delay
 
     def _on_done(self, fut: Future[Outcome]) -> None:
         # Runs on a worker or executor thread: only hand over, never block.
@@ -297,23 +316,24 @@ class Dispatcher:
             return self.max_workers + max(_CLAIM_AHEAD, self.max_workers)
         return self.max_workers
 
-    def _finish_for(self, unit: WorkUnit, fut: Future[Outcome]) -> Finish:
+    def _ended(self, unit: WorkUnit, fut: Future[Outcome], took: float) -> _Ended:
         seq, idx, claim = unit.job_seq, unit.index, unit.claim
         try:
             out = fut.result()
         except WorkerDied as e:
-            self._emit("worker_died", {"unit": unit, "message": str(e)})
-            return Finish(seq, idx, claim, error={"type": "WorkerDied", "message": str(e),
-                                                  "traceback": ""})
+            return _Ended(Finish(seq, idx, claim, error={
+                "type": "WorkerDied", "message": str(e), "traceback": ""}),
+                unit.job_id, unit.task, took, "worker_died")
         except (ExecutorLost, CancelledError):
-            return Finish(seq, idx, claim, charge=False)
+            return _Ended(Finish(seq, idx, claim, charge=False), unit.job_id, unit.task, took)
         except Exception as e:  # an executor error that names no culprit: not the item's
             log.warning("item %s of job %s lost by the executor: %r", unit.index, unit.job_id, e)
-            return Finish(seq, idx, claim, charge=False)
-        return Finish(seq, idx, claim, ok=out.ok, result=out.result, error=out.error,
-                      worker=out.worker, retryable=out.retryable)
+            return _Ended(Finish(seq, idx, claim, charge=False), unit.job_id, unit.task, took)
+        return _Ended(Finish(seq, idx, claim, ok=out.ok, result=out.result, error=out.error,
+                             worker=out.worker, retryable=out.retryable),
+                      unit.job_id, unit.task, took)
 
-    def _expire(self) -> list[Finish]:
+    def _expire(self) -> list[_Ended]:
         now = time.time()
         out = []
         for fut, unit in list(self._inflight.items()):
@@ -322,11 +342,11 @@ class Dispatcher:
             if fut.done():
                 continue  # it finished in time; its outcome is being collected
             self._timed_out.add(fut)
-            out.append(Finish(unit.job_seq, unit.index, unit.claim, error={
+            took = time.monotonic() - self._submitted.get(fut, time.monotonic())
+            out.append(_Ended(Finish(unit.job_seq, unit.index, unit.claim, error={
                 "type": "TimeoutError",
                 "message": f"the attempt passed its timeout of {unit.timeout:g} s",
-                "traceback": ""}))
-            self._emit("timeout", {"unit": unit})
+                "traceback": ""}), unit.job_id, unit.task, took, "timeout"))
             assert self.executor is not None
             self.executor.abort(unit)
         return out
@@ -346,37 +366,44 @@ class Dispatcher:
                 self._timed_out.add(fut)
                 self.executor.abort(unit)
 
-    # ------------------------------------------------------------------ progress
+    def _changed(self, changes: list[JobChange]) -> None:
+        for ch in changes:
+            self.events.emit(JobChanged(ch.id, ch.task, ch.old, ch.new, ch.counts))
+
+    # ------------------------------------------------------------------ progress and output
     def _report(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
+        # Called by executors (worker, supervisor or Dask threads). Text a task reports is
+        # made storable here, where it enters the server, so it can never fail a write.
+        if msg is not None:
+            msg = safe_text(msg)
         with self._progress_lock:
             old = self._progress.get(key, (None, None))
             self._progress[key] = (frac if frac is not None else old[0],
                                    msg if msg is not None else old[1])
 
-    def _flush_progress(self) -> None:
-        with self._progress_lock:
-            updates, self._progress = self._progress, {}
-        if updates:
-            self.store.record_progress(updates)
-        self._flush_logs()
-
     def _log(self, key: tuple[int, int], claim: int, text: str) -> None:
-        # Called by executors (worker or supervisor threads) with captured output.
+        text = safe_text(text)
         with self._progress_lock:
             self._logs.setdefault((key[0], key[1], claim), []).append(text)
 
-    def _flush_logs(self) -> None:
+    def _take_reports(self) -> tuple[dict[tuple[int, int], tuple[float | None, str | None]],
+                                     dict[tuple[int, int, int], str]]:
         with self._progress_lock:
+            updates, self._progress = self._progress, {}
             chunks, self._logs = self._logs, {}
-        if chunks:
-            self.store.append_logs({k: "".join(v) for k, v in chunks.items()})
+        return updates, {k: "".join(v) for k, v in chunks.items()}
 
-    def _emit(self, event: str, data: dict[str, Any]) -> None:
-        for obs in self.observers:
-            try:
-                obs(event, data)
-            except Exception:
-                log.exception("observer failed on %s", event)
+    def _give_reports_back(self, progress: dict[tuple[int, int],
+                                                tuple[float | None, str | None]],
+                           logs: dict[tuple[int, int, int], str]) -> None:
+        """Put reports of a failed write back, under newer ones, for the next turn."""
+        with self._progress_lock:
+            for key, (frac, msg) in progress.items():
+                new = self._progress.get(key, (None, None))
+                self._progress[key] = (new[0] if new[0] is not None else frac,
+                                       new[1] if new[1] is not None else msg)
+            for lkey, text in logs.items():
+                self._logs.setdefault(lkey, []).insert(0, text)
 
 
 class _Reports:
@@ -392,4 +419,4 @@ class _Reports:
         self._progress(key, frac, msg)
 
 
-__all__ = ["Dispatcher", "Observer"]
+__all__ = ["Dispatcher"]

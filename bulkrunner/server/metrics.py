@@ -2,7 +2,7 @@
 
 Each app gets its own :class:`~prometheus_client.CollectorRegistry` (several apps live in
 one test process, and the global registry would mix them). Counters are fed as things
-happen: submissions by a service hook, attempts by dispatcher observers. Gauges of the
+happen, from the event bus (submissions, and attempts with their run time). Gauges of the
 queue and the workers are read at scrape time from the store's counters, which are kept
 in memory, so a scrape costs two index lookups however many jobs are stored.
 """
@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from bulkrunner.models import STATES, Job
+from bulkrunner.models import STATES
+from bulkrunner.server.events import Finished, Submitted
 from bulkrunner.server.service import Service
-from bulkrunner.store import Finish
 
 #: Run-duration buckets, seconds: tasks run from milliseconds to hours.
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 60.0, 300.0, 900.0,
@@ -57,53 +56,31 @@ class Metrics:
             "bulkrunner_item_duration_seconds", "Run time of attempts that ended, from "
             "claim to outcome, by task", ["task"], buckets=DURATION_BUCKETS, registry=r)
         r.register(_StateCollector(service))
-        # (job_seq, index, claim) -> (task, monotonic start) of attempts in flight.
-        self._started: dict[tuple[int, int, int], tuple[str, float]] = {}
-        self._max_started = max(10_000, 4 * service.dispatcher.max_workers)
-        service.submit_hooks.append(self.on_submit)
-        service.dispatcher.observers.append(self.observe)
+        service.events.subscribe(Submitted, self._submitted)
+        service.events.subscribe(Finished, self._finished)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    # ------------------------------------------------------------------ hooks
-    def on_submit(self, job: Job) -> None:
-        """A submit hook: count the job and its items by task."""
-        self.jobs_submitted.labels(job.task).inc()
-        self.items_submitted.labels(job.task).inc(job.total)
+    # ------------------------------------------------------------------ listeners
+    def _submitted(self, e: Submitted) -> None:
+        self.jobs_submitted.labels(e.job.task).inc()
+        self.items_submitted.labels(e.job.task).inc(e.job.total)
 
-    def observe(self, event: str, data: dict[str, Any]) -> None:
-        """A dispatcher observer (runs on the dispatcher thread)."""
-        if event == "claimed":
-            u = data["unit"]
-            if len(self._started) >= self._max_started:
-                # Attempts dropped without an outcome (cancelled while running) leave
-                # entries behind; the oldest are those.
-                for key in list(self._started)[: len(self._started) // 2]:
-                    del self._started[key]
-            self._started[(u.job_seq, u.index, u.claim)] = (u.task, time.monotonic())
-        elif event == "finished":
-            finishes: list[Finish] = data["finishes"]
-            states: list[str] = data.get("states") or ["?"] * len(finishes)
-            for f, state in zip(finishes, states, strict=False):
-                self._finished(f, state)
-        elif event == "timeout":
-            self.timeouts.labels(data["unit"].task).inc()
-        elif event == "worker_died":
-            self.worker_deaths.labels(data["unit"].task).inc()
-
-    def _finished(self, f: Finish, state: str) -> None:
-        task, t0 = self._started.pop((f.job_seq, f.index, f.claim), ("unknown", None))
-        if state == "stale" or not f.charge:
+    def _finished(self, e: Finished) -> None:
+        if e.cause == "timeout":
+            self.timeouts.labels(e.task).inc()
+        elif e.cause == "worker_died":
+            self.worker_deaths.labels(e.task).inc()
+        if e.state == "stale" or not e.charged:
             return  # ignored by the store, or an innocent re-queued without an attempt
-        if t0 is not None:
-            self.duration.labels(task).observe(time.monotonic() - t0)
-        self.attempts.labels(task, "succeeded" if f.ok else "failed").inc()
-        if not f.ok and state == "queued":
-            self.retries.labels(task).inc()
-        elif state == "failed":
-            self.failures.labels(task).inc()
+        self.duration.labels(e.task).observe(e.duration)
+        self.attempts.labels(e.task, "succeeded" if e.ok else "failed").inc()
+        if not e.ok and e.state == "queued":
+            self.retries.labels(e.task).inc()
+        elif e.state == "failed":
+            self.failures.labels(e.task).inc()
 
 
 class _StateCollector(Collector):

@@ -14,7 +14,9 @@ from bulkrunner.models import STATES, derive_state
 
 @dataclass
 class NewJob:
-    """A validated submission, ready to insert. ``items`` are JSON texts (None: no overlay)."""
+    """A validated submission, ready to insert. ``params_text`` is ``params`` as the JSON
+    text to store (encoded once, when it was checked); ``items`` are JSON texts (None: no
+    overlay)."""
 
     id: str
     task: str
@@ -25,6 +27,11 @@ class NewJob:
     timeout: float = 0.0
     key: str | None = None
     body_hash: str | None = None
+    params_text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.params_text:
+            self.params_text = json.dumps(self.params)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bulkrunner.store.records import Claimed, Finish, Tx, _loads
@@ -41,9 +41,13 @@ def _claim(tx: Tx, n: int) -> list[Claimed]:
 
 
 def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
-            outcome: list[str]) -> int:
+            outcome: list[str]) -> float | None:
+    """Record ended attempts; ``outcome`` gets what each made of its item, in order.
+
+    Returns when the earliest retry queued here is due (``time.time()``), or None.
+    """
     c = tx.conn
-    recorded = 0
+    due: float | None = None
     for f in finishes:
         if f.ok and f.charge:
             # The common case in one guarded UPDATE, no read first: a stale outcome (the
@@ -51,7 +55,6 @@ def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
             cur = c.execute(_SUCCEED, (f.result, f.worker, tx.now, f.job_seq, f.index,
                                        f.claim))
             if cur.rowcount:
-                recorded += 1
                 tx.move(f.job_seq, "running", "succeeded")
                 outcome.append("succeeded")
             else:
@@ -64,7 +67,6 @@ def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
         if row is None or row[0] != "running" or row[1] != f.claim:
             outcome.append("stale")
             continue
-        recorded += 1
         if not f.charge:
             outcome.append("queued")
             c.execute("UPDATE items SET state = 'queued', started_at = NULL, "
@@ -80,22 +82,112 @@ def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
                    {k: v for k, v in error.items() if k != "traceback"}]
         again = f.retryable and attempts < row[3]
         new_state = "queued" if again else "failed"
+        not_before = tx.now + backoff(attempts) if again else 0.0
+        if again and (due is None or not_before < due):
+            due = not_before
         c.execute("UPDATE items SET state = ?, attempts = ?, error = ?, errors = ?, "
                   "worker = ?, not_before = ?, finished_at = ?, "
                   "started_at = CASE WHEN ? THEN NULL ELSE started_at END "
                   "WHERE job_seq = ? AND idx = ?",
                   (new_state, attempts, json.dumps(error), json.dumps(history),
-                   f.worker, tx.now + backoff(attempts) if again else 0,
+                   f.worker, not_before,
                    None if again else tx.now, again, f.job_seq, f.index))
         tx.move(f.job_seq, "running", new_state)
         outcome.append(new_state)
-    return recorded
+    return due
 
 
-def backoff_delay(base: float, cap: float) -> Callable[[int], float]:
-    """Exponential backoff with equal jitter: after attempt n, wait in [d/2, d] where
-    d = min(cap, base * 2**(n-1))."""
-    def delay(attempt: int) -> float:
-        d = min(cap, base * (2.0 ** max(attempt - 1, 0)))
-        return float(d / 2 + random.random() * d / 2)
-    return delay
+def requeue_running(tx: Tx, interrupted: bool, max_interruptions: int
+                    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Put every running item back in the queue, never spending an attempt.
+
+    With ``interrupted`` (start-up after a crash) each counts an interruption, and an item
+    interrupted ``max_interruptions`` times fails instead. Returns the counts
+    ``{"requeued": n, "failed": m}`` and the same for each job id.
+    """
+    c = tx.conn
+    rows = c.execute("SELECT i.job_seq, i.idx, i.interruptions, j.id FROM items i "
+                     "JOIN jobs j ON j.seq = i.job_seq "
+                     "WHERE i.state = 'running'").fetchall()
+    out = {"requeued": 0, "failed": 0}
+    per_job: dict[str, dict[str, int]] = {}
+    for seq, idx, n, job_id in rows:
+        mine = per_job.setdefault(job_id, {"requeued": 0, "failed": 0})
+        n = n + 1 if interrupted else n
+        if n >= max_interruptions:
+            err = {"type": "Interrupted", "message":
+                   f"the server stopped while this item ran, {n} times; it is not "
+                   "run again in case it is what stops the server", "traceback": ""}
+            c.execute("UPDATE items SET state = 'failed', interruptions = ?, error = ?, "
+                      "finished_at = ? WHERE job_seq = ? AND idx = ?",
+                      (n, json.dumps(err), tx.now, seq, idx))
+            tx.move(seq, "running", "failed")
+            out["failed"] += 1
+            mine["failed"] += 1
+        else:
+            c.execute("UPDATE items SET state = 'queued', interruptions = ?, "
+                      "started_at = NULL, progress = NULL WHERE job_seq = ? AND idx = ?",
+                      (n, seq, idx))
+            tx.move(seq, "running", "queued")
+            out["requeued"] += 1
+            mine["requeued"] += 1
+    return out, per_job
+
+
+def reports(tx: Tx, progress: Mapping[tuple[int, int], tuple[float | None, str | None]],
+            logs: Mapping[tuple[int, int, int], str]) -> str | None:
+    """Store progress and captured output. If they cannot all be stored, each item's are
+    tried on their own and only those that fail are dropped (their reason is returned):
+    one item's bad report never holds up the others, nor the rest of the transaction."""
+    def both() -> None:
+        record_progress(tx, progress)
+        append_logs(tx, logs)
+
+    if _saved(tx, both) is None:
+        return None
+    reasons: list[str] = []
+    for key, value in progress.items():
+        why = _saved(tx, lambda: record_progress(tx, {key: value}))  # noqa: B023
+        if why:
+            reasons.append(f"progress of item {key[1]} of job #{key[0]}: {why}")
+    for lkey, text in logs.items():
+        why = _saved(tx, lambda: append_logs(tx, {lkey: text}))  # noqa: B023
+        if why:
+            reasons.append(f"output of item {lkey[1]} of job #{lkey[0]}: {why}")
+    return "; ".join(reasons) or None
+
+
+def _saved(tx: Tx, fn: Callable[[], object]) -> str | None:
+    """Run ``fn`` in a savepoint; on a storage error undo it and return the reason."""
+    c = tx.conn
+    c.execute("SAVEPOINT reports")
+    try:
+        fn()
+    except (sqlite3.Error, UnicodeError, ValueError, OverflowError) as e:
+        c.execute("ROLLBACK TO reports")
+        c.execute("RELEASE reports")
+        return repr(e)
+    c.execute("RELEASE reports")
+    return None
+
+
+def append_logs(tx: Tx, chunks: Mapping[tuple[int, int, int], str]) -> None:
+    """Append captured output, keyed by (job sequence number, item index, claim); chunks
+    of jobs deleted (or being deleted) meanwhile are dropped."""
+    tx.conn.executemany(
+        "INSERT INTO logs (job_seq, idx, claim, text) SELECT ?, ?, ?, ? "
+        "WHERE EXISTS (SELECT 1 FROM jobs WHERE seq = ? AND doomed = 0)",
+        ((seq, idx, claim, text, seq) for (seq, idx, claim), text in chunks.items()))
+
+
+def record_progress(tx: Tx, updates: Mapping[tuple[int, int], tuple[float | None, str | None]]
+                    ) -> None:
+    """Store the latest progress and message of running items (and the job's message)."""
+    c = tx.conn
+    for (seq, idx), (frac, msg) in updates.items():
+        c.execute("UPDATE items SET progress = COALESCE(?, progress), "
+                  "message = COALESCE(?, message) "
+                  "WHERE job_seq = ? AND idx = ? AND state = 'running'",
+                  (frac, msg, seq, idx))
+        if msg is not None:
+            c.execute("UPDATE jobs SET message = ? WHERE seq = ?", (msg, seq))

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from bulkrunner import __version__, errors
 from bulkrunner.models import STATES
+from bulkrunner.runtime import safe_text
 from bulkrunner.server.service import Service
 from bulkrunner.server.web.auth import (
     COOKIE,
@@ -208,11 +209,13 @@ def when(iso: str | None) -> str:
 
 @bp.app_template_filter("json_text")
 def json_text(value: Any, limit: int = 10_000, indent: int | None = 2) -> str:
-    """A value as JSON (strings as they are), cut at ``limit`` characters."""
+    """A value as JSON (strings as they are), cut at ``limit`` characters; text with no
+    UTF-8 form (lone surrogates a task returned) is shown escaped."""
     compact = (",", ":") if indent is None else None  # as the page's JSON.stringify does
     text = value if isinstance(value, str) else json.dumps(value, indent=indent,
                                                            separators=compact,
                                                            ensure_ascii=False)
+    text = safe_text(text)
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 

@@ -1,0 +1,114 @@
+"""The server's one event bus: typed events, emitted once, that listeners subscribe to.
+
+Metrics, the server log (and later webhooks and the web page) subscribe here instead of
+hooking into the service, the dispatcher or the store. A listener runs on the thread that
+emits (a request thread for :class:`Submitted`, the dispatcher thread for the rest), so it
+must be quick and must not block; one that raises is logged and the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from bulkrunner.models import Job
+
+log = logging.getLogger("bulkrunner.events")
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A job was accepted (its 202 is committed)."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """An attempt was handed to the executor."""
+
+    job_id: str
+    job_seq: int
+    index: int
+    claim: int
+    task: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """An attempt ended and its end is recorded.
+
+    ``state`` is what the item became: ``queued`` (to run again), ``succeeded``, ``failed``,
+    or ``stale`` when the store ignored the outcome (the item was cancelled or claimed again
+    meanwhile). ``charged`` is False for an innocent item re-queued without spending an
+    attempt; ``cause`` is ``timeout`` or ``worker_died`` when that is how it ended.
+    ``duration`` is the attempt's run time in seconds, from hand-over to outcome.
+    """
+
+    job_id: str
+    job_seq: int
+    index: int
+    claim: int
+    task: str
+    ok: bool
+    state: str
+    charged: bool
+    duration: float
+    cause: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobChanged:
+    """A job moved from one state to another (``counts`` are its item counts after)."""
+
+    job_id: str
+    task: str
+    old: str
+    new: str
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """At start-up, items a stopped server left running were re-queued or failed."""
+
+    requeued: int
+    failed: int
+    seconds: float
+
+
+Event = Submitted | Started | Finished | JobChanged | Recovered
+E = TypeVar("E", Submitted, Started, Finished, JobChanged, Recovered)
+
+
+class EventBus:
+    """Listeners by event type; ``emit`` calls each listener of the event's type in turn."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[type[Any], tuple[Callable[[Any], None], ...]] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, kind: type[E], listener: Callable[[E], None]) -> None:
+        """Call ``listener(event)`` for every event of type ``kind`` from now on."""
+        with self._lock:  # copy on write: emit reads without the lock
+            self._listeners[kind] = (*self._listeners.get(kind, ()), listener)
+
+    def wants(self, kind: type[Any]) -> bool:
+        """Whether anyone listens to ``kind`` (to skip building events nobody reads)."""
+        return kind in self._listeners
+
+    def emit(self, event: Event) -> None:
+        """Hand ``event`` to its listeners; a failing listener is logged, never raised."""
+        for listener in self._listeners.get(type(event), ()):
+            try:
+                listener(event)
+            except Exception:  # one listener's bug must not stop the emitter or the rest
+                log.exception("event listener %r failed on %s", listener,
+                              type(event).__name__)
+
+
+__all__ = ["Event", "EventBus", "Finished", "JobChanged", "Recovered", "Started",
+           "Submitted"]

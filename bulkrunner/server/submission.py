@@ -1,0 +1,233 @@
+"""A submission checked against its task and turned into a :class:`~bulkrunner.store.NewJob`.
+
+Everything a client can get wrong is found here, before anything is written, and reported
+as one :class:`~bulkrunner.errors.InvalidSubmission` naming each field. Params are encoded
+to JSON once, here, and stored as that text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bulkrunner.config import Config
+from bulkrunner.errors import InvalidSubmission
+from bulkrunner.server.tasks import Registry, Task
+from bulkrunner.store import NewJob
+
+SUBMIT_KEYS = ("task", "params", "items", "priority", "max_attempts", "timeout", "key")
+MAX_PRIORITY = 1_000_000
+MAX_ATTEMPTS = 100
+_MAX_ITEM_ERRORS = 20
+_NOT_FINITE = "holds NaN or Infinity, which JSON cannot carry; send finite numbers"
+_SURROGATE = ("holds an unpaired surrogate (such as \\ud800), which is not text; send valid "
+              "Unicode")
+
+
+def new_job(cfg: Config, registry: Registry, body: Any, *,
+            items: Sequence[Mapping[str, Any]] | None = None,
+            rows: Sequence[int] | None = None, unit: str = "row") -> NewJob:
+    """Check a submission body and return the job to insert.
+
+    ``items`` (with where they are in their file, ``rows`` numbered in ``unit``s, for
+    messages) come from an uploaded file, and replace ``body["items"]``.
+    """
+    if not isinstance(body, dict):
+        raise InvalidSubmission({"body": "must be a JSON object like "
+                                         '{"task": "echo", "params": {}}'})
+    unknown = [k for k in body if k not in SUBMIT_KEYS]
+    if unknown:
+        raise InvalidSubmission({k: f"unknown field; a submission takes "
+                                    f"{', '.join(SUBMIT_KEYS)}" for k in unknown[:10]})
+    task = registry.get(body.get("task"))
+    fields: dict[str, str] = {}
+    params = body.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidSubmission({"params": "must be an object of param names to values"})
+    priority = _int_field(body, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY, fields)
+    attempts_default = task.max_attempts or cfg.jobs.max_attempts
+    max_attempts = _int_field(body, "max_attempts", attempts_default, 1, MAX_ATTEMPTS, fields)
+    timeout = _timeout_field(body, task.timeout if task.timeout is not None
+                             else cfg.jobs.timeout, fields)
+    key = body.get("key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+        fields["key"] = "must be a string of 1 to 200 characters"
+    elif key is not None and not is_unicode(key):
+        fields["key"] = "must be valid Unicode text (it holds an unpaired surrogate)"
+    if items is None:
+        raw_items = body.get("items")
+        if raw_items is not None and not isinstance(raw_items, list):
+            fields["items"] = "must be a list of objects, one per item"
+            raw_items = None
+        items = raw_items
+    if fields:
+        raise InvalidSubmission(fields)
+
+    params_text, encoded_items = _check_params(cfg, task, params, items, rows, unit)
+    body_hash = None
+    if key is not None:
+        canon = dict(body, items=list(items) if items is not None else None)
+        body_hash = hashlib.sha256(json.dumps(canon, sort_keys=True, default=str)
+                                   .encode()).hexdigest()
+    return NewJob(id=uuid.uuid4().hex, task=task.name, params=params, items=encoded_items,
+                  priority=priority, max_attempts=max_attempts, timeout=timeout, key=key,
+                  body_hash=body_hash, params_text=params_text)
+
+
+def _check_params(cfg: Config, task: Task, params: dict[str, Any],
+                  items: Sequence[Any] | None, rows: Sequence[int] | None,
+                  unit: str = "row") -> tuple[str, list[str | None]]:
+    """Check job params and every item; return the params' JSON and the items' overlays."""
+    max_size = cfg.jobs.max_param_size
+    text = _strict_dumps(params)
+    if text is not None and len(text) > max_size:
+        raise InvalidSubmission({"params": f"more than jobs.max_param_size ({max_size} "
+                                           "bytes) of JSON"})
+    if items is not None and not items:
+        raise InvalidSubmission({"items": "is empty; give at least one item, or "
+                                          "leave items out for a single call"})
+    if items and len(items) > cfg.jobs.max_items:
+        raise InvalidSubmission({"items": f"{len(items)} items is more than "
+                                          f"jobs.max_items ({cfg.jobs.max_items})"})
+    # Job-level params of a bulk may leave required params to the items.
+    problems = task.check(params, complete=not items)
+    if problems:
+        raise InvalidSubmission(problems)
+    if text is None:
+        raise InvalidSubmission({"params": _NOT_FINITE})
+    bad_text = _surrogates(params, text, "params")
+    if bad_text:
+        raise InvalidSubmission(bad_text)
+    if not items:
+        return text, [None]
+    out: list[str | None] = []
+    bad: dict[str, str] = {}
+    first_row: int | None = None
+    for i, item in enumerate(items):
+        label = f"items[{i}]" if rows is None else f"{unit} {rows[i]}"
+        if not isinstance(item, dict):
+            bad[label] = "must be an object of param names to values"
+        else:
+            bad.update(task.check(item, prefix=label, given=params))
+            if not bad:
+                item_text = _strict_dumps(item) if item else None
+                if item and item_text is None:
+                    bad[label] = _NOT_FINITE
+                elif item_text is not None and len(item_text) > max_size:
+                    bad[label] = f"more than jobs.max_param_size ({max_size} bytes) of JSON"
+                elif item_text is not None:
+                    bad.update(_surrogates(item, item_text, label))
+                out.append(item_text)
+        if bad and first_row is None:
+            first_row = rows[i] if rows is not None else i
+        if len(bad) >= _MAX_ITEM_ERRORS:
+            break
+    if bad:
+        if rows is not None and unit == "item":
+            raise InvalidSubmission(bad, item=first_row)
+        if rows is not None:
+            raise InvalidSubmission(bad, row=first_row)
+        raise InvalidSubmission(bad, index=first_row)
+    return text, out
+
+
+def _strict_dumps(value: Any) -> str | None:
+    """``value`` as JSON text, or None when it holds NaN or Infinity (which Python's json
+    reads from a request but which no JSON answer could carry back)."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return None
+
+
+def _surrogates(value: dict[str, Any], text: str, prefix: str) -> dict[str, str]:
+    """The fields of ``value`` whose names or strings hold an unpaired surrogate.
+
+    ``text`` is ``value`` as ASCII JSON, where every surrogate shows as a ``\\udXXX``
+    escape, so the common case costs one substring search.
+    """
+    if "\\ud" not in text:
+        return {}
+    return {f"{prefix}.{k}" if prefix == "params" else f"{prefix}: {k}": _SURROGATE
+            for k, v in value.items() if not is_unicode(k) or _holds_surrogate(v)}
+
+
+def _holds_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        return not is_unicode(v)
+    if isinstance(v, dict):
+        return any(not is_unicode(k) or _holds_surrogate(x) for k, x in v.items())
+    if isinstance(v, list):
+        return any(_holds_surrogate(x) for x in v)
+    return False
+
+
+def is_unicode(text: str) -> bool:
+    """False when ``text`` holds an unpaired surrogate (it has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int,
+               fields: dict[str, str]) -> int:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        fields[name] = f"must be a whole number from {lo} to {hi}"
+        return default
+    return v
+
+
+def _timeout_field(body: dict[str, Any], default: float, fields: dict[str, str]) -> float:
+    v = body.get("timeout", default)
+    if v is None:
+        return default
+    if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+            or not 0 <= v <= 366 * 86400):
+        fields["timeout"] = "must be a number of seconds, 0 for none"
+        return default
+    return float(v)
+
+
+def form_to_body(form: Mapping[str, str]) -> dict[str, Any]:
+    """A submission body from multipart form fields (``params`` is JSON text)."""
+    body: dict[str, Any] = {}
+    fields: dict[str, str] = {}
+    for name, value in form.items():
+        if name not in SUBMIT_KEYS or name == "items":
+            takes = ", ".join(k for k in SUBMIT_KEYS if k != "items")
+            fields[name] = ("unknown form field; a multipart submission takes the file "
+                            f"'items' and the fields {takes}")
+            continue
+        if value == "":
+            continue
+        if name == "params":
+            try:
+                body[name] = json.loads(value)
+            except (ValueError, RecursionError):
+                fields[name] = "must be a JSON object"
+        elif name in ("priority", "max_attempts"):
+            try:
+                body[name] = int(value)
+            except ValueError:
+                fields[name] = "must be a whole number"
+        elif name == "timeout":
+            try:
+                body[name] = float(value)
+            except ValueError:
+                fields[name] = "must be a number of seconds"
+        else:
+            body[name] = value
+    if fields:
+        raise InvalidSubmission(fields)
+    return body

@@ -1,0 +1,188 @@
+"""Reads of jobs and items, and the job-wide writes (cancel, retry), as SQL on a connection
+or inside a write's transaction. :class:`~bulkrunner.store.Store` wraps them."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bulkrunner.errors import AmbiguousId, JobFinished, NotFound, NothingToRetry
+from bulkrunner.models import STATES, Item, Job, State
+from bulkrunner.store.records import Tx, _loads
+
+JOB_COLS = ("seq, id, task, params, priority, max_attempts, timeout, key, state, created_at, "
+            "started_at, finished_at, message, n_queued, n_running, n_succeeded, n_failed, "
+            "n_cancelled")
+ITEM_COLS = ("idx, params, state, attempts, result, error, errors, started_at, finished_at, "
+             "progress, message, worker")
+
+
+@contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One read transaction: every SELECT inside sees the same committed state (WAL), so a
+    job cannot lose its items between two of them. Joins one already open."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
+def resolve_id(conn: sqlite3.Connection, ident: str) -> int:
+    """The job sequence number for a full id or a unique prefix (a job that retention
+    is deleting is not found)."""
+    ident = ident.strip().lower()
+    if not ident or len(ident) > 32 or any(ch not in "0123456789abcdef" for ch in ident):
+        raise NotFound(f"no job with id {ident[:64]!r}", {"id": ident[:64]})
+    if len(ident) == 32:
+        rows = conn.execute("SELECT seq, id FROM jobs WHERE id = ? AND doomed = 0",
+                            (ident,)).fetchall()
+    else:
+        rows = conn.execute("SELECT seq, id FROM jobs WHERE id >= ? AND id < ? "
+                            "AND doomed = 0 LIMIT 5", (ident, ident + "g")).fetchall()
+    if not rows:
+        raise NotFound(f"no job with id {ident!r}", {"id": ident})
+    if len(rows) > 1:
+        raise AmbiguousId(f"the prefix {ident!r} matches several jobs; give more "
+                          "characters", {"id": ident, "matches": [r[1] for r in rows]})
+    return int(rows[0][0])
+
+
+
+def job_from_row(conn: sqlite3.Connection, row: Any) -> Job:
+    """A job record from a row of ``JOB_COLS`` (one more read for its progress or result)."""
+    counts = dict(zip(STATES, row[13:18], strict=True))
+    total = sum(counts.values())
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    running_progress = 0.0
+    if counts["running"]:
+        running_progress = conn.execute(
+            "SELECT COALESCE(SUM(progress), 0) FROM items "
+            "WHERE job_seq = ? AND state = 'running'", (row[0],)).fetchone()[0]
+    job = Job(id=row[1], task=row[2], params=json.loads(row[3]), priority=row[4],
+              max_attempts=row[5], timeout=row[6], key=row[7], state=State(row[8]),
+              created_at=row[9], started_at=row[10], finished_at=row[11],
+              message=row[12], counts=counts,
+              progress=round((done + running_progress) / total, 4) if total else 1.0)
+    if total == 1:
+        item = conn.execute("SELECT result, error FROM items WHERE job_seq = ?",
+                            (row[0],)).fetchone()
+        if item is not None:
+            job.result = _loads(item[0])
+            job.error = _loads(item[1])
+    return job
+
+
+
+def job_by_seq(conn: sqlite3.Connection, seq: int) -> Job:
+    """One job by sequence number; NotFound when it is gone or being deleted."""
+    row = conn.execute(f"SELECT {JOB_COLS} FROM jobs WHERE seq = ? AND doomed = 0",
+                       (seq,)).fetchone()
+    if row is None:
+        raise NotFound(f"no job with sequence number {seq}")
+    return job_from_row(conn, row)
+
+
+def list_jobs(conn: sqlite3.Connection, *, state: str | None = None, task: str | None = None,
+              limit: int = 20, before: int | None = None) -> tuple[list[Job], int | None]:
+    """Newest first; returns the jobs and the cursor of the next page (or None)."""
+    where: list[str] = ["doomed = 0"]
+    args: list[Any] = []
+    if state:
+        where.append("state = ?")
+        args.append(state)
+    if task:
+        where.append("task = ?")
+        args.append(task)
+    if before is not None:
+        where.append("seq < ?")
+        args.append(before)
+    sql = f"SELECT {JOB_COLS} FROM jobs WHERE " + " AND ".join(where)
+    sql += " ORDER BY seq DESC LIMIT ?"
+    rows = conn.execute(sql, (*args, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [job_from_row(conn, r) for r in rows], (rows[-1][0] if more else None)
+
+
+
+def items_page(conn: sqlite3.Connection, seq: int, *, state: str | None = None, limit: int,
+               after: int | None) -> list[Item]:
+    """A page of a job's items; NotFound when the job is gone or being deleted."""
+    sql = f"SELECT {ITEM_COLS} FROM items WHERE job_seq = ?"
+    args: list[Any] = [seq]
+    if state:
+        sql += " AND state = ?"
+        args.append(state)
+    if after is not None:
+        sql += " AND idx > ?"
+        args.append(after)
+    sql += " ORDER BY idx LIMIT ?"
+    args.append(limit)
+    out = []
+    with snapshot(conn) as c:
+        job = c.execute("SELECT params FROM jobs WHERE seq = ? AND doomed = 0",
+                        (seq,)).fetchone()
+        if job is None:  # deleted by retention since its id was resolved
+            raise NotFound(f"no job with sequence number {seq}")
+        base = json.loads(job[0])
+        for r in c.execute(sql, args):
+            params = {**base, **json.loads(r[1])} if r[1] else base
+            out.append(Item(index=r[0], params=params, state=State(r[2]), attempts=r[3],
+                            result=_loads(r[4]), error=_loads(r[5]),
+                            errors=_loads(r[6]) or [], started_at=r[7],
+                            finished_at=r[8], progress=r[9], message=r[10],
+                            worker=r[11]))
+    return out
+
+
+
+def cancel(tx: Tx, seq: int, ident: str) -> list[tuple[int, int, int]]:
+    """Cancel every unfinished item of job ``seq``; the (job_seq, index, claim) of the
+    attempts that were running. JobFinished when it has finished already."""
+    c = tx.conn
+    row = c.execute("SELECT state FROM jobs WHERE seq = ? AND doomed = 0",
+                    (seq,)).fetchone()
+    if row is None:  # deleted by retention since its id was resolved
+        raise NotFound(f"no job with id {ident!r}", {"id": ident})
+    state = row[0]
+    if State(state).finished:
+        raise JobFinished(f"the job has already finished ({state}); nothing to cancel",
+                          {"state": state})
+    running = [(seq, r[0], r[1]) for r in c.execute(
+        "SELECT idx, claim FROM items WHERE job_seq = ? AND state = 'running'",
+        (seq,))]
+    err = json.dumps({"type": "Cancelled", "message": "cancelled by request",
+                      "traceback": ""})
+    n_q = c.execute("UPDATE items SET state = 'cancelled', finished_at = ? "
+                    "WHERE job_seq = ? AND state = 'queued'", (tx.now, seq)).rowcount
+    n_r = c.execute("UPDATE items SET state = 'cancelled', finished_at = ?, error = ? "
+                    "WHERE job_seq = ? AND state = 'running'",
+                    (tx.now, err, seq)).rowcount
+    tx.move(seq, "queued", "cancelled", n_q)
+    tx.move(seq, "running", "cancelled", n_r)
+    return running
+
+
+def retry(tx: Tx, seq: int, ident: str) -> None:
+    """Re-queue the failed and cancelled items of job ``seq`` with fresh attempts."""
+    c = tx.conn
+    if c.execute("SELECT 1 FROM jobs WHERE seq = ? AND doomed = 0",
+                 (seq,)).fetchone() is None:  # retention took it since it was resolved
+        raise NotFound(f"no job with id {ident!r}", {"id": ident})
+    for state, n in c.execute("SELECT state, COUNT(*) FROM items WHERE job_seq = ? AND "
+                              "state IN ('failed', 'cancelled') GROUP BY state", (seq,)
+                              ).fetchall():
+        tx.move(seq, state, "queued", n)
+    if not tx.counts[seq]["queued"]:
+        raise NothingToRetry("the job has no failed or cancelled items to retry")
+    c.execute("UPDATE items SET state = 'queued', attempts = 0, interruptions = 0, "
+              "not_before = 0, error = NULL, result = NULL, progress = NULL, "
+              "message = NULL, started_at = NULL, finished_at = NULL "
+              "WHERE job_seq = ? AND state IN ('failed', 'cancelled')", (seq,))
