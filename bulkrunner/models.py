@@ -48,8 +48,8 @@ def iso(ts: float | None) -> str | None:
     """Unix seconds as UTC ISO 8601 with milliseconds and a ``Z``."""
     if ts is None:
         return None
-    d = datetime.fromtimestamp(ts, tz=UTC)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+    # isoformat is C code; strftime was a tenth of a submission's time.
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """Group commit on one SQLite connection, with no writer thread of its own.
 
-A thread that wants to write appends its operation to the pending list and takes the write
-lock. Whoever holds the lock (the *leader*) runs everything pending in one transaction and
-commits it, then hands each operation its result; a thread whose operation a leader already
-committed finds it done when it gets the lock, and returns at once. So one client waits for
+A thread that wants to write appends its operation to the pending list and, if no other
+thread is writing, becomes the *leader*: it runs everything pending in one transaction,
+commits it, and wakes each waiting thread with its result; otherwise it waits for the
+leader to commit its operation. So one client waits for
 one commit on its own thread (no hand-off to another thread and back, each of which costs
 tens of microseconds under the GIL), and a burst of submissions shares one fsync.
 
-New jobs are inserted for the whole batch with a few statements (rows unpacked from one
-JSON array by SQLite), because every statement releases and retakes the GIL, and a busy
-server makes each retake wait for other threads: statements per batch, not per row, set
-how fast the writer goes.
+New jobs are inserted for the whole batch with one statement (rows unpacked from one JSON
+array by SQLite), because every statement releases and retakes the GIL, and on a busy
+server each retake waits for the request threads: statements per batch, not rows, set how
+fast the writer goes. A batch of new jobs alone is that one statement in autocommit mode,
+its commit included.
 """
 
 from __future__ import annotations
@@ -28,12 +29,27 @@ from bulkrunner.store.records import JobChange, NewJob, Tx, _apply_counts, _zero
 
 T = TypeVar("T")
 _MAX_BATCH = 512
+_ONE_ITEM = "[null]"
+#: A view to insert new jobs through: its trigger writes the job row and its items (a
+#: JSON array of each item's params as JSON text, or null), so a batch of submissions is
+#: one statement. Temporary: it lives in this connection only, never in the file.
+_NEW_JOBS = (
+    "CREATE TEMP VIEW IF NOT EXISTS new_jobs (id, task, params, priority, max_attempts, "
+    "timeout, created_at, items) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
+    "CREATE TEMP TRIGGER IF NOT EXISTS new_jobs_insert INSTEAD OF INSERT ON new_jobs BEGIN "
+    "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
+    "created_at, n_queued) VALUES (NEW.id, NEW.task, NEW.params, NEW.priority, "
+    "NEW.max_attempts, NEW.timeout, 'queued', NEW.created_at, json_array_length(NEW.items)); "
+    "INSERT INTO items (job_seq, idx, params, state, priority) "
+    "SELECT (SELECT seq FROM jobs WHERE id = NEW.id), key, value, 'queued', NEW.priority "
+    "FROM json_each(NEW.items); END",
+)
 
 
 class _Op:
     """One write waiting for a leader: a function of the transaction, or a new job."""
 
-    __slots__ = ("changes", "done", "durable", "error", "fn", "new", "value")
+    __slots__ = ("changes", "done", "durable", "error", "fn", "gate", "new", "value")
 
     def __init__(self, fn: Callable[[Tx], Any] | None, durable: bool,
                  new: tuple[NewJob, int | None] | None = None) -> None:
@@ -44,6 +60,10 @@ class _Op:
         self.value: Any = None
         self.error: BaseException | None = None
         self.changes: list[JobChange] = []
+        # Held until the operation is committed: a waiter blocks on it in C, which costs a
+        # fraction of an Event's Condition.
+        self.gate = threading.Lock()
+        self.gate.acquire()
 
 
 class Writer:
@@ -55,6 +75,8 @@ class Writer:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        for sql in _NEW_JOBS:
+            conn.execute(sql)
         self._lock = threading.Lock()          # held by the leader while it commits
         self._pending: list[_Op] = []
         self._pending_lock = threading.Lock()
@@ -102,17 +124,39 @@ class Writer:
             raise RuntimeError("the store is closed")
         with self._pending_lock:
             self._pending.append(op)
-        with self._lock:
-            while not op.done:
-                if self.closed:
-                    raise RuntimeError("the store is closed")
-                with self._pending_lock:
-                    batch = self._pending[:_MAX_BATCH]
-                    del self._pending[:_MAX_BATCH]
-                self._commit(batch)
+        # Lead if nobody does; else wait for the leader to commit this operation. Waiters
+        # are woken each by their own gate, all at once, not one after another through
+        # the lock (a chain of hand-offs that cost more than the commit itself).
+        while not op.done:
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._lead()
+                finally:
+                    self._lock.release()
+                # An operation added after the last batch was taken, while the lock was
+                # still held, would wait for nobody: look once more.
+                continue
+            op.gate.acquire(timeout=0.05)
         if op.error is not None:
             raise op.error
         return op
+
+    def _lead(self) -> None:
+        """Commit batches until nothing is pending (the caller holds the lock)."""
+        while True:
+            with self._pending_lock:
+                batch = self._pending[:_MAX_BATCH]
+                del self._pending[:_MAX_BATCH]
+            if not batch:
+                return
+            if self.closed:
+                for o in batch:
+                    o.error, o.done = RuntimeError("the store is closed"), True
+                    o.gate.release()
+                continue
+            self._commit(batch)
+            for o in batch:
+                o.gate.release()
 
     def _commit(self, batch: list[_Op]) -> None:
         conn = self._conn
@@ -122,16 +166,21 @@ class Writer:
             self._sync = sync
         queued_before = self.queued
         deltas: list[dict[str, dict[str, int]]] = []
+        plain = [o for o in batch if o.new is not None and o.new[0].key is None]
         try:
-            conn.execute("BEGIN IMMEDIATE")
             now = time.time()
-            plain = [o for o in batch if o.new is not None and o.new[0].key is None]
-            if plain:
+            if len(plain) == len(batch):
+                # Only new jobs: one statement in autocommit is the whole transaction,
+                # commit and fsync included, with the GIL given up once.
                 self._insert_plain(plain, now, deltas)
-            for op in batch:
-                if op.new is None or op.new[0].key is not None:
-                    self._one(op, now, deltas)
-            conn.execute("COMMIT")
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                if plain:
+                    self._insert_plain(plain, now, deltas)
+                for op in batch:
+                    if op.new is None or op.new[0].key is not None:
+                        self._one(op, now, deltas)
+                conn.execute("COMMIT")
         except BaseException as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -170,13 +219,10 @@ class Writer:
 
     def _insert_plain(self, ops: list[_Op], now: float,
                       deltas: list[dict[str, dict[str, int]]]) -> None:
-        """New jobs without a key, all in three statements. A job that would overfill the
+        """New jobs without a key, with all their items, in one statement (the ``new_jobs``
+        view's trigger inserts each job and its items). A job that would overfill the
         queue gets QueueFull and is left out; the others go in."""
-        conn = self._conn
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
-        seq = int(row[0]) if row else 0
-        jobs: list[list[Any]] = []
-        items: list[list[Any]] = []
+        rows: list[list[Any]] = []
         by_task: dict[str, dict[str, int]] = {}
         for op in ops:
             assert op.new is not None
@@ -185,24 +231,17 @@ class Writer:
             if max_queued is not None and self.queued + n > max_queued:
                 op.error = _queue_full(self.queued, max_queued)
                 continue
-            seq += 1
-            jobs.append([seq, new.id, new.task, new.params_text, new.priority,
-                         new.max_attempts, new.timeout, n])
-            items.extend([seq, i, p, new.priority] for i, p in enumerate(new.items))
+            rows.append([new.id, new.task, new.params_text, new.priority, new.max_attempts,
+                         new.timeout, _ONE_ITEM if n == 1 and new.items[0] is None
+                         else json.dumps(list(new.items))])
             self.queued += n
             by_task.setdefault(new.task, _zero_counts())["queued"] += n
-            op.value = (seq, True, now)
-        if not jobs:
+            op.value = (0, True, now)  # the sequence number is not needed for a new job
+        if not rows:
             return
-        conn.execute(
-            "INSERT INTO jobs (seq, id, task, params, priority, max_attempts, timeout, "
-            "state, created_at, n_queued) SELECT value->>0, value->>1, value->>2, "
-            "value->>3, value->>4, value->>5, value->>6, 'queued', ?, value->>7 "
-            "FROM json_each(?)", (now, json.dumps(jobs)))
-        conn.execute(
-            "INSERT INTO items (job_seq, idx, params, state, priority) "
-            "SELECT value->>0, value->>1, value->>2, 'queued', value->>3 FROM json_each(?)",
-            (json.dumps(items),))
+        self._conn.execute(
+            "INSERT INTO new_jobs SELECT value->>0, value->>1, value->>2, value->>3, "
+            "value->>4, value->>5, ?, value->>6 FROM json_each(?)", (now, json.dumps(rows)))
         deltas.append(by_task)
 
     # ------------------------------------------------------------------ counts by task
