@@ -9,6 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def error_body(code: str, message: str, details: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The one shape of every error the API answers:
+    ``{"error": {"code": <stable snake_case>, "message": <a sentence>, "details": {...}}}``."""
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
 class BulkrunnerError(Exception):
     """Base of every error bulkrunner raises on purpose."""
 
@@ -20,8 +27,8 @@ class BulkrunnerError(Exception):
         self.details: dict[str, Any] = details or {}
 
     def to_dict(self) -> dict[str, Any]:
-        """The error body of contract section 4."""
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        """The API's error body for this error."""
+        return error_body(self.code, self.message, self.details)
 
 
 class ConfigError(BulkrunnerError):

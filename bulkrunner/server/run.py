@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import bulkrunner.runtime.capture as capture
 from bulkrunner.config import Config
-from bulkrunner.errors import ConfigError
+from bulkrunner.errors import ConfigError, error_body
 from bulkrunner.models import iso
 
 log = logging.getLogger("bulkrunner")
@@ -95,8 +95,7 @@ def _answer_errors_in_json(server: Any, max_body_size: int) -> None:
                                                     "this request"))
             if err.code in (400, 501) and err.body:
                 message = f"{message}: {err.body}"
-            body = json.dumps({"error": {"code": code, "message": message,
-                                         "details": {}}}).encode()
+            body = json.dumps(error_body(code, message)).encode()
             self.status = f"{err.code} {err.reason}"
             self.response_headers.append(("Content-Type", "application/json"))
             self.set_close_on_finish()

@@ -11,7 +11,7 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
 from bulkrunner import __version__, errors
@@ -32,9 +32,6 @@ bp = Blueprint("web", __name__, template_folder="templates", static_folder="stat
 
 JOBS_PAGE = 20
 ITEMS_PAGE = 50
-_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
-        "object-src 'none'")
 _PUBLIC = frozenset({"web.login", "web.static"})
 
 
@@ -43,7 +40,7 @@ def _service() -> Service:
     return svc
 
 
-# ------------------------------------------------------------------ session and headers
+# ------------------------------------------------------------------ session
 @bp.before_request
 def _require_session() -> BaseResponse | None:
     if request.endpoint in _PUBLIC or not configured_token():
@@ -51,17 +48,6 @@ def _require_session() -> BaseResponse | None:
     if session_nonce(request) is not None:
         return None
     return redirect(url_for("web.login", next=_local_path()))
-
-
-@bp.after_request
-def _page_headers(resp: Response) -> Response:
-    resp.headers.setdefault("Content-Security-Policy", _CSP)
-    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-    resp.headers.setdefault("Referrer-Policy", "same-origin")
-    resp.headers.setdefault("X-Frame-Options", "DENY")
-    if request.endpoint != "web.static":
-        resp.headers.setdefault("Cache-Control", "no-store")  # pages carry the CSRF token
-    return resp
 
 
 @bp.app_template_global()
