@@ -110,30 +110,43 @@ class Tx:
                 self.queued_delta += n
 
 
+def _state_sql() -> str:
+    """:func:`~bulkrunner.models.derive_state` in SQL, over the counts after the deltas
+    (in an UPDATE every expression sees the row as it was, so each count is old + delta)."""
+    q, r, s, f, c = (f"(n_{n} + :{n})" for n in STATES)
+    return (f"CASE WHEN {q} > 0 OR {r} > 0 THEN CASE WHEN {r} > 0 OR {s} + {f} + {c} > 0 "
+            f"THEN 'running' ELSE 'queued' END WHEN {c} > 0 THEN 'cancelled' "
+            f"WHEN {f} > 0 THEN 'failed' ELSE 'succeeded' END")
+
+
+_STATE = _state_sql()
+_APPLY = (
+    "UPDATE jobs SET " + ", ".join(f"n_{n} = n_{n} + :{n}" for n in STATES) +
+    f", state = {_STATE}, "
+    "started_at = CASE WHEN started_at IS NULL AND :running > 0 THEN :now "
+    "ELSE started_at END, "
+    f"finished_at = CASE WHEN {_STATE} IN ('succeeded', 'failed', 'cancelled') "
+    "THEN COALESCE(finished_at, :now) ELSE NULL END "
+    "WHERE seq = :seq RETURNING id, task, " + ", ".join(f"n_{n}" for n in STATES))
+
+
 def _apply_counts(tx: Tx) -> None:
-    """Write the item-count deltas of ``tx`` to their jobs and derive each job's state."""
+    """Write the item-count deltas of ``tx`` to their jobs and derive each job's state, one
+    statement per job (it returns the new counts, so nothing is read first)."""
     for seq, delta in tx.counts.items():
         if not any(delta.values()):
             continue
-        row = tx.conn.execute("SELECT n_queued, n_running, n_succeeded, n_failed, n_cancelled, "
-                              "started_at, id, task, state FROM jobs WHERE seq = ?",
-                              (seq,)).fetchone()
-        counts = {s: row[i] + delta[s] for i, s in enumerate(STATES)}
-        state = derive_state(counts)
-        by_task = tx.by_task[row[7]]
+        row = tx.conn.execute(_APPLY, {**delta, "now": tx.now, "seq": seq}).fetchone()
+        if row is None:
+            continue
+        counts = dict(zip(STATES, row[2:], strict=True))
+        old = {s: counts[s] - delta[s] for s in STATES}
+        before, after = derive_state(old), derive_state(counts)
+        by_task = tx.by_task[row[1]]
         for s, n in delta.items():
             by_task[s] += n
-        if state.value != row[8]:
-            tx.changes.append(JobChange(row[6], row[7], row[8], state.value, counts))
-        started = row[5]
-        if started is None and delta["running"] > 0:  # an item started, not a cancel
-            started = tx.now
-        tx.conn.execute(
-            "UPDATE jobs SET n_queued = ?, n_running = ?, n_succeeded = ?, n_failed = ?, "
-            "n_cancelled = ?, state = ?, started_at = ?, "
-            "finished_at = CASE WHEN ? THEN COALESCE(finished_at, ?) ELSE NULL END "
-            "WHERE seq = ?",
-            (*counts.values(), state.value, started, state.finished, tx.now, seq))
+        if before is not after:
+            tx.changes.append(JobChange(row[0], row[1], before.value, after.value, counts))
     tx.counts.clear()
 
 

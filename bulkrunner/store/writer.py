@@ -177,9 +177,9 @@ class Writer:
                 conn.execute("BEGIN IMMEDIATE")
                 if plain:
                     self._insert_plain(plain, now, deltas)
-                for op in batch:
-                    if op.new is None or op.new[0].key is not None:
-                        self._one(op, now, deltas)
+                others = [o for o in batch if o.new is None or o.new[0].key is not None]
+                for op in others:
+                    self._one(op, now, deltas, alone=len(batch) == 1)
                 conn.execute("COMMIT")
         except BaseException as e:
             if conn.in_transaction:
@@ -194,18 +194,21 @@ class Writer:
         for op in batch:
             op.done = True
 
-    def _one(self, op: _Op, now: float, deltas: list[dict[str, dict[str, int]]]) -> None:
-        """An operation in a savepoint of its own: its error undoes only its changes."""
+    def _one(self, op: _Op, now: float, deltas: list[dict[str, dict[str, int]]],
+             alone: bool = False) -> None:
+        """An operation in a savepoint of its own: its error undoes only its changes. An
+        operation ``alone`` in its transaction needs none (its error rolls back all)."""
         conn = self._conn
         tx = Tx(conn, now)
+        if alone:
+            op.value = self._apply(op, tx)
+            self.queued += tx.queued_delta
+            deltas.append(tx.by_task)
+            op.changes = tx.changes
+            return
         conn.execute("SAVEPOINT op")
         try:
-            if op.new is not None:
-                op.value = _insert_keyed(tx, op.new[0], self.queued, op.new[1])
-            else:
-                assert op.fn is not None
-                op.value = op.fn(tx)
-            _apply_counts(tx)
+            op.value = self._apply(op, tx)
             conn.execute("RELEASE op")
         except BaseException as e:  # handed back to the caller, never lost here
             conn.execute("ROLLBACK TO op")
@@ -216,6 +219,15 @@ class Writer:
         self.queued += tx.queued_delta
         deltas.append(tx.by_task)
         op.changes = tx.changes
+
+    def _apply(self, op: _Op, tx: Tx) -> Any:
+        if op.new is not None:
+            value = _insert_keyed(tx, op.new[0], self.queued, op.new[1])
+        else:
+            assert op.fn is not None
+            value = op.fn(tx)
+        _apply_counts(tx)
+        return value
 
     def _insert_plain(self, ops: list[_Op], now: float,
                       deltas: list[dict[str, dict[str, int]]]) -> None:
