@@ -76,6 +76,7 @@ class JobsConfig:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
     max_log_size: int = 64 * 1024
+    max_error_size: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.jobs.max_result_size >= 4, "jobs.max_result_size", "must be at least 4 bytes")
     need(cfg.jobs.max_log_size >= 0, "jobs.max_log_size",
          "must be 0 (capture nothing) or more bytes")
+    need(cfg.jobs.max_error_size >= 256, "jobs.max_error_size", "must be at least 256 bytes")
     for name in ("succeeded", "failed", "cancelled"):
         need(getattr(cfg.retention, name) >= 0, f"retention.{name}",
              'must be 0 (keep forever) or an age like "7d"')

@@ -28,7 +28,9 @@ class State(StrEnum):
         return self in FINISHED
 
 
-FINISHED = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+#: The final states, the one definition (in contract order); a State is also its string.
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
+FINISHED = frozenset(State(s) for s in FINISHED_STATES)
 STATES = tuple(s.value for s in State)
 
 

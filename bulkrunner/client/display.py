@@ -14,6 +14,8 @@ import time
 from datetime import datetime
 from typing import Any
 
+from bulkrunner.models import FINISHED
+
 STATE_MARK = {"queued": "…", "running": "▸", "succeeded": "✓", "failed": "✗",
               "cancelled": "⊘"}
 
@@ -149,7 +151,7 @@ class ProgressLine:
         c = job["items"]
         key = f"{job['state']} {c['succeeded']} {c['failed']} {c['cancelled']}"
         now = time.monotonic()
-        finished = job["state"] in ("succeeded", "failed", "cancelled")
+        finished = job["state"] in FINISHED
         if key != self._last_plain and (finished or now - self._last_plain_at >= 1.0):
             self._last_plain, self._last_plain_at = key, now
             return text + "\n"

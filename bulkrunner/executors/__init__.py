@@ -1,4 +1,5 @@
 """Executors: where items run. Chosen from a table; Dask is imported only when chosen.
+:class:`~bulkrunner.executors.inline.InlineExecutor` is the test double (runs in the caller).
 
 Every executor speaks the same small protocol: ``submit(unit) -> Future[Outcome]``,
 ``abort(unit)`` (cancel or timeout: kill the worker where that is possible, else set the

@@ -38,6 +38,7 @@ class WorkUnit:
     context_param: str | None = None
     max_result_size: int = 1 << 20
     max_log_size: int = 64 * 1024  # bytes of printed and logged output kept; 0 = none
+    max_error_size: int = 64 * 1024  # bytes of an error's message plus traceback kept
 
     @property
     def key(self) -> tuple[int, int]:
@@ -80,10 +81,60 @@ def worker_name() -> str:
     return _worker_name[1]
 
 
-def error_dict(exc: BaseException) -> dict[str, Any]:
-    """The contract's error object for an exception."""
-    return {"type": type(exc).__name__, "message": safe_text(str(exc)),
-            "traceback": safe_text("".join(traceback.format_exception(exc)))}
+#: Ends a message or traceback cut to fit ``jobs.max_error_size``.
+ERROR_CUT = "… [bulkrunner: cut at jobs.max_error_size ({limit} bytes); {dropped} bytes dropped]"
+DEFAULT_MAX_ERROR_SIZE = 64 * 1024
+_MAX_TYPE = 200  # characters of an error's type (a class name) kept
+
+
+def _size(text: str) -> int:
+    """Bytes of ``text`` as UTF-8."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _head(text: str, budget: int) -> tuple[str, int]:
+    """The head of ``text`` that fits in ``budget`` bytes of UTF-8, and the bytes dropped."""
+    if text.isascii():
+        return text[:budget], max(0, len(text) - budget)
+    data = text.encode("utf-8")
+    # "ignore" drops a character cut in half at the end (its bytes count as dropped).
+    head = data[:budget].decode("utf-8", "ignore")
+    return head, len(data) - _size(head)
+
+
+def cap_error(error: dict[str, Any], limit: int = DEFAULT_MAX_ERROR_SIZE) -> dict[str, Any]:
+    """``error`` with its message and traceback cut to ``limit`` bytes of UTF-8 together.
+
+    Each keeps its head (the traceback's head is its outermost frames); a small one leaves
+    its unused room to the other, two large ones get half each. A cut text ends with
+    :data:`ERROR_CUT`, which is not counted in ``limit``. The type is cut to 200 characters;
+    other keys are kept as they are.
+    """
+    message = str(error.get("message") or "")
+    tb = str(error.get("traceback") or "")
+    kind = error.get("type")
+    m_size, t_size = _size(message), _size(tb)
+    if m_size + t_size <= limit and not (isinstance(kind, str) and len(kind) > _MAX_TYPE):
+        return error
+    out = dict(error)
+    if isinstance(kind, str):  # a class name; only a hostile task makes a long one
+        out["type"] = kind[:_MAX_TYPE]
+    m_budget = min(m_size, max(limit // 2, limit - t_size))
+    for key, text, budget in (("message", message, m_budget),
+                              ("traceback", tb, limit - m_budget)):
+        head, dropped = _head(text, budget)
+        if dropped:
+            sep = "\n" if key == "traceback" else " "
+            out[key] = f"{head}{sep}{ERROR_CUT.format(limit=limit, dropped=dropped)}"
+    return out
+
+
+def error_dict(exc: BaseException, limit: int = DEFAULT_MAX_ERROR_SIZE) -> dict[str, Any]:
+    """The contract's error object for an exception, its message and traceback cut to
+    ``limit`` bytes together (see :func:`cap_error`)."""
+    return cap_error({"type": type(exc).__name__, "message": safe_text(str(exc)),
+                      "traceback": safe_text("".join(traceback.format_exception(exc)))},
+                     limit)
 
 
 def run_item(unit: WorkUnit, reporter: Reporter | None = None,
@@ -112,9 +163,10 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
         try:
             text = json.dumps(value, allow_nan=False, default=_json_default)
         except (TypeError, ValueError) as e:
-            return Outcome(ok=False, worker=worker_name(), retryable=False, error={
-                "type": "ResultNotSerializable",
-                "message": f"the task returned a value that is not JSON: {e}", "traceback": ""})
+            return Outcome(ok=False, worker=worker_name(), retryable=False, error=cap_error({
+                "type": "ResultNotSerializable", "message": safe_text(
+                    f"the task returned a value that is not JSON: {e}"), "traceback": ""},
+                unit.max_error_size))
         if len(text) > unit.max_result_size:
             return Outcome(ok=False, worker=worker_name(), retryable=False, error={
                 "type": "ResultTooLarge",
@@ -124,7 +176,7 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
                 "traceback": ""})
         return Outcome(ok=True, result=text, worker=worker_name())
     except Exception as e:  # the task's own error is data, not a crash
-        return Outcome(ok=False, error=error_dict(e), worker=worker_name(),
+        return Outcome(ok=False, error=error_dict(e, unit.max_error_size), worker=worker_name(),
                        retryable=not isinstance(e, Cancelled))
     finally:
         _current.ctx = prev

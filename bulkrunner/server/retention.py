@@ -19,11 +19,12 @@ import time
 from typing import Any
 
 from bulkrunner.config import RetentionConfig
+from bulkrunner.models import FINISHED_STATES
 from bulkrunner.store import Store
 
 log = logging.getLogger("bulkrunner.server.retention")
 
-PRUNED_STATES = ("succeeded", "failed", "cancelled")
+PRUNED_STATES = FINISHED_STATES
 
 
 def cutoffs(cfg: RetentionConfig, now: float) -> dict[str, float]:

@@ -14,7 +14,7 @@ from bulkrunner.server.web.views import bp
 
 
 def register(app: Flask) -> None:
-    """Serve the web page from ``app``, with a session secret of its own."""
+    """Serve the web page from ``app``, with a session table of its own."""
     install(app)
     app.register_blueprint(bp)
 

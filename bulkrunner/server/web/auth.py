@@ -1,10 +1,16 @@
-"""The page's login session: a signed cookie, and a CSRF token derived from it.
+"""The page's login sessions: kept on the server, named by a random id in a cookie.
 
-The API token is typed once at ``/login``. The browser then holds only a session cookie,
-``<nonce>.<expiry>.<mac>``, signed with a random secret made when the app is built, so the
-token never reaches the HTML or JavaScript and a restart ends every session. The CSRF token
-is a second MAC over the nonce: the page gets it in a ``<meta>`` tag and sends it back in
-``X-CSRF-Token`` on every state-changing request.
+The API token is typed once at ``/login``. The server then makes a session, a random id
+(``secrets.token_urlsafe(32)``) in a table in memory, and the browser holds only that id in
+an HttpOnly, SameSite=Strict cookie, so the token never reaches the HTML or JavaScript. A
+session ends at logout (its row is deleted: the old cookie is refused from then on), after
+:data:`SESSION_SECONDS` from login, after :data:`IDLE_SECONDS` without a request, when the
+configured token changes, or when the server restarts (the table is not saved: everyone
+logs in again). The table holds at most :data:`MAX_SESSIONS`; past that the least recently
+used session is dropped.
+
+The CSRF token is a MAC over a random nonce of the session: the page gets it in a
+``<meta>`` tag and sends it back in ``X-CSRF-Token`` on every state-changing request.
 """
 
 from __future__ import annotations
@@ -12,53 +18,123 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from flask import Flask, Request, current_app
 
 COOKIE = "bulkrunner_session"
 CSRF_HEADER = "X-CSRF-Token"
-SESSION_SECONDS = 7 * 24 * 3600
+SESSION_SECONDS = 7 * 24 * 3600  # absolute lifetime, counted from login
+IDLE_SECONDS = 12 * 3600         # a session unused this long ends (an open page polls)
+MAX_SESSIONS = 10_000
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 EXTENSION = "bulkrunner.server.web"
+_MAX_COOKIE = 200  # an id is 43 characters; anything much longer is not one of ours
+
+
+@dataclass
+class _Session:
+    created: float
+    last_seen: float
+    nonce: str    # random; the CSRF token is a MAC over it
+    token: bytes  # SHA-256 of the token it was made for
 
 
 class Sessions:
-    """Issues and checks session cookies and CSRF tokens with one secret."""
+    """The server-side table of page sessions (one per app), and their CSRF tokens.
 
-    def __init__(self, secret: bytes | None = None) -> None:
+    ``clock`` gives the current time in seconds (monotonic by default; tests pass a fake
+    one), and every method also takes an explicit ``now``. Safe to use from many threads.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
+                 lifetime: float = SESSION_SECONDS, idle: float = IDLE_SECONDS,
+                 limit: int = MAX_SESSIONS, secret: bytes | None = None) -> None:
+        self._clock = clock
+        self._lifetime = lifetime
+        self._idle = idle
+        self._limit = max(1, limit)
         self._secret = secret or secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        # Keyed by the SHA-256 of the id (the table never holds an id a cookie could carry),
+        # least recently used first.
+        self._table: OrderedDict[bytes, _Session] = OrderedDict()
 
-    def _mac(self, purpose: str, text: str) -> str:
-        return hmac.new(self._secret, f"{purpose}:{text}".encode(), hashlib.sha256).hexdigest()
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._table)
 
     def issue(self, token: str, now: float | None = None) -> str:
-        """A new cookie value for a user who gave ``token``."""
-        expires = int(now if now is not None else time.time()) + SESSION_SECONDS
-        payload = f"{secrets.token_urlsafe(18)}.{expires}"
-        return f"{payload}.{self._mac('session', payload + '.' + _digest(token))}"
+        """Start a session for a user who gave ``token``; return its id (the cookie value)."""
+        now = self._now(now)
+        sid = secrets.token_urlsafe(32)
+        entry = _Session(created=now, last_seen=now, nonce=secrets.token_urlsafe(18),
+                         token=_digest(token))
+        with self._lock:
+            while self._table and (len(self._table) >= self._limit
+                                   or self._expired(next(iter(self._table.values())), now)):
+                self._table.popitem(last=False)  # the least recently used, or a dead one
+            self._table[_key(sid)] = entry
+        return sid
 
     def check(self, cookie: str, token: str, now: float | None = None) -> str | None:
-        """The session's nonce when ``cookie`` is genuine, unexpired and made for ``token``."""
-        nonce, _, rest = cookie.partition(".")
-        expiry, _, mac = rest.partition(".")
-        if not (nonce and expiry.isdigit() and mac):
+        """The session's nonce when ``cookie`` names a live session made for ``token``.
+
+        A session that has expired, or was made for another token, is deleted. A live one
+        counts as used now (for the idle timeout).
+        """
+        key = _cookie_key(cookie)
+        if key is None:
             return None
-        want = self._mac("session", f"{nonce}.{expiry}.{_digest(token)}")
-        if not hmac.compare_digest(mac.encode(), want.encode()):
-            return None
-        if int(expiry) < (now if now is not None else time.time()):
-            return None
-        return nonce
+        now = self._now(now)
+        with self._lock:
+            entry = self._table.get(key)
+            if entry is None:
+                return None
+            if self._expired(entry, now) or not hmac.compare_digest(entry.token,
+                                                                    _digest(token)):
+                del self._table[key]
+                return None
+            entry.last_seen = max(entry.last_seen, now)
+            self._table.move_to_end(key)
+            return entry.nonce
+
+    def end(self, cookie: str) -> bool:
+        """Delete the session ``cookie`` names (logout); False when there was none."""
+        key = _cookie_key(cookie)
+        if key is None:
+            return False
+        with self._lock:
+            return self._table.pop(key, None) is not None
 
     def csrf(self, nonce: str) -> str:
         """The CSRF token that goes with the session ``nonce``."""
-        return self._mac("csrf", nonce)
+        return hmac.new(self._secret, f"csrf:{nonce}".encode(), hashlib.sha256).hexdigest()
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    def _expired(self, entry: _Session, now: float) -> bool:
+        return now - entry.created > self._lifetime or now - entry.last_seen > self._idle
 
 
-def _digest(token: str) -> str:
-    # The MAC covers the token's hash, so a session made for one token dies with it.
-    return hashlib.sha256(token.encode()).hexdigest()
+def _key(sid: str) -> bytes:
+    return hashlib.sha256(sid.encode()).digest()
+
+
+def _cookie_key(cookie: str) -> bytes | None:
+    if not cookie or len(cookie) > _MAX_COOKIE or not cookie.isascii():
+        return None
+    return _key(cookie)
+
+
+def _digest(token: str) -> bytes:
+    # A session remembers its token's hash, so a session made for one token dies with it.
+    return hashlib.sha256(token.encode()).digest()
 
 
 def configured_token() -> str:
@@ -74,12 +150,19 @@ def sessions() -> Sessions | None:
 
 
 def session_nonce(request: Request) -> str | None:
-    """The nonce of the request's valid session cookie, else None."""
+    """The nonce of the request's live session, else None."""
     token, store = configured_token(), sessions()
     cookie = request.cookies.get(COOKIE)
     if not token or store is None or not cookie:
         return None
     return store.check(cookie, token)
+
+
+def end_session(request: Request) -> None:
+    """Delete the session of the request's cookie, if any (logout)."""
+    store, cookie = sessions(), request.cookies.get(COOKIE)
+    if store is not None and cookie:
+        store.end(cookie)
 
 
 def session_auth(request: Request) -> bool:
@@ -99,6 +182,6 @@ def session_auth(request: Request) -> bool:
     return hmac.compare_digest(given.encode(), store.csrf(nonce).encode())
 
 
-def install(app: Flask) -> None:
-    """Give ``app`` a fresh session secret."""
-    app.extensions[EXTENSION] = Sessions()
+def install(app: Flask, store: Sessions | None = None) -> None:
+    """Give ``app`` its own session table (a fresh, empty one unless ``store`` is given)."""
+    app.extensions[EXTENSION] = store if store is not None else Sessions()

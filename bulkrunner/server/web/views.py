@@ -22,6 +22,7 @@ from bulkrunner.server.web.auth import (
     COOKIE,
     SESSION_SECONDS,
     configured_token,
+    end_session,
     session_nonce,
     sessions,
 )
@@ -92,6 +93,7 @@ def login() -> BaseResponse | str | tuple[str, int]:
     if store is None or not hmac.compare_digest(given.encode(), token.encode()):
         return render_template("login.html", next=target,
                                error="That token is not right. Check it and try again."), 401
+    # The cookie carries only the session's random id; the session itself is on the server.
     resp = redirect(target)
     resp.set_cookie(COOKIE, store.issue(token), max_age=SESSION_SECONDS, path="/",
                     httponly=True, samesite="Strict", secure=request.is_secure)
@@ -100,13 +102,18 @@ def login() -> BaseResponse | str | tuple[str, int]:
 
 @bp.post("/logout")
 def logout() -> BaseResponse:
-    """End the session (the form carries the CSRF token)."""
+    """End the session on the server and drop its cookie (the form carries the CSRF token).
+
+    The session's row is deleted, so a copy of the cookie is refused from then on.
+    """
     resp = redirect(url_for("web.login"))
     store, nonce = sessions(), session_nonce(request)
     given = request.form.get("csrf_token", "")
     if store is not None and nonce is not None and hmac.compare_digest(
             given.encode(), store.csrf(nonce).encode()):
-        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
+        end_session(request)
+        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
+                           secure=request.is_secure)
     return resp
 
 
