@@ -14,7 +14,7 @@ from typing import Any
 
 
 class State(StrEnum):
-    """The state of a job or of an item (contract section 2)."""
+    """The state of a job or of an item."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -28,14 +28,14 @@ class State(StrEnum):
         return self in FINISHED
 
 
-#: The final states, the one definition (in contract order); a State is also its string.
+#: The final states, the one definition (in the order states are shown); a State is also its string.
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 FINISHED = frozenset(State(s) for s in FINISHED_STATES)
 STATES = tuple(s.value for s in State)
 
 
 def derive_state(counts: dict[str, int]) -> State:
-    """A job's state from its item counts, as the contract's table defines it."""
+    """A job's state from its item counts, as the table of states defines it: queued until an item starts, running until all have finished, then cancelled, failed or succeeded."""
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
     if counts["queued"] or counts["running"]:
         return State.RUNNING if counts["running"] or done else State.QUEUED
@@ -108,8 +108,12 @@ class Job:
         """Items in every state."""
         return sum(self.counts[s] for s in STATES)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The job as the API shows it."""
+    def to_dict(self, *, traceback: bool = True) -> dict[str, Any]:
+        """The job as the API shows it; ``traceback=False`` (the job list) leaves the
+        traceback out of ``error``."""
+        error = self.error
+        if not traceback and error is not None and "traceback" in error:
+            error = {k: v for k, v in error.items() if k != "traceback"}
         return {
             "id": self.id, "task": self.task, "params": self.params,
             "state": self.state.value, "priority": self.priority,
@@ -118,7 +122,7 @@ class Job:
             "finished_at": iso(self.finished_at),
             "items": {"total": self.total, **{s: self.counts[s] for s in STATES}},
             "progress": self.progress, "message": self.message,
-            "result": self.result, "error": self.error,
+            "result": self.result, "error": error,
         }
 
 

@@ -1,4 +1,4 @@
-"""The HTTP API of contract section 4 through the Flask test client.
+"""The HTTP API through the Flask test client.
 
 Every route, every status code and the error body ``{"error": {"code", "message",
 "details"}}`` of each error case. The app runs its real dispatcher on the thread executor
@@ -79,7 +79,7 @@ def wait_state(client: FlaskClient, ident: str, *states: str,
 
 
 def assert_error(r: TestResponse, status: int, code: str | None = None) -> dict[str, Any]:
-    """Check the status and the contract's error body; return the ``error`` object."""
+    """Check the status and the API's error body; return the ``error`` object."""
     text = r.get_data(as_text=True)
     assert r.status_code == status, text
     assert r.mimetype == "application/json", r.mimetype

@@ -1,4 +1,4 @@
-"""The CLI of contract section 5 through click's CliRunner, against one real server.
+"""The CLI through click's CliRunner, against one real server.
 
 One ``bulkrunner serve`` subprocess serves the whole module (started once, to save time);
 every test submits its own jobs, so they do not depend on each other.

@@ -1,5 +1,5 @@
 """What the CLI prints: server text with control characters cannot drive the terminal, and
-bulkrunner's errors come out as ``error: <message>`` with the contract's exit code.
+bulkrunner's errors come out as ``error: <message>`` with its exit code.
 
 A real server (started once for the module) reproduces the terminal-escape finding with the
 builtin ``fail`` task; the error mapping for answers a test server cannot easily give (5xx,

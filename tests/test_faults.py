@@ -1,7 +1,7 @@
 """Fault tests of issue 4 against a real ``bulkrunner serve`` subprocess.
 
 Each test starts the real server (the ``serve`` fixture), then kills, starves, floods or
-feeds it garbage, and checks contract section 6: nothing accepted is lost, one bad item
+feeds it garbage, and checks the guarantees: nothing accepted is lost, one bad item
 never hurts the others, timeouts are enforced, SIGTERM drains, malformed input never
 yields a 5xx.
 
@@ -523,7 +523,7 @@ def _barrage(rng: random.Random, job_id: str) -> list[Request]:
 
 
 def test_malformed_input_barrage_never_gets_a_5xx(serve: Any, tmp_path: Path) -> None:
-    """slow: hundreds of malformed requests: no 5xx, the contract's error body, a healthy
+    """slow: hundreds of malformed requests: no 5xx, the API's error body, a healthy
     server after."""
     cfg = toml_config(tmp_path, executor="thread", max_workers=2, tasks=SAFE_TASKS,
                   server=f"max_body_size = {MAX_BODY}")

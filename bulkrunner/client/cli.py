@@ -1,7 +1,7 @@
 """The ``bulkrunner`` command. ``serve`` runs the server under waitress; every other command
 talks to it over HTTP through :class:`~bulkrunner.client.Client` and loads no server code.
 
-Exit codes (contract section 5): 0 success; 1 the job ended failed or cancelled; 2 usage or
+Exit codes: 0 success; 1 the job ended failed or cancelled; 2 usage or
 input error, including a 4xx from the server; 3 the server cannot be reached; 4
 ``wait --timeout`` elapsed.
 
@@ -50,7 +50,7 @@ class CliError(click.ClickException):
     """An error the CLI reports as ``error: <message>`` on stderr, exiting with ``exit_code``.
 
     Raised as is, it is a usage or input error (exit 2), the server's 4xx refusals included;
-    the subclasses carry the other codes of the contract. Unlike :class:`click.UsageError`
+    the subclasses carry the other exit codes. Unlike :class:`click.UsageError`
     it prints no usage line: the command line was well formed, what it asked for was not.
     """
 
@@ -79,7 +79,7 @@ class WaitTimeout(CliError):
 
 
 def translate(e: BulkrunnerError) -> CliError:
-    """The :class:`CliError` that reports ``e``, with the contract's exit code."""
+    """The :class:`CliError` that reports ``e``, with its exit code."""
     if isinstance(e, ServerUnreachable):
         return ServerError(e.message)
     if isinstance(e, ApiError):

@@ -189,7 +189,7 @@ class DaskExecutor:
         if not self.address:
             # A local cluster failing to start is a setup error: let `serve` report it.
             # Processes, so CPU-bound items do not share the server's GIL (and
-            # processes=False with host= fails to start, facts.md). The dashboard on a
+            # processes=False with host= fails to start). The dashboard on a
             # free loopback port: dashboard_address=None still binds the fixed :8787,
             # which a second server would collide with. TLS with this run's own
             # certificate (see the module docstring): with security= LocalCluster picks

@@ -84,12 +84,14 @@ def submit() -> Response:
 
 @api.get("/jobs")
 def list_jobs() -> Response:
-    """GET /api/v1/jobs: a page of jobs, newest first, and the cursor of the next one."""
+    """GET /api/v1/jobs: a page of jobs, newest first, and the cursor of the next one.
+
+    A job's error comes without its traceback here (GET /api/v1/jobs/<id> has it)."""
     limit = _int_arg("limit", 20, 1, 1000)
     before = _int_arg("before", None, 0, 2**62)
     task = request.args.get("task") or None
     jobs, nxt = service().list_jobs(state=_state_arg(), task=task, limit=limit or 20, before=before)
-    return _json({"jobs": [j.to_dict() for j in jobs],
+    return _json({"jobs": [j.to_dict(traceback=False) for j in jobs],
                   "next": str(nxt) if nxt is not None else None})
 
 
@@ -134,11 +136,19 @@ def results(ident: str) -> Response:
         "Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
 
 
-@api.get("/jobs/<ident>/items/<int:index>/log")
-def item_log(ident: str, index: int) -> Response:
-    """GET /api/v1/jobs/<id>/items/<index>/log: the item's output from byte ``after`` on."""
+@api.get("/jobs/<ident>/items/<index>/log")
+def item_log(ident: str, index: str) -> Response:
+    """GET /api/v1/jobs/<id>/items/<index>/log: the item's output from byte ``after`` on.
+
+    The index is read here, not by Werkzeug's int converter, which takes digits of any
+    length (past 4300 of them ``int()`` raises, a 500): one that is not 0 to 2**63 - 1
+    (SQLite's largest integer) names no item, 404.
+    """
+    number = int(index) if index.isascii() and index.isdigit() and len(index) <= 19 else -1
+    if not 0 <= number < 2**63:
+        raise errors.NotFound(f"the job has no item {index[:32]!r}", {"index": index[:32]})
     after = _int_arg("after", 0, 0, 2**62) or 0
-    data, size, state = service().item_log(ident, index, after)
+    data, size, state = service().item_log(ident, number, after)
     return Response(data, mimetype="text/plain", headers={
         "X-Log-Size": str(size), "X-Item-State": state, "Cache-Control": "no-store"})
 

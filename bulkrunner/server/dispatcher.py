@@ -289,7 +289,8 @@ class Dispatcher:
                         deadline=time.time() + c.timeout if c.timeout > 0 else None,
                         context_param=task.context_param,
                         max_result_size=self.cfg.jobs.max_result_size,
-                        max_log_size=self.cfg.jobs.max_log_size)
+                        max_log_size=self.cfg.jobs.max_log_size,
+                        max_error_size=self.cfg.jobs.max_error_size)
         try:
             fut = self.executor.submit(unit)
         except Exception as e:

@@ -55,8 +55,14 @@ def resolve_id(conn: sqlite3.Connection, ident: str) -> int:
 
 
 
-def job_from_row(conn: sqlite3.Connection, row: Any) -> Job:
-    """A job record from a row of ``JOB_COLS`` (one more read for its progress or result)."""
+#: A single-item job's error without its traceback, as SQLite reads it for a list page.
+_ERROR_SANS_TRACEBACK = ("CASE WHEN json_valid(error) THEN json_remove(error, '$.traceback') "
+                         "ELSE error END")
+
+
+def job_from_row(conn: sqlite3.Connection, row: Any, *, traceback: bool = True) -> Job:
+    """A job record from a row of ``JOB_COLS`` (one more read for its progress or result);
+    ``traceback=False`` leaves the traceback out of its error, in SQLite (the job list)."""
     counts = dict(zip(STATES, row[13:18], strict=True))
     total = sum(counts.values())
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
@@ -71,7 +77,8 @@ def job_from_row(conn: sqlite3.Connection, row: Any) -> Job:
               message=row[12], counts=counts,
               progress=round((done + running_progress) / total, 4) if total else 1.0)
     if total == 1:
-        item = conn.execute("SELECT result, error FROM items WHERE job_seq = ?",
+        error = "error" if traceback else _ERROR_SANS_TRACEBACK
+        item = conn.execute(f"SELECT result, {error} FROM items WHERE job_seq = ?",
                             (row[0],)).fetchone()
         if item is not None:
             job.result = _loads(item[0])
@@ -91,7 +98,8 @@ def job_by_seq(conn: sqlite3.Connection, seq: int) -> Job:
 
 def list_jobs(conn: sqlite3.Connection, *, state: str | None = None, task: str | None = None,
               limit: int = 20, before: int | None = None) -> tuple[list[Job], int | None]:
-    """Newest first; returns the jobs and the cursor of the next page (or None)."""
+    """Newest first; returns the jobs (their errors without tracebacks) and the cursor of
+    the next page (or None)."""
     where: list[str] = ["doomed = 0"]
     args: list[Any] = []
     if state:
@@ -108,7 +116,8 @@ def list_jobs(conn: sqlite3.Connection, *, state: str | None = None, task: str |
     rows = conn.execute(sql, (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
-    return [job_from_row(conn, r) for r in rows], (rows[-1][0] if more else None)
+    return ([job_from_row(conn, r, traceback=False) for r in rows],
+            rows[-1][0] if more else None)
 
 
 
