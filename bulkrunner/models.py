@@ -35,7 +35,8 @@ STATES = tuple(s.value for s in State)
 
 
 def derive_state(counts: dict[str, int]) -> State:
-    """A job's state from its item counts, as the table of states defines it: queued until an item starts, running until all have finished, then cancelled, failed or succeeded."""
+    """A job's state from its item counts: queued until an item starts, running until all
+    have finished, then cancelled (if any item was), failed (if any failed), or succeeded."""
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
     if counts["queued"] or counts["running"]:
         return State.RUNNING if counts["running"] or done else State.QUEUED
