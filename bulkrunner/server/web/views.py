@@ -96,7 +96,7 @@ def login() -> BaseResponse | str | tuple[str, int]:
     # The cookie carries only the session's random id; the session itself is on the server.
     resp = redirect(target)
     resp.set_cookie(COOKIE, store.issue(token), max_age=SESSION_SECONDS, path="/",
-                    httponly=True, samesite="Strict", secure=request.is_secure)
+                    httponly=True, samesite="Strict", secure=_https())
     return resp
 
 
@@ -113,8 +113,16 @@ def logout() -> BaseResponse:
             given.encode(), store.csrf(nonce).encode()):
         end_session(request)
         resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
-                           secure=request.is_secure)
+                           secure=_https())
     return resp
+
+
+def _https() -> bool:
+    """True when the browser's request was https: directly, or through a TLS proxy that says
+    so in ``X-Forwarded-Proto``. Trusting that header is safe here, as it only decides the
+    cookie's Secure flag: a client that forges it only keeps its own cookie off plain http."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0]
+    return request.is_secure or forwarded.strip().lower() == "https"
 
 
 # ------------------------------------------------------------------ pages
