@@ -25,7 +25,8 @@ from click.testing import CliRunner, Result
 import bulkrunner.client.cli as cli_module
 from bulkrunner.client import display
 from bulkrunner.client.api import Download, LogChunk
-from bulkrunner.client.cli import CliError, ServerError, WaitTimeout, cli, main, translate
+from bulkrunner.client.cli import cli, main
+from bulkrunner.client.exits import CliError, ServerError, WaitTimeout, translate
 from bulkrunner.errors import (
     ApiError,
     BulkrunnerError,

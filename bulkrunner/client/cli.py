@@ -24,7 +24,7 @@ import codecs
 import importlib
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, NoReturn, TextIO
 
@@ -32,6 +32,13 @@ import click
 
 from bulkrunner.client import display
 from bulkrunner.client.api import Client
+from bulkrunner.client.exits import (
+    BulkrunnerGroup,
+    CliError,
+    WaitTimeout,
+    exit_for,
+)
+from bulkrunner.client.inputs import parse_params, read_items
 from bulkrunner.config import (
     EXECUTOR_TYPES,
     TOKEN_ENV,
@@ -40,75 +47,7 @@ from bulkrunner.config import (
     find_config_file,
     load_config,
 )
-from bulkrunner.errors import ApiError, BulkrunnerError, ServerUnreachable
 from bulkrunner.models import FINISHED, STATES, ParamSpec
-
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
-
-
-class CliError(click.ClickException):
-    """An error the CLI reports as ``error: <message>`` on stderr, exiting with ``exit_code``.
-
-    Raised as is, it is a usage or input error (exit 2), the server's 4xx refusals included;
-    the subclasses carry the other exit codes. Unlike :class:`click.UsageError`
-    it prints no usage line: the command line was well formed, what it asked for was not.
-    """
-
-    exit_code = EXIT_USAGE
-
-    def format_message(self) -> str:
-        """The message, its control characters escaped (it may quote the server)."""
-        return display.clean(self.message)
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        """Print ``error: <message>`` to ``file``, stderr by default."""
-        click.echo(f"error: {self.format_message()}", file=file, err=file is None,
-                   color=self.show_color)
-
-
-class ServerError(CliError):
-    """The server cannot be reached, or answered 5xx (busy, shutting down, broken): exit 3."""
-
-    exit_code = EXIT_UNREACHABLE
-
-
-class WaitTimeout(CliError):
-    """``wait --timeout`` (or ``submit --wait``) gave up before the job finished: exit 4."""
-
-    exit_code = EXIT_TIMEOUT
-
-
-def translate(e: BulkrunnerError) -> CliError:
-    """The :class:`CliError` that reports ``e``, with its exit code."""
-    if isinstance(e, ServerUnreachable):
-        return ServerError(e.message)
-    if isinstance(e, ApiError):
-        if e.status >= 500:
-            # Busy, shutting down or broken: the server, not the input, is the problem.
-            return ServerError(f"the server cannot take this now: {e.message}")
-        fields = e.details.get("fields") if isinstance(e.details, dict) else None
-        if isinstance(fields, dict) and len(fields) > 1:
-            return CliError("the server refused the submission:\n" + "\n".join(
-                f"  {k}: {v}" for k, v in fields.items()))
-        return CliError(e.message)
-    return CliError(e.message)  # ConfigError, and any other error bulkrunner raises on purpose
-
-
-class BulkrunnerGroup(click.Group):
-    """The command group; the one place where bulkrunner's errors become click's."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        """Run the command; a :class:`~bulkrunner.errors.BulkrunnerError` it raises comes
-        out as the matching :class:`CliError`, which click prints and exits with."""
-        try:
-            return super().invoke(ctx)
-        except BulkrunnerError as e:
-            raise translate(e) from e
-
-
-def _exit_for(job: dict[str, Any]) -> NoReturn:
-    """Exit 0 if the job succeeded, 1 if it failed or was cancelled."""
-    click.get_current_context().exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
 
 
 class Ctx:
@@ -197,43 +136,6 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
 
 
 # --------------------------------------------------------------------------- submit
-def _parse_params(pairs: tuple[str, ...], specs: Callable[[], dict[str, ParamSpec]]
-                  ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if ":=" in pair and pair.index(":=") < pair.find("=") + 1:
-            name, _, raw = pair.partition(":=")
-            try:
-                out[name] = json.loads(raw)
-            except ValueError:
-                raise click.BadParameter(f"{pair!r}: the value after ':=' must be JSON",
-                                         param_hint="--param") from None
-            continue
-        name, sep, text = pair.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{pair!r}: write K=V, or K:=JSON", param_hint="--param")
-        spec = specs().get(name)
-        if spec is None:
-            out[name] = text  # unknown here: the server names the problem
-            continue
-        try:
-            out[name] = spec.from_text(text)
-        except ValueError as e:
-            raise click.BadParameter(f"{name}: {e}", param_hint="--param") from None
-    return out
-
-
-def _read_items(path: str) -> tuple[bytes, str]:
-    if path == "-":
-        return sys.stdin.buffer.read(), "stdin.jsonl"
-    p = Path(path)
-    try:
-        return p.read_bytes(), p.name
-    except OSError as e:
-        raise click.BadParameter(f"cannot read {path}: {e.strerror}",
-                                 param_hint="--items") from None
-
-
 @cli.command()
 @click.argument("task", required=False)
 @click.option("--param", "-p", "params", multiple=True, metavar="K=V",
@@ -264,9 +166,9 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
             cache = {p["name"]: ParamSpec.from_dict(p) for p in found["params"]} if found else {}
         return cache
 
-    values = _parse_params(params, specs)
+    values = parse_params(params, specs)
     if items_path:
-        data, name = _read_items(items_path)
+        data, name = read_items(items_path)
         job = client.submit_file(data, name, task, values, priority=priority,
                                  max_attempts=max_attempts, timeout=timeout, key=key)
     else:
@@ -309,7 +211,7 @@ def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str |
             if job["state"] in FINISHED:
                 if not tty:
                     click.echo(text)
-                _exit_for(job)
+                exit_for(job)
             time.sleep(0.5)
     job = client.job(ident)
     click.echo(json.dumps(job, indent=2) if as_json else display.summary(job))
@@ -362,7 +264,7 @@ def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: b
         click.echo(json.dumps(job, indent=2))
     elif job["state"] != "succeeded":
         click.echo(display.summary(job), err=True)
-    _exit_for(job)
+    exit_for(job)
 
 
 @cli.command()
