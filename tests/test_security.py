@@ -26,7 +26,7 @@ def _routes(app: Any) -> list[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static" or rule.endpoint.startswith("web."):
             continue
-        path = rule.rule.replace("<ident>", "abc").replace("<int:index>", "0")
+        path = rule.rule.replace("<ident>", "abc").replace("<index>", "0")
         for m in rule.methods - {"HEAD", "OPTIONS"}:
             out.append((m, path))
     return out

@@ -7,10 +7,13 @@ executor never see each other's lines. In a process worker (one item at a time) 
 process routes to the running item, so threads a task starts are captured too.
 
 Installed once per process: ``sys.stdout`` and ``sys.stderr`` are replaced by a router that
-passes writes from threads that run no item straight to the stream it replaced, and the
+passes writes from threads that run no item to the stream it replaced (at most
+:data:`PASS_RATE` characters a second each, so a thread a task started cannot flood the
+server's output; what is over is dropped, and a one-line notice says how much), and the
 root logger gets one handler. Nothing here starts a thread per item: one flusher thread per
 process sends what items wrote every quarter second, so a follower sees lines while the
-item runs. Each attempt keeps the head of its output up to a size limit, then a marker.
+item runs (and writes the notices of dropped pass-through output). Each attempt keeps the
+head of its output up to a size limit, then a marker.
 
 Not captured: writes to file descriptors 1 and 2 below Python (C extensions, child
 processes), and bytes written to ``sys.stdout.buffer``.
@@ -36,6 +39,10 @@ TRUNCATED = ("\n[bulkrunner: the log of this attempt reached jobs.max_log_size (
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FLUSH_INTERVAL = 0.25     # seconds between sends of what running items wrote
 _FLUSH_SIZE = 16 * 1024    # bytes pending that are sent at once, without waiting
+#: Characters a second that writes from threads running no item pass to each real stream.
+PASS_RATE = 64 * 1024
+DROPPED = ("[bulkrunner: dropped {chars} characters in {writes} writes to {stream} from "
+           "threads that run no item, over the limit of {limit} a second]\n")
 
 
 class ItemLog:
@@ -128,23 +135,82 @@ def outside_items(record: logging.LogRecord) -> bool:
 
 class _Router:
     """Stands in for ``sys.stdout`` or ``sys.stderr``: writes from a thread that runs an
-    item go to its log, all others to the stream this replaced."""
+    item go to its log, all others to the stream this replaced, at most ``limit``
+    characters a second (the rest of that second's writes are dropped and counted; a
+    notice of them comes before the next write that passes, or from the flusher)."""
 
-    def __init__(self, target: TextIO) -> None:
+    def __init__(self, target: TextIO, limit: int = PASS_RATE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._target = target
+        self._limit = limit
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._window = clock()  # the start of the current second
+        self._used = 0          # characters passed in it
+        self._dropped = 0       # characters dropped since the last notice
+        self._drops = 0         # writes dropped since the last notice
 
     @property
     def target(self) -> TextIO:
         return self._target
 
     def write(self, text: str) -> int:
-        log = current()
-        if log is None:
-            return self._target.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        log = current()
+        if log is None:
+            return self._pass(text)
         log.write(text)
         return len(text)
+
+    def _pass(self, text: str) -> int:
+        """Write ``text`` to the real stream if this second's budget has room for it."""
+        n = len(text)
+        with self._lock:
+            notice = self._next_window()
+            if self._used + n > self._limit:
+                # The rest of the second is dropped too, so that no newline of print()
+                # slips through after the text it ended was dropped.
+                self._used = self._limit + 1
+                self._dropped += n
+                self._drops += 1
+                text = ""
+            else:
+                self._used += n
+        if notice:
+            self._target.write(notice)
+        if text:
+            self._target.write(text)
+        return n
+
+    def _next_window(self) -> str:
+        """Called under the lock: start a new second if this one is over, and return the
+        notice of what the last one dropped ("" when nothing)."""
+        now = self._clock()
+        if now - self._window < 1.0:
+            return ""
+        self._window = now
+        self._used = 0
+        if not self._drops:
+            return ""
+        name = getattr(self._target, "name", None)
+        notice = DROPPED.format(chars=self._dropped, writes=self._drops, limit=self._limit,
+                                stream=name if isinstance(name, str) else "the stream")
+        self._dropped = self._drops = 0
+        return notice
+
+    def report_drops(self) -> None:
+        """Write the notice of a finished second's drops, when no write since has."""
+        if not self._drops:
+            return
+        with self._lock:
+            notice = self._next_window()
+        if notice:
+            try:
+                self._target.write(notice)
+                self._target.flush()
+            except (OSError, ValueError):  # a closed or broken stream
+                pass
 
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
@@ -205,11 +271,17 @@ def install(*, process_wide: bool | None = None) -> None:
     Idempotent and cheap when already in place; :func:`begin` calls it each time because
     something else (a test runner, ``logging.basicConfig(force=True)``) may have replaced
     the streams or the handlers since. ``process_wide=True`` (process workers) routes
-    output of every thread to the running item.
+    output of every thread to the running item. Starts the flusher thread (once).
     """
-    global _process_wide
+    global _process_wide, _flusher
     if process_wide is not None:
         _process_wide = process_wide
+    if _flusher is None or not _flusher.is_alive():  # (a forked child has none running)
+        with _lock:
+            if _flusher is None or not _flusher.is_alive():
+                _flusher = threading.Thread(target=_flush_loop, name="bulkrunner-logflush",
+                                            daemon=True)
+                _flusher.start()
     root = logging.getLogger()
     if (type(sys.stdout) is _Router and type(sys.stderr) is _Router
             and _HANDLER in root.handlers):
@@ -225,7 +297,7 @@ def install(*, process_wide: bool | None = None) -> None:
 
 def begin(key: tuple[int, int], claim: int, sink: LogSink, limit: int) -> ItemLog:
     """Capture the calling thread's output (the process's, when process-wide) for an item."""
-    global _process_log, _flusher
+    global _process_log
     install()
     log = ItemLog(key, claim, sink, limit)
     _local.log = log
@@ -233,10 +305,6 @@ def begin(key: tuple[int, int], claim: int, sink: LogSink, limit: int) -> ItemLo
         _process_log = log
     with _lock:
         _active.add(log)
-        if _flusher is None or not _flusher.is_alive():
-            _flusher = threading.Thread(target=_flush_loop, name="bulkrunner-logflush",
-                                        daemon=True)
-            _flusher.start()
     return log
 
 
@@ -258,3 +326,6 @@ def _flush_loop() -> None:
             logs = list(_active)
         for log in logs:
             log.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if type(stream) is _Router:
+                stream.report_drops()

@@ -152,6 +152,8 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
     sink: capture.LogSink | None = getattr(reporter, "log", None)
     item_log = capture.begin(unit.key, unit.claim, sink, unit.max_log_size) \
         if sink is not None and unit.max_log_size > 0 else None
+    if sink is not None and item_log is None:
+        capture.install()  # not captured, but through the routers' limit a second
     prev = getattr(_current, "ctx", None)
     _current.ctx = ctx
     try:

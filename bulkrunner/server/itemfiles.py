@@ -171,7 +171,9 @@ def _parse_csv(text: str, task: Task, delimiter: str = ","
             if len(bad) >= _MAX_ERRORS:
                 break
     except csv.Error as e:
-        bad[f"row {n}"] = f"is not valid {kind} ({e})"
+        # Raised while reading the record after row n (a cell over the field size limit,
+        # a stray quote), before the loop counted it.
+        bad[f"row {n + 1}"] = f"is not valid {kind} ({e})"
     if bad:
         raise InvalidSubmission(bad, row=_first_row(bad))
     return items, rows

@@ -60,10 +60,14 @@ class Store:
         self._readers_lock = threading.Lock()
         self._local = threading.local()
         try:
+            self._create_private(path)
             self._wconn = self._connect()
         except sqlite3.Error as e:  # a missing directory, no permission
             raise StoreUnavailable(f"cannot open the database {os.path.abspath(path)} ({e})",
                                    {"path": path}) from None
+        except OSError as e:
+            raise StoreUnavailable(f"cannot open the database {os.path.abspath(path)} "
+                                   f"({e.strerror})", {"path": path}) from None
         try:
             self._wconn.execute("PRAGMA journal_mode=WAL")
             self.version = migrate(self._wconn)
@@ -81,6 +85,21 @@ class Store:
         return self._writer.queued
 
     # ------------------------------------------------------------------ plumbing
+    @staticmethod
+    def _create_private(path: str) -> None:
+        """Create the database file readable and writable by its owner only (0600),
+        whatever the umask, when it does not exist yet. SQLite gives the ``-wal``, ``-shm``
+        and ``-journal`` files it creates the database file's mode, so they are private
+        too. An existing file keeps its mode (the server warns at start when others can
+        read it)."""
+        if path in ("", ":memory:"):
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        os.close(fd)
+
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=30)
