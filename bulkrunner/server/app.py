@@ -42,14 +42,17 @@ def create_app(config: Config | None = None, *, service: Service | None = None,
     return app
 
 
+_ALWAYS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"))
+_API = (*_ALWAYS, ("Referrer-Policy", "no-referrer"))
+_PAGE = (*_ALWAYS, ("Content-Security-Policy", CSP), ("Referrer-Policy", "same-origin"))
+
+
 def _security_headers(resp: Response) -> Response:
-    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-    resp.headers.setdefault("X-Frame-Options", "DENY")
-    if request.blueprint == "web":
-        resp.headers.setdefault("Content-Security-Policy", CSP)
-        resp.headers.setdefault("Referrer-Policy", "same-origin")
-        if request.endpoint != "web.static":
-            resp.headers.setdefault("Cache-Control", "no-store")  # pages carry the CSRF token
-    else:
-        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+    h = resp.headers
+    web = request.blueprint == "web"
+    for name, value in _PAGE if web else _API:
+        if name not in h:
+            h.add(name, value)
+    if web and request.endpoint != "web.static" and "Cache-Control" not in h:
+        h.add("Cache-Control", "no-store")  # pages carry the CSRF token
     return resp

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import uuid
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,7 +75,7 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
         canon = dict(body, items=list(items) if items is not None else None)
         body_hash = hashlib.sha256(json.dumps(canon, sort_keys=True, default=str)
                                    .encode()).hexdigest()
-    return NewJob(id=uuid.uuid4().hex, task=task.name, params=params, items=encoded_items,
+    return NewJob(id=os.urandom(16).hex(), task=task.name, params=params, items=encoded_items,
                   priority=priority, max_attempts=max_attempts, timeout=timeout, key=key,
                   body_hash=body_hash, params_text=params_text)
 
