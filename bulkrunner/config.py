@@ -114,6 +114,16 @@ class Config:
     default_task: str | None = "echo"
     builtins: bool = True
     source: str | None = None
+    #: ``[tasks] pythonpath``: more directories for task imports, made absolute.
+    pythonpath: tuple[str, ...] = ()
+    #: The directory of the config file (absolute), or None without a file.
+    config_dir: str | None = None
+
+    def import_dirs(self) -> list[str]:
+        """Where task modules are looked for before the rest of ``sys.path``, in order: the
+        config file's directory, the working directory, then ``tasks.pythonpath``."""
+        dirs = [self.config_dir, os.getcwd(), *self.pythonpath]
+        return list(dict.fromkeys(d for d in dirs if d))
 
     @property
     def url(self) -> str:
@@ -140,7 +150,7 @@ _SECTIONS: dict[str, type] = {"server": ServerConfig, "executor": ExecutorConfig
                               "store": StoreConfig, "jobs": JobsConfig,
                               "retention": RetentionConfig}
 _TASK_KEYS = {"path": str, "timeout": float, "max_attempts": int, "doc": str}
-_RESERVED_TASK_KEYS = {"default", "builtins"}
+_RESERVED_TASK_KEYS = {"default", "builtins", "pythonpath"}
 
 
 def find_config_file(explicit: str | None = None) -> Path | None:
@@ -204,7 +214,12 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>",
         if server.token_file and not Path(server.token_file).is_absolute():
             kwargs["server"] = replace(server, token_file=str(base_dir / server.token_file))
     tasks, default, builtins = _parse_tasks(data.get("tasks", {}), source)
-    cfg = Config(tasks=tasks, default_task=default, builtins=builtins, source=source, **kwargs)
+    pythonpath = _parse_pythonpath(data.get("tasks", {}).get("pythonpath", []), source,
+                                   base_dir)
+    cfg = Config(tasks=tasks, default_task=default, builtins=builtins, source=source,
+                 pythonpath=pythonpath,
+                 config_dir=str(base_dir.resolve()) if base_dir is not None else None,
+                 **kwargs)
     _validate(cfg, source)
     return cfg
 
@@ -272,6 +287,29 @@ def _parse_tasks(table: Any, source: str) -> tuple[tuple[TaskConfig, ...], str |
             raise ConfigError(f'must be "module:function", not {t.path!r}', file=source,
                               key=f"tasks.{t.name}")
     return tuple(out), (default or None), builtins
+
+
+def _parse_pythonpath(value: Any, source: str, base_dir: Path | None) -> tuple[str, ...]:
+    """``tasks.pythonpath``: existing directories, relative to the config file, made
+    absolute (without a file, relative to the working directory)."""
+    key = "tasks.pythonpath"
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f'must be a list of directories in quotes, like ["lib"], not '
+                          f"{value!r}", file=source, key=key)
+    out: list[str] = []
+    for entry in value:
+        p = Path(entry).expanduser()
+        if not p.is_absolute():
+            p = (base_dir if base_dir is not None else Path.cwd()) / p
+        p = p.resolve()
+        if not p.is_dir():
+            what = "is not a directory" if p.exists() else "does not exist"
+            raise ConfigError(f"{entry!r} ({p}) {what}; create it or fix the path (a "
+                              "relative path is relative to the config file)",
+                              file=source, key=key)
+        if str(p) not in out:
+            out.append(str(p))
+    return tuple(out)
 
 
 def _validate(cfg: Config, source: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -96,16 +98,15 @@ class Registry:
                 entries[name] = (target, None, None, None)
         for t in cfg.tasks:
             entries[t.name] = (t.path, t.timeout, t.max_attempts, t.doc)
+        dirs = add_import_dirs(cfg)
         tasks = []
         for name, (target, timeout, attempts, doc) in entries.items():
             key = f"tasks.{name}"
             try:
                 fn = resolve(target)
             except ModuleNotFoundError as e:
-                raise ConfigError(f"cannot import {target!r}: no module named {e.name!r}; "
-                                  "install it or fix the module path (the server's working "
-                                  "directory must be on the Python path)",
-                                  file=cfg.source, key=key) from None
+                raise ConfigError(_missing_module(target, e, dirs), file=cfg.source,
+                                  key=key) from None
             except AttributeError:
                 raise ConfigError(f"{target!r}: the module has no function "
                                   f"{target.partition(':')[2]!r}; fix the name after the ':'",
@@ -150,6 +151,54 @@ class Registry:
     def modules(self) -> list[str]:
         """Modules the tasks live in (preloaded by process workers)."""
         return sorted({t.target.partition(":")[0] for t in self._tasks.values()})
+
+
+def add_import_dirs(cfg: Config) -> list[str]:
+    """Put the config file's directory, the working directory and ``tasks.pythonpath`` at
+    the front of ``sys.path``, in that order and once each; return them.
+
+    Done before any task import, and before the process executor starts its forkserver
+    (which, like a spawned child, is given this ``sys.path``)."""
+    dirs = cfg.import_dirs()
+    rest = [p for p in sys.path if p not in dirs]
+    sys.path[:] = [*dirs, *rest]
+    importlib.invalidate_caches()  # a directory made after start-up is seen too
+    return dirs
+
+
+#: Import names whose package on PyPI is called something else.
+_DISTRIBUTIONS = {"PIL": "Pillow", "cv2": "opencv-python", "yaml": "PyYAML",
+                  "sklearn": "scikit-learn", "bs4": "beautifulsoup4", "dateutil":
+                  "python-dateutil", "magic": "python-magic", "docx": "python-docx"}
+
+
+def _missing_module(target: str, e: ModuleNotFoundError, dirs: list[str]) -> str:
+    """The message for a task whose module, or a module it imports, is not found."""
+    module = target.partition(":")[0]
+    missing = e.name or ""
+    searched = f"searched {', '.join(dirs)}, then the installed packages"
+    if "." in missing and (missing == module or module.startswith(missing + ".")):
+        parent, _, last = missing.rpartition(".")
+        found = getattr(sys.modules.get(parent), "__file__", None) or parent
+        return (f"cannot import module {module!r}: the package {parent!r} ({found}) has no "
+                f"module {last!r}; fix the module path before the ':'")
+    if not missing or missing == module or module.startswith(missing + "."):
+        # The module asked for (or the package it is in) is not on the path.
+        top = module.split(".")[0]
+        where = f"the package {top}/" if "." in module else f"{module}.py"
+        return (f"cannot import module {module!r}: no module named {missing or module!r} "
+                f"({searched}); put {where} beside the config file or add its directory to "
+                "tasks.pythonpath, or install it")
+    top = missing.split(".")[0]
+    if top == module.split(".")[0]:
+        return (f"module {module!r} imports {missing!r}, which does not exist in the "
+                f"package {top!r}; fix that import")
+    dist = _DISTRIBUTIONS.get(top)
+    fix = (f"pip install {dist} (it provides {top!r})" if dist else
+           f"pip install {top} (or the package that provides it)")
+    return (f"module {module!r} imports {missing!r}, which is not installed: {fix} in the "
+            "server's environment; if it is a module of your own, put its directory in "
+            "tasks.pythonpath")
 
 
 def task_from_function(name: str, target: str, fn: Callable[..., Any], *,
