@@ -32,6 +32,10 @@ class State(StrEnum):
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 FINISHED = frozenset(State(s) for s in FINISHED_STATES)
 STATES = tuple(s.value for s in State)
+#: How many groups of failures a job shows (the most frequent ones), and how much of an
+#: error message tells one group from another.
+MAX_FAILURE_GROUPS = 10
+FAILURE_MESSAGE_CHARS = 500
 
 
 def derive_state(counts: dict[str, int]) -> State:
@@ -103,6 +107,9 @@ class Job:
     progress: float = 0.0
     result: Any = None
     error: dict[str, Any] | None = None
+    #: The failed items grouped by error type and message, most frequent first (at most
+    #: :data:`MAX_FAILURE_GROUPS`): ``{"type", "message", "count", "first_index"}`` each.
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -123,7 +130,7 @@ class Job:
             "finished_at": iso(self.finished_at),
             "items": {"total": self.total, **{s: self.counts[s] for s in STATES}},
             "progress": self.progress, "message": self.message,
-            "result": self.result, "error": error,
+            "result": self.result, "error": error, "failures": self.failures,
         }
 
 

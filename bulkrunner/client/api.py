@@ -170,14 +170,17 @@ class Client:
         return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}/items?"  # type: ignore[no-any-return]
                                  f"{urlencode(q)}")
 
-    def results(self, ident: str, fmt: str = "jsonl") -> Download:
-        """The export, streamed: iterate over the returned :class:`Download` for chunks.
+    def results(self, ident: str, fmt: str = "jsonl", *,
+                state: str | None = None) -> Download:
+        """The export (of every item, or of those in ``state``), streamed: iterate over the
+        returned :class:`Download` for chunks.
 
         The request is sent at once, so an unknown id or an unreachable server raises here
         rather than at the first chunk (a caller can then open its output file safely).
         """
+        q = {"format": fmt, **({"state": state} if state is not None else {})}
         resp = self.request("GET", f"/api/v1/jobs/{quote(ident, safe='')}/results?"
-                                   f"{urlencode({'format': fmt})}", stream=True)
+                                   f"{urlencode(q)}", stream=True)
         return Download(resp)
 
     def tasks(self) -> dict[str, Any]:

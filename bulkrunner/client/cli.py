@@ -302,19 +302,56 @@ def retry(obj: Ctx, ident: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ident", metavar="ID")
+@click.option("--state", type=click.Choice(STATES), help="Only the items in this state.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Show at most N items (read a page at a time).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@pass_ctx
+def items(obj: Ctx, ident: str, state: str | None, limit: int, as_json: bool) -> None:
+    """Show a job's items: index, state, attempts, params, and the result or error.
+
+    Params and results are compact JSON, cut to fit the terminal; --json prints the items
+    whole, with the `next` cursor of any items past --limit.
+    """
+    client = obj.client
+    got: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        page = client.items(ident, state=state, limit=min(limit - len(got), 1000), after=after)
+        got += page["items"]
+        after = page["next"]
+        if after is None or len(got) >= limit:
+            break
+    if as_json:
+        click.echo(json.dumps({"items": got, "next": after}, indent=2))
+        return
+    click.echo(display.items_table(got) if got else
+               f"no {state} items" if state else "no items")
+    if after is not None:
+        click.echo(display.clean(f"… more items after index {after}; raise --limit to see "
+                                 "them"), err=True)
+
+
+@cli.command()
+@click.argument("ident", metavar="ID")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
               show_default=True)
+@click.option("--state", type=click.Choice(STATES), help="Only the items in this state.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
               help="Write to FILE instead of stdout.")
 @pass_ctx
-def results(obj: Ctx, ident: str, fmt: str, output: str | None) -> None:
-    """Download every item's params, state, result and error.
+def results(obj: Ctx, ident: str, fmt: str, state: str | None, output: str | None) -> None:
+    """Download every item's params, state, result and error (--state: only those items).
 
     The export is data, so it is copied byte for byte to FILE or to a pipe; only on a
     terminal are its control characters shown as escapes (a CSV cell holds an item's error
     message as the task raised it).
     """
-    with obj.client.results(ident, fmt) as download:  # raises before any file is created
+    client = obj.client
+    # state= only when given: the call without it is the one every client has always had.
+    download = (client.results(ident, fmt, state=state) if state else
+                client.results(ident, fmt))
+    with download:  # raises before any file is created
         if output:
             try:
                 f = open(output, "wb")  # noqa: SIM115 (closed below; open errors are input errors)

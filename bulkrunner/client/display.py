@@ -81,6 +81,7 @@ def summary(job: dict[str, Any]) -> str:
         lines.append(f"finished  {_when(job['finished_at'])}")
     if job.get("result") is not None:
         lines.append(f"result    {_short(job['result'], 2000)}")
+    lines += failure_lines(job)
     err = job.get("error")
     if err:
         lines.append(f"error     {err.get('type')}: {err.get('message')}")
@@ -89,6 +90,74 @@ def summary(job: dict[str, Any]) -> str:
         if tb:
             lines.append("traceback\n" + "\n".join("  " + ln for ln in tb.split("\n")))
     return clean("\n".join(lines))
+
+
+def failure(group: dict[str, Any]) -> str:
+    """One group of a job's ``failures``: ``3 × ValueError: bad input (first: item 7)``, on
+    one line (a newline in the message is shown as ``\\n``)."""
+    message = str(group.get("message", "")).replace("\r\n", "\n").replace("\n", "\\n")
+    return clean(f"{group.get('count')} × {group.get('type')}: {message} "
+                 f"(first: item {group.get('first_index')})")
+
+
+def failure_lines(job: dict[str, Any], label: str = "failures  ") -> list[str]:
+    """The lines of :func:`summary` that say why items failed: one per group of the job's
+    ``failures`` (none when no item failed, or from a server that does not group them), and
+    how many failed items the groups shown leave out."""
+    groups = job.get("failures") or []
+    if not groups:
+        return []
+    pad = " " * len(label)
+    lines = [(label if i == 0 else pad) + failure(g) for i, g in enumerate(groups)]
+    rest = job["items"]["failed"] - sum(int(g.get("count", 0)) for g in groups)
+    if rest > 0:
+        lines.append(f"{pad}… and {rest} more failed item(s) with other errors")
+    return lines
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _outcome(item: dict[str, Any]) -> str:
+    err = item.get("error")
+    if err:
+        return f"{err.get('type')}: {err.get('message')}"
+    if item.get("state") == "succeeded":
+        return _compact(item.get("result"))
+    return ""
+
+
+def items_table(items: list[dict[str, Any]], width: int | None = None) -> str:
+    """Items (as the API shows them) as a table: index, state, attempts, params, and the
+    result or error, params and result as compact JSON, cut to fit ``width`` columns (by
+    default the terminal's)."""
+    if not items:
+        return "no items"
+    cols = width or shutil.get_terminal_size((100, 20)).columns
+    rows = [(str(i.get("index")), clean(str(i.get("state"))), str(i.get("attempts")),
+             clean(_compact(i.get("params"))),
+             clean(_outcome(i)).replace("\n", "\\n").replace("\t", " ")) for i in items]
+    head = ("INDEX", "STATE", "ATTEMPTS", "PARAMS", "RESULT / ERROR")
+    fixed = [max(len(r[k]) for r in [head, *rows]) for k in range(3)]
+    room = max(cols - sum(fixed) - 2 * 4 - 1, 20)  # the last column is never padded
+    need_p = max(len(r[3]) for r in [head, *rows])
+    need_o = max(len(r[4]) for r in [head, *rows])
+    if need_p + need_o <= room:
+        wp = need_p
+    else:  # params get up to half of the room, more when the outcomes are short
+        wp = max(min(need_p, max(room // 2, room - need_o)), len(head[3]))
+    wo = max(room - wp, len(head[4]))
+    out = []
+    for r in [head, *rows]:
+        cells = [r[0].rjust(fixed[0]), r[1].ljust(fixed[1]), r[2].rjust(fixed[2]),
+                 _cut(r[3], wp).ljust(wp), _cut(r[4], wo)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
 
 
 def table(jobs: list[dict[str, Any]]) -> str:

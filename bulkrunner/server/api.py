@@ -125,14 +125,16 @@ def list_items(ident: str) -> Response:
 
 @api.get("/jobs/<ident>/results")
 def results(ident: str) -> Response:
-    """GET /api/v1/jobs/<id>/results: every item as a JSON Lines or CSV download."""
+    """GET /api/v1/jobs/<id>/results: every item (or those in ``state``) as a JSON Lines or
+    CSV download."""
     fmt = request.args.get("format", "jsonl")
     if fmt not in ("jsonl", "csv"):
         raise errors.InvalidRequest("format must be jsonl or csv", {"field": "format"})
+    state = _state_arg()
     svc = service()
     job = svc.get(ident)
     mimetype = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
-    return Response(svc.export(job.id, fmt), mimetype=mimetype, headers={
+    return Response(svc.export(job.id, fmt, state=state), mimetype=mimetype, headers={
         "Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
 
 

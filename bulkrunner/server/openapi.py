@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bulkrunner import __version__
-from bulkrunner.models import STATES
+from bulkrunner.models import FAILURE_MESSAGE_CHARS, MAX_FAILURE_GROUPS, STATES
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _ID = {"name": "id", "in": "path", "required": True,
@@ -87,7 +87,9 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/jobs/{id}/results": {"get": {
                 "operationId": "exportResults", "summary": "Every item, streamed",
                 "parameters": [_ID, {"name": "format", "in": "query", "schema": {
-                    "type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"}}],
+                    "type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"}},
+                    {**_STATE, "description": "Only the items in this state (for example "
+                                              "failed); every item when left out"}],
                 "responses": {"200": {"description": "One line or row per item", "content": {
                     "application/x-ndjson": {"schema": {"type": "string"}},
                     "text/csv": {"schema": {"type": "string"}}}}, **errors}}},
@@ -165,7 +167,8 @@ def _schemas() -> dict[str, Any]:
             "timeout": {"type": "number", "minimum": 0},
             "key": {"type": "string", "minLength": 1, "maxLength": 200}}},
         "Job": {"type": "object", "required": [
-            "id", "task", "params", "state", "priority", "created_at", "items", "progress"],
+            "id", "task", "params", "state", "priority", "created_at", "items", "progress",
+            "failures"],
             "properties": {
                 "id": {"type": "string"}, "task": {"type": "string"},
                 "params": {"type": "object"},
@@ -176,7 +179,22 @@ def _schemas() -> dict[str, Any]:
                 "started_at": nullable_time, "finished_at": nullable_time,
                 "items": counts, "progress": {"type": "number"},
                 "message": {"type": "string", "nullable": True},
-                "result": {"nullable": True}, "error": error_obj}},
+                "result": {"nullable": True}, "error": error_obj,
+                "failures": {
+                    "type": "array", "maxItems": MAX_FAILURE_GROUPS,
+                    "description": "The failed items grouped by error type and message "
+                                   f"(cut to {FAILURE_MESSAGE_CHARS} characters, then …), "
+                                   "most frequent first, then by first item; at most "
+                                   f"{MAX_FAILURE_GROUPS} groups, empty when no item failed",
+                    "items": {"type": "object",
+                              "required": ["type", "message", "count", "first_index"],
+                              "properties": {
+                                  "type": {"type": "string"},
+                                  "message": {"type": "string"},
+                                  "count": {"type": "integer", "minimum": 1},
+                                  "first_index": {"type": "integer", "minimum": 0,
+                                                  "description": "the lowest index of "
+                                                                 "the group's items"}}}}}},
         "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
             "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
             "next": {"type": "string", "nullable": True}}},

@@ -131,13 +131,14 @@ class Service:
         """A page of a job's items in index order, and the cursor of the next page."""
         return self.store.list_items(ident, state=state, limit=limit, after=after)
 
-    def export(self, ident: str, fmt: str) -> Iterator[str]:
-        """The job's items, one JSON line or CSV row each, produced a chunk at a time."""
+    def export(self, ident: str, fmt: str, *, state: str | None = None) -> Iterator[str]:
+        """The job's items (or only those in ``state``), one JSON line or CSV row each,
+        produced a chunk at a time."""
         job = self.store.get_job(ident)  # 404 before the stream starts
-        items = self.store.iter_items(job.id)
+        items = self.store.iter_items(job.id, state=state)
         if fmt == "jsonl":
             return export.jsonl_lines(items)
-        names = [p.name for p in self.registry.get(job.task).params] \
+        names = list(self.registry.get(job.task).params) \
             if job.task in self.registry else []
         return export.csv_rows(items, names)
 

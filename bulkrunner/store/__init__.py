@@ -195,8 +195,10 @@ class Store:
         items = items[:limit]
         return items, (items[-1].index if more and items else None)
 
-    def iter_items(self, ident: str, chunk: int = 1000) -> Iterator[Item]:
-        """Every item of a job in index order, read a chunk at a time (for export).
+    def iter_items(self, ident: str, chunk: int = 1000, *,
+                   state: str | None = None) -> Iterator[Item]:
+        """Every item of a job (or only those in ``state``) in index order, read a chunk at
+        a time (for export).
 
         Every chunk comes from one snapshot of the database, taken now: an export is whole
         even if retention deletes the job meanwhile. NotFound is raised here, before the
@@ -208,20 +210,21 @@ class Store:
         try:
             conn.execute("BEGIN")
             seq = jobs.resolve_id(conn, ident)
-            first = jobs.items_page(conn, seq, limit=chunk, after=None)
+            first = jobs.items_page(conn, seq, state=state, limit=chunk, after=None)
         except BaseException:
             conn.close()
             raise
-        return self._more_items(conn, seq, first, chunk)
+        return self._more_items(conn, seq, first, chunk, state)
 
     def _more_items(self, conn: sqlite3.Connection, seq: int, items: list[Item],
-                    chunk: int) -> Iterator[Item]:
+                    chunk: int, state: str | None) -> Iterator[Item]:
         try:
             while True:
                 yield from items
                 if len(items) < chunk:
                     return
-                items = jobs.items_page(conn, seq, limit=chunk, after=items[-1].index)
+                items = jobs.items_page(conn, seq, state=state, limit=chunk,
+                                        after=items[-1].index)
         finally:
             conn.close()  # ends the snapshot
 

@@ -10,7 +10,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from bulkrunner.errors import AmbiguousId, JobFinished, NotFound, NothingToRetry
-from bulkrunner.models import STATES, Item, Job, State
+from bulkrunner.models import (
+    FAILURE_MESSAGE_CHARS,
+    MAX_FAILURE_GROUPS,
+    STATES,
+    Item,
+    Job,
+    State,
+)
 from bulkrunner.store.records import Tx, _loads
 
 JOB_COLS = ("seq, id, task, params, priority, max_attempts, timeout, key, state, created_at, "
@@ -83,7 +90,40 @@ def job_from_row(conn: sqlite3.Connection, row: Any, *, traceback: bool = True) 
         if item is not None:
             job.result = _loads(item[0])
             job.error = _loads(item[1])
+    if counts["failed"]:  # no query for a job with no failed item (most, and every new one)
+        job.failures = failure_groups(conn, row[0])
     return job
+
+
+# The failed items of a job grouped by error type and message, in one pass over the
+# items_by_state index: INDEXED BY, because without statistics SQLite would rather scan
+# every item of the job by its primary key (200,000 items with 10 failed: 28 ms, not 0.2).
+# The message is cut to FAILURE_MESSAGE_CHARS characters in the group key: messages that
+# differ only past it are one group, and a huge message (up to jobs.max_error_size) is
+# neither compared whole nor sent whole in every job's JSON. The inner query reads each
+# error's type and message once (its LIMIT -1 keeps SQLite from flattening it into the
+# grouping, which would parse the JSON once per use: 1.6 s instead of 1.1 for 200,000
+# failed items). An error that is not valid JSON (bulkrunner writes none, but json_extract
+# would raise on one) counts as the default error of an attempt that reported none.
+_FAILURE_GROUPS = f"""
+SELECT COALESCE(t, 'Error'), substr(COALESCE(m, 'unknown error'), 1, {FAILURE_MESSAGE_CHARS}),
+       COUNT(*) AS count, MIN(idx) AS first_index,
+       MAX(length(m)) > {FAILURE_MESSAGE_CHARS}
+FROM (SELECT idx, CASE WHEN json_valid(error) THEN json_extract(error, '$.type') END AS t,
+             CASE WHEN json_valid(error) THEN json_extract(error, '$.message') END AS m
+      FROM items INDEXED BY items_by_state WHERE job_seq = ? AND state = 'failed' LIMIT -1)
+GROUP BY 1, 2 ORDER BY count DESC, first_index LIMIT {MAX_FAILURE_GROUPS}
+"""
+
+
+def failure_groups(conn: sqlite3.Connection, seq: int) -> list[dict[str, Any]]:
+    """Job ``seq``'s failed items grouped by error type and message (cut to
+    ``FAILURE_MESSAGE_CHARS``, with a ``…`` when it was longer), most frequent first, then
+    by first item; at most ``MAX_FAILURE_GROUPS`` groups of
+    ``{"type", "message", "count", "first_index"}``."""
+    return [{"type": str(t), "message": str(m) + ("…" if cut else ""), "count": int(n),
+             "first_index": int(first)}
+            for t, m, n, first, cut in conn.execute(_FAILURE_GROUPS, (seq,))]
 
 
 
