@@ -332,11 +332,12 @@ def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session],
 
     page.get_by_role("link", name=victim["id"][:8]).click()
     expect(_state(page)).to_have_text("queued")
+    page.once("dialog", lambda d: d.accept())  # "Cancel this job? 1 item has not finished…"
     page.get_by_role("button", name="Cancel job").click()
     expect(_state(page)).to_have_text("cancelled")
     expect(page.locator("#action-status")).to_have_text("Cancelled.")
     expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
-    expect(page.get_by_role("button", name="Retry failed items")).to_be_enabled()
+    expect(page.get_by_role("button", name="Retry cancelled items")).to_be_enabled()
     with s.client() as c:
         assert c.job(victim["id"])["state"] == "cancelled"
         assert c.job(busy["id"])["state"] == "running"

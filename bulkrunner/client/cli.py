@@ -24,9 +24,9 @@ import codecs
 import importlib
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, NoReturn, TextIO
+from typing import IO, Any, NoReturn, TextIO, TypeVar
 
 import click
 
@@ -37,6 +37,8 @@ from bulkrunner.client.exits import (
     CliError,
     WaitTimeout,
     exit_for,
+    param_hints,
+    translate,
 )
 from bulkrunner.client.inputs import parse_params, read_items
 from bulkrunner.config import (
@@ -47,6 +49,7 @@ from bulkrunner.config import (
     find_config_file,
     load_config,
 )
+from bulkrunner.errors import ApiError
 from bulkrunner.models import FINISHED, STATES, ParamSpec
 
 
@@ -79,6 +82,11 @@ class Ctx:
                 raise click.BadParameter(str(e), param_hint="--url") from None
         return self._client
 
+    def override(self, attr: str, value: str) -> None:
+        """Set ``config_path``, ``url_opt`` or ``token_opt`` from a command's own option."""
+        setattr(self, attr, value)
+        self._config = None if attr == "config_path" else self._config
+        self.close()  # a client made before would talk to the old URL or with the old token
 
     def close(self) -> None:
         """Close the client, if one was made."""
@@ -89,8 +97,41 @@ class Ctx:
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-@click.group(cls=BulkrunnerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+#: The group's options, which every command takes as well (``bulkrunner serve --config F``
+#: is ``bulkrunner --config F serve``): (option name, Ctx attribute, metavar, help).
+_GLOBAL_OPTIONS = (
+    ("--config", "config_path", "FILE",
+     "Config file (default: $BULKRUNNER_CONFIG, else ./bulkrunner.toml)."),
+    ("--url", "url_opt", "URL",
+     "Server URL (default: $BULKRUNNER_URL, else the config's host and port)."),
+    ("--token", "token_opt", "TOKEN", "API token (default: $BULKRUNNER_TOKEN)."),
+)
+
+
+def _merge_global(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """A global option given after the command: it wins over the group's (and its
+    environment variable), in the :class:`Ctx` every command shares."""
+    if value is None:
+        return
+    obj = ctx.find_object(Ctx)
+    if obj is None:  # the command invoked on its own, without the group
+        obj = ctx.obj = Ctx(None, None, None)
+        ctx.call_on_close(obj.close)
+    obj.override(str(param.name), value)
+
+
+def global_options(f: F) -> F:
+    """Add the group's --config, --url and --token to a command (shown in its --help)."""
+    for name, attr, metavar, help_text in reversed(_GLOBAL_OPTIONS):
+        f = click.option(name, attr, metavar=metavar, help=help_text, expose_value=False,
+                         callback=_merge_global)(f)
+    return f
+
+
+@click.group(cls=BulkrunnerGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                    "max_content_width": 100})
 @click.option("--config", "config", metavar="FILE", envvar="BULKRUNNER_CONFIG",
               help="Config file (default: $BULKRUNNER_CONFIG, else ./bulkrunner.toml).")
 @click.option("--url", metavar="URL", envvar=URL_ENV,
@@ -110,7 +151,8 @@ def cli(ctx: click.Context, config: str | None, url: str | None, token: str | No
 
 
 # --------------------------------------------------------------------------- serve
-@cli.command()
+@cli.command(short_help="Run the job server until SIGTERM or Ctrl-C.",
+             epilog="\b\nExample:\n  bulkrunner serve --config bulkrunner.toml --port 8470")
 @click.option("--host", help="Interface to listen on (default 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port (0 picks a free one).")
 @click.option("--executor", type=click.Choice(EXECUTOR_TYPES), help="Where items run.")
@@ -121,6 +163,7 @@ def cli(ctx: click.Context, config: str | None, url: str | None, token: str | No
 @click.option("--log-format", default="text", show_default=True,
               type=click.Choice(["text", "json"]),
               help="Server log lines as text, or one JSON object each.")
+@global_options
 @pass_ctx
 def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
           max_workers: int | None, db: str | None, log_level: str, log_format: str) -> None:
@@ -136,24 +179,39 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
 
 
 # --------------------------------------------------------------------------- submit
-@cli.command()
+@cli.command(short_help="Submit a job and print its id (--wait: follow it to the end).",
+             epilog="\b\nExamples:\n  bulkrunner submit resize --items images.csv "
+                    "--param width=640 --wait\n"
+                    "  ID=$(bulkrunner submit report -p month=2024-05)\n\n"
+                    "\b\nExit codes:\n"
+                    "  0  submitted (with --wait: the job succeeded)\n"
+                    "  1  with --wait: the job failed or was cancelled\n"
+                    "  2  usage or input error, or the server refused the job (4xx)\n"
+                    "  3  the server cannot be reached, or answered 5xx")
 @click.argument("task", required=False)
 @click.option("--param", "-p", "params", multiple=True, metavar="K=V",
               help="A param, coerced by the task's type hint; K:=JSON passes JSON as is.")
 @click.option("--items", "items_path", metavar="FILE|-",
-              help="Items from a CSV or JSON Lines file (by extension; '-' is JSON Lines "
-                   "on stdin).")
+              help="Items file, one item per row or line: .csv, .tsv, .jsonl/.ndjson "
+                   "(JSON Lines) or .json (an array); '-' is JSON Lines on stdin.")
 @click.option("--priority", type=int, help="Higher runs first (default 0).")
 @click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per item.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Seconds per attempt.")
 @click.option("--key", help="Idempotency key: the same key and body return the same job.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and show progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@global_options
 @pass_ctx
 def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str | None,
            priority: int | None, max_attempts: int | None, timeout: float | None,
            key: str | None, wait_: bool, as_json: bool) -> None:
-    """Submit a job; prints its id (so ID=$(bulkrunner submit ...) works)."""
+    """Submit a job; prints its id (so ID=$(bulkrunner submit ...) works).
+
+    TASK is a task name (see `bulkrunner tasks`), the server's default one if left out.
+    --param sets a param of every item; --items gives one item per row of a .csv or .tsv
+    file (a header row names the params), per line of a .jsonl or .ndjson file (one JSON
+    object each), or per element of a .json array; the format goes by the file's extension.
+    """
     client = obj.client
     cache: dict[str, ParamSpec] | None = None
 
@@ -167,13 +225,19 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
         return cache
 
     values = parse_params(params, specs)
-    if items_path:
-        data, name = read_items(items_path)
-        job = client.submit_file(data, name, task, values, priority=priority,
-                                 max_attempts=max_attempts, timeout=timeout, key=key)
-    else:
-        job = client.submit(task, values, priority=priority, max_attempts=max_attempts,
-                            timeout=timeout, key=key)
+    try:
+        if items_path:
+            data, name = read_items(items_path)
+            job = client.submit_file(data, name, task, values, priority=priority,
+                                     max_attempts=max_attempts, timeout=timeout, key=key)
+        else:
+            job = client.submit(task, values, priority=priority, max_attempts=max_attempts,
+                                timeout=timeout, key=key)
+    except ApiError as e:
+        hints = param_hints(e, specs) if e.status == 422 else []
+        if not hints:
+            raise
+        raise CliError("\n".join([translate(e).message, *hints])) from e
     if wait_:
         if not as_json:
             click.echo(display.clean(job["id"]))
@@ -182,7 +246,8 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
 
 
 # --------------------------------------------------------------------------- status / wait
-@cli.command()
+@cli.command(short_help="Show one job, or a table of recent jobs.",
+             epilog="\b\nExample:\n  bulkrunner status 3f2a --watch")
 @click.argument("ident", metavar="[ID]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @click.option("--watch", is_flag=True, help="Redraw until the job finishes.")
@@ -190,6 +255,7 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
 @click.option("--task", help="Only jobs of this task (list).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="How many jobs to list.")
+@global_options
 @pass_ctx
 def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str | None,
            task: str | None, limit: int) -> None:
@@ -242,6 +308,46 @@ def _write_text(chunks: Iterable[bytes], out: IO[bytes]) -> None:
         out.flush()
 
 
+class _RowCounter:
+    """Counts the records of an export as it streams by: JSON Lines lines, or CSV rows
+    after the header (a quoted cell may hold a newline, so CSV is parsed, not split)."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self._lines = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""  # CSV text after the last complete row
+
+    def feed(self, chunk: bytes) -> None:
+        """Count the records complete in ``chunk`` (with what came before)."""
+        if self.fmt != "csv":
+            self._lines += chunk.count(b"\n")
+            return
+        text = self._pending + self._decoder.decode(chunk)
+        # A newline ends a row unless it is inside quotes: an even count of quotes before it.
+        start = 0
+        at = text.find("\n")
+        while at != -1:
+            if text.count('"', start, at) % 2 == 0:
+                self._lines += 1
+                start = at + 1
+            at = text.find("\n", at + 1)
+        self._pending = text[start:]
+
+    def rows(self) -> int:
+        """The records counted (the CSV header row not among them)."""
+        tail = self._pending.strip() if self.fmt == "csv" else ""
+        n = self._lines + (1 if tail else 0)
+        return max(n - 1, 0) if self.fmt == "csv" else n
+
+    def describe(self) -> str:
+        """'200 rows (CSV)' or '200 lines (JSON Lines)'."""
+        n = self.rows()
+        if self.fmt == "csv":
+            return f"{n} row{'' if n == 1 else 's'} (CSV)"
+        return f"{n} line{'' if n == 1 else 's'} (JSON Lines)"
+
+
 def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: bool) -> NoReturn:
     err = _stderr()
     bar = display.ProgressLine(tty=err.isatty())
@@ -267,10 +373,15 @@ def _wait_and_exit(client: Client, ident: str, timeout: float | None, as_json: b
     exit_for(job)
 
 
-@cli.command()
+@cli.command(short_help="Wait for a job to finish; the exit code says how it ended.",
+             epilog="\b\nExample:\n  bulkrunner wait 3f2a --timeout 600 || echo \"not done, "
+                    "or failed\"\n\n\b\nExit codes:\n  0  the job succeeded\n"
+                    "  1  the job failed or was cancelled\n  2  usage error, or no such job\n"
+                    "  3  the server cannot be reached\n  4  --timeout elapsed")
 @click.argument("ident", metavar="ID")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Give up after SECONDS (exit 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the finished job as JSON.")
+@global_options
 @pass_ctx
 def wait(obj: Ctx, ident: str, timeout: float | None, as_json: bool) -> None:
     """Wait for a job to finish: exit 0 if it succeeded, 1 if it failed or was cancelled."""
@@ -278,34 +389,76 @@ def wait(obj: Ctx, ident: str, timeout: float | None, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------- actions
-@cli.command()
+_QUIET_HELP = ("Print only the job's id on stdout, the sentence on stderr "
+               "(ID=$(bulkrunner retry -q ...)).")
+
+
+def _said(job: dict[str, Any], sentence: str, id_only: bool) -> None:
+    """What ``cancel`` and ``retry`` did: the sentence on stdout, or (``id_only``) the job's
+    id alone on stdout and the sentence on stderr."""
+    click.echo(display.clean(sentence), err=id_only)
+    if id_only:
+        click.echo(display.clean(job["id"]))
+
+
+@cli.command(short_help="Cancel a job: queued items never run, running ones stop.",
+             epilog="\b\nExamples:\n  bulkrunner cancel 3f2a\n"
+                    "  ID=$(bulkrunner cancel -q 3f2a)")
 @click.argument("ident", metavar="ID")
+@click.option("--quiet", "-q", "id_only", is_flag=True, help=_QUIET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@global_options
 @pass_ctx
-def cancel(obj: Ctx, ident: str, as_json: bool) -> None:
+def cancel(obj: Ctx, ident: str, id_only: bool, as_json: bool) -> None:
     """Cancel a job: queued items never run, running ones are stopped."""
     job = obj.client.cancel(ident)
-    click.echo(json.dumps(job, indent=2) if as_json else display.clean(
-        f"cancelled {job['id']} ({job['items']['cancelled']} item(s) cancelled)"))
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    _said(job, f"cancelled {job['id']} ({job['items']['cancelled']} item(s) cancelled)",
+          id_only)
 
 
-@cli.command()
+@cli.command(short_help="Re-queue a job's failed and cancelled items (--wait: follow it).",
+             epilog="\b\nExamples:\n  bulkrunner retry 3f2a --wait\n"
+                    "  ID=$(bulkrunner retry -q 3f2a)")
 @click.argument("ident", metavar="ID")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@click.option("--wait", "wait_", is_flag=True,
+              help="Then wait for the job, like `wait` (exit 0 succeeded, 1 failed); "
+                   "stdout has only the id, as with --quiet.")
+@click.option("--timeout", type=click.FloatRange(min=0),
+              help="With --wait: give up after SECONDS (exit 4).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the job as JSON (with --wait: the finished job).")
+@click.option("--quiet", "-q", "id_only", is_flag=True, help=_QUIET_HELP)
+@global_options
 @pass_ctx
-def retry(obj: Ctx, ident: str, as_json: bool) -> None:
-    """Re-queue a job's failed and cancelled items; succeeded ones are kept."""
+def retry(obj: Ctx, ident: str, wait_: bool, timeout: float | None, as_json: bool,
+          id_only: bool) -> None:
+    """Re-queue a job's failed and cancelled items; succeeded ones are kept.
+
+    With --wait, follows the job to its end and exits as `wait` does.
+    """
+    if timeout is not None and not wait_:
+        raise click.UsageError("--timeout goes with --wait")
     job = obj.client.retry(ident)
-    click.echo(json.dumps(job, indent=2) if as_json else display.clean(
-        f"retrying {job['id']}: {job['items']['queued']} item(s) queued again"))
+    if not as_json:
+        _said(job, f"retrying {job['id']}: {job['items']['queued']} item(s) queued again",
+              id_only or wait_)
+    if wait_:
+        _wait_and_exit(obj.client, job["id"], timeout, as_json)
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
 
 
-@cli.command()
+@cli.command(short_help="Show a job's items with their results or errors.",
+             epilog="\b\nExample:\n  bulkrunner items 3f2a --state failed --limit 20")
 @click.argument("ident", metavar="ID")
 @click.option("--state", type=click.Choice(STATES), help="Only the items in this state.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
               help="Show at most N items (read a page at a time).")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@global_options
 @pass_ctx
 def items(obj: Ctx, ident: str, state: str | None, limit: int, as_json: bool) -> None:
     """Show a job's items: index, state, attempts, params, and the result or error.
@@ -332,13 +485,15 @@ def items(obj: Ctx, ident: str, state: str | None, limit: int, as_json: bool) ->
                                  "them"), err=True)
 
 
-@cli.command()
+@cli.command(short_help="Download every item's params, state, result and error.",
+             epilog="\b\nExample:\n  bulkrunner results 3f2a --format csv --output results.csv")
 @click.argument("ident", metavar="ID")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
               show_default=True)
 @click.option("--state", type=click.Choice(STATES), help="Only the items in this state.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
               help="Write to FILE instead of stdout.")
+@global_options
 @pass_ctx
 def results(obj: Ctx, ident: str, fmt: str, state: str | None, output: str | None) -> None:
     """Download every item's params, state, result and error (--state: only those items).
@@ -359,11 +514,14 @@ def results(obj: Ctx, ident: str, fmt: str, state: str | None, output: str | Non
                 raise CliError(f"cannot write {output}: {e.strerror}") from None
             try:
                 with f:
+                    counter = _RowCounter(fmt)
                     for chunk in download:
                         f.write(chunk)
+                        counter.feed(chunk)
             except BaseException:
                 Path(output).unlink(missing_ok=True)  # no half file that looks complete
                 raise
+            click.echo(display.clean(f"wrote {counter.describe()} to {output}"), err=True)
         elif _stdout_isatty():
             _write_text(download, sys.stdout.buffer)
         else:
@@ -373,8 +531,10 @@ def results(obj: Ctx, ident: str, fmt: str, state: str | None, output: str | Non
             out.flush()
 
 
-@cli.command()
+@cli.command(short_help="List the tasks the server runs, with their params.",
+             epilog="\b\nExample:\n  bulkrunner tasks")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@global_options
 @pass_ctx
 def tasks(obj: Ctx, as_json: bool) -> None:
     """List the tasks the server runs, with their params."""
@@ -395,11 +555,13 @@ def tasks(obj: Ctx, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------- observability
-@cli.command()
+@cli.command(short_help="Print what an item printed and logged (--follow: as it runs).",
+             epilog="\b\nExample:\n  bulkrunner logs 3f2a --item 7 --follow")
 @click.argument("ident", metavar="ID")
 @click.option("--item", "index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which item of the job.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the item finishes.")
+@global_options
 @pass_ctx
 def logs(obj: Ctx, ident: str, index: int, follow: bool) -> None:
     """Print what an item printed and logged while it ran (--follow: as it runs).
@@ -425,9 +587,11 @@ def logs(obj: Ctx, ident: str, index: int, follow: bool) -> None:
     _write_text(chunks(), sys.stdout.buffer)
 
 
-@cli.command()
+@cli.command(short_help="Delete finished jobs past the server's retention ages.",
+             epilog="\b\nExample:\n  bulkrunner prune --dry-run")
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@global_options
 @pass_ctx
 def prune(obj: Ctx, dry_run: bool, as_json: bool) -> None:
     """Delete finished jobs older than the server's [retention] ages, with their items and

@@ -8,12 +8,17 @@ own errors become these.
 
 from __future__ import annotations
 
-from typing import IO, Any, NoReturn
+import re
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from bulkrunner.client import display
 from bulkrunner.errors import ApiError, BulkrunnerError, ServerUnreachable
+
+if TYPE_CHECKING:
+    from bulkrunner.models import ParamSpec
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -64,6 +69,33 @@ def translate(e: BulkrunnerError) -> CliError:
                 f"  {k}: {v}" for k, v in fields.items()))
         return CliError(e.message)
     return CliError(e.message)  # ConfigError, and any other error bulkrunner raises on purpose
+
+
+_PARAM_FIELD = re.compile(r"params\.(?P<name>[^.\[\]]+)")
+
+
+def param_hints(e: ApiError, specs: Callable[[], dict[str, ParamSpec]]) -> list[str]:
+    """For a 422 that says a job-level param is required or missing (``params.url:
+    required param is missing``), the line that tells how to give it:
+    ``hint: give it with --param url=<str>``, the type from the task's ``specs()``. No hint
+    for a param the listing does not show, or when the listing cannot be had."""
+    fields = e.details.get("fields") if isinstance(e.details, dict) else None
+    if not isinstance(fields, dict):
+        return []
+    hints: list[str] = []
+    for field, problem in fields.items():
+        m = _PARAM_FIELD.fullmatch(str(field))
+        text = str(problem).lower()
+        if m is None or ("required" not in text and "missing" not in text):
+            continue
+        name = m.group("name")
+        try:
+            spec = specs().get(name)
+        except Exception:  # the task listing is only for the hint: none, if it fails
+            return []
+        if spec is not None:  # a param the task takes (and whose type is known)
+            hints.append(f"hint: give it with --param {name}=<{spec.type}>")
+    return hints
 
 
 class BulkrunnerGroup(click.Group):

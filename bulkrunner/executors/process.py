@@ -260,8 +260,13 @@ class ProcessExecutor:
     def _step(self) -> bool:
         self._replenish()
         with self._lock:
-            if self._stopping and not any(w.proc.is_alive() for w in self._workers):
-                return False
+            ended = (list(self._workers) if self._stopping
+                     and not any(w.proc.is_alive() for w in self._workers) else None)
+        if ended is not None:
+            for w in ended:  # each says, once, that the item it held ended with the pool
+                self._bury(w)
+            return False
+        with self._lock:
             timeout = 1.0
             if not self._stopping:
                 if len(self._workers) < self.max_workers:
@@ -345,7 +350,14 @@ class ProcessExecutor:
                 fut.set_exception(WorkerDied(
                     f"the worker process (pid {w.proc.pid}) running this item died with "
                     f"{describe_exit(w.proc.exitcode)}"))
-        if w.unit is not None:
+        if w.unit is None:
+            return
+        if self._stopping and not w.aborted:
+            # shutdown() killed it: the server is stopping, the worker did not crash.
+            log.info("stopping: worker pid %s ended with the server while running item %s "
+                     "of job %s (the item goes back to the queue)",
+                     w.proc.pid, w.unit.index, w.unit.job_id)
+        else:
             log.warning("worker pid %s died with %s while running item %s of job %s",
                         w.proc.pid, describe_exit(w.proc.exitcode), w.unit.index, w.unit.job_id)
 

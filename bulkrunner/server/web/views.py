@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
 from bulkrunner import __version__, errors
@@ -224,3 +226,22 @@ def json_text(value: Any, limit: int = 10_000, indent: int | None = 2) -> str:
 def percent(fraction: float | None) -> str:
     """0.42 as ``42%``."""
     return f"{int((fraction or 0) * 100)}%"
+
+
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+@bp.app_template_filter("code_spans")
+def code_spans(text: str | None) -> Markup:
+    """Docstring text, escaped, with each `` `x` `` shown as ``<code>x</code>`` (no other
+    markup: the rest stays plain text)."""
+    raw = safe_text(text or "")
+    out: list[str] = []
+    last = 0
+    for m in _CODE_SPAN.finditer(raw):
+        out.append(str(escape(raw[last:m.start()])))
+        out.append(f"<code>{escape(m.group(1))}</code>")
+        last = m.end()
+    out.append(str(escape(raw[last:])))
+    return Markup("".join(out))
+

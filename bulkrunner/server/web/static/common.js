@@ -11,6 +11,16 @@ window.bulkrunner = (() => {
     message: "The server cannot be reached. Is bulkrunner still running?", details: {} } };
 
   /**
+   * Show (or hide) the page's "server unreachable" notice: every API call says whether the
+   * server answered, so a page that polls shows when what it shows is no longer current.
+   */
+  function reachable(yes) {
+    const notice = document.getElementById("unreachable");
+    if (notice && notice.hidden !== yes) notice.hidden = yes;
+    document.body.classList.toggle("offline", !yes);
+  }
+
+  /**
    * fetch() with the page's session cookie; null when the server cannot be reached. A 401
    * sends the user to log in.
    */
@@ -35,6 +45,7 @@ window.bulkrunner = (() => {
   async function getBytes(path) {
     const resp = await send(path, { method: "GET", headers: { Accept: "text/plain" },
                                      cache: "no-store" });
+    reachable(resp !== null);
     if (resp === null) return { ok: false, status: 0, error: UNREACHABLE.error };
     if (!resp.ok) {
       let error = { code: "bad_response", message: `The server answered ${resp.status}.` };
@@ -59,6 +70,7 @@ window.bulkrunner = (() => {
       payload = JSON.stringify(body);
     }
     const resp = await send(path, { method, headers, body: payload });
+    reachable(resp !== null);
     if (resp === null) return { ok: false, status: 0, data: UNREACHABLE };
     let data = null;
     try {
@@ -121,11 +133,30 @@ window.bulkrunner = (() => {
 
   function progress(job) {
     const c = job.items;
+    if (job.state === "cancelled" && c.total) {
+      // What ran, not what finished: cancelled items did not run.
+      const ran = c.succeeded + c.failed;
+      return el("span", { class: "progress" },
+        el("progress", { max: "1", value: String(ran / c.total),
+                         "aria-label": `${ran} of ${c.total} items ran` }),
+        el("span", { class: "progress-text" }, `${ran} of ${c.total} ran`));
+    }
     const pct = Math.floor((job.progress || 0) * 100);
     return el("span", { class: "progress" },
       el("progress", { max: "1", value: String(job.progress || 0), "aria-label": `Progress ${pct}%` }),
       el("span", { class: "progress-text" },
         c.total > 1 ? `${pct}% · ${c.succeeded + c.failed + c.cancelled} of ${c.total}` : `${pct}%`));
+  }
+
+  /** A value for a narrow cell: an object as "key: value" lines (nested values as JSON). */
+  function keyValues(value, limit = 200) {
+    if (value !== null && typeof value === "object" && !Array.isArray(value) &&
+        Object.keys(value).length) {
+      return el("dl", { class: "kv" }, ...Object.entries(value).map(([k, v]) =>
+        el("div", {}, el("dt", {}, `${k}:`), " ",
+           el("dd", {}, el("code", { class: "cell" }, jsonText(v, limit, 0))))));
+    }
+    return el("code", { class: "cell" }, jsonText(value, limit, 0));
   }
 
   /** An error as its type and message, with the traceback folded. */
@@ -222,6 +253,6 @@ window.bulkrunner = (() => {
 
   document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
 
-  return { api, getBytes, el, jsonText, timeEl, localizeTimes, badge, progress, errorBlock,
+  return { api, getBytes, el, jsonText, keyValues, timeEl, localizeTimes, badge, progress, errorBlock,
            syncRows, poll, query, STATES, FINISHED };
 })();

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { api, getBytes, el, jsonText, badge, progress, timeEl, errorBlock, syncRows, poll,
+  const { api, getBytes, el, jsonText, keyValues, badge, progress, timeEl, errorBlock, syncRows, poll,
           query, STATES, FINISHED } = window.bulkrunner;
   const REFRESH_MS = 1000;
   const LOG_MS = 1000;
@@ -27,14 +27,14 @@
     let outcome = "";
     if (it.error) outcome = errorBlock(it.error);
     else if (it.result !== null && it.result !== undefined) {
-      outcome = el("code", { class: "cell" }, jsonText(it.result, 200, 0));
+      outcome = keyValues(it.result);
     } else if (it.message) outcome = el("span", { class: "muted" }, it.message);
     return el("tr", {},
       el("td", { "data-label": "#" }, it.index),
       el("td", { "data-label": "State" }, badge(it.state)),
       el("td", { "data-label": "Attempts" }, it.attempts),
       el("td", { "data-label": "Worker", class: "worker" }, workerCell(it.worker)),
-      el("td", { "data-label": "Params" }, el("code", { class: "cell" }, jsonText(it.params, 200, 0))),
+      el("td", { "data-label": "Params" }, keyValues(it.params)),
       el("td", { "data-label": "Result", class: "outcome" }, outcome),
       el("td", { "data-label": "Started" }, timeEl(it.started_at)),
       el("td", { "data-label": "Finished" }, timeEl(it.finished_at)),
@@ -148,6 +148,18 @@
     return [];
   }
 
+  /** What the retry button re-queues, by what there is: "failed", "cancelled" or both. */
+  function retryWhat(c) {
+    if (c.failed && c.cancelled) return "Failed and cancelled items";
+    return c.cancelled ? "Cancelled items" : "Failed items";
+  }
+
+  function failureItem(f) {
+    return el("li", {}, el("span", { class: "failure-count" }, `${f.count} ×`), " ",
+      el("strong", {}, f.type), ": ", jsonText(f.message || "", 300), " ",
+      el("span", { class: "muted" }, `(first: item ${f.first_index})`));
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     const root = document.getElementById("job");
     const { id, state, after, limit } = root.dataset;
@@ -160,6 +172,9 @@
     const empty = root.querySelector(".items .empty");
     const next = document.getElementById("items-next");
     let lastOutcome = null;
+    let lastFailures = null;
+    let counts = null;  // the job's item counts as last shown
+    const failuresBox = document.getElementById("failures");
     let lastState = null;
     logViewer(id, tbody);
 
@@ -185,6 +200,16 @@
         outcomeBox.hidden = !outcomeBox.hasChildNodes();
         lastOutcome = sig;
       }
+      const failures = job.failures || [];
+      const fsig = JSON.stringify(failures);
+      if (fsig !== lastFailures) {
+        failuresBox.querySelector("ul").replaceChildren(...failures.map(failureItem));
+        failuresBox.hidden = failures.length === 0;
+        lastFailures = fsig;
+      }
+      counts = job.items;
+      const label = `Retry ${retryWhat(job.items).toLowerCase()}`;
+      if (retryBtn.textContent !== label) retryBtn.textContent = label;
       const finished = FINISHED.has(job.state);
       cancelBtn.disabled = finished;
       retryBtn.disabled = !finished || !(job.items.failed || job.items.cancelled);
@@ -227,7 +252,31 @@
       poller.now();
     }
 
-    cancelBtn.addEventListener("click", () => act(cancelBtn, "Cancel", "Cancelled."));
-    retryBtn.addEventListener("click", () => act(retryBtn, "Retry", "Failed items queued again."));
+    function countsNow() {
+      if (counts) return counts;
+      const c = {};
+      for (const s of ["total", ...STATES]) {
+        c[s] = Number.parseInt(root.querySelector(`[data-count="${s}"]`).textContent, 10) || 0;
+      }
+      return c;
+    }
+
+    cancelBtn.addEventListener("click", () => {
+      const c = countsNow();
+      const left = c.queued + c.running;
+      if (left > 0) {
+        const what = left === 1 ? "1 item has" : `${left} items have`;
+        const ok = window.confirm(`Cancel this job? ${what} not finished yet (of ${c.total}) ` +
+          "and will not run; running items are stopped.");
+        if (!ok) {
+          status.textContent = "Not cancelled.";
+          return;
+        }
+      }
+      act(cancelBtn, "Cancel", "Cancelled.");
+    });
+    retryBtn.addEventListener("click", () => {
+      act(retryBtn, "Retry", `${retryWhat(countsNow())} queued again.`);
+    });
   });
 })();
