@@ -285,3 +285,12 @@ def app_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield make
     for app in apps:
         app.extensions["bulkrunner"].close(grace=0)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium through Playwright, one per test module (skips with a reason
+    when it or Playwright is missing; see tests/browser.py)."""
+    from tests.browser import launch
+
+    yield from launch()

@@ -25,87 +25,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bulkrunner.client import Client
 from bulkrunner.server.web.auth import COOKIE, SESSION_SECONDS, Sessions
 from bulkrunner.server.web.fields import form_fields
+from tests.browser import TIMEOUT_MS, Browser, Page, Session, expect
 from tests.conftest import LOG_TASKS, ROOT, ServerProcess, toml_config, wait_for
 
-try:
-    from playwright.sync_api import (
-        Browser,
-        BrowserContext,
-        ConsoleMessage,
-        Page,
-        Route,
-        expect,
-        sync_playwright,
-    )
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None  # type: ignore[assignment]
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 20_000        # any one wait for the page
 LOG_POLL_MS = 1000         # how often the log panel polls a running item (job.js LOG_MS)
 TOKEN = "web-test-token-1f2e3d4c5b6a"
 
 Serve = Callable[..., ServerProcess]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed (pip install playwright; never run "
-                    "`playwright install`: the tests use /usr/bin/chromium)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium package "
-                    "(apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, timeout=60_000)
-        yield b
-        b.close()
-
-
-class Session:
-    """One browser context on one server: its page, and what went wrong inside it."""
-
-    def __init__(self, context: BrowserContext, server: ServerProcess) -> None:
-        self.context = context
-        self.server = server
-        self.page: Page = context.new_page()
-        self.page.set_default_timeout(TIMEOUT_MS)
-        expect.set_options(timeout=TIMEOUT_MS)
-        self.js_errors: list[str] = []
-        self.outside: list[str] = []
-        self.page.on("pageerror", lambda e: self.js_errors.append(str(e)))
-        self.page.on("console", self._console)
-        context.route("**/*", self._only_our_server)
-
-    def _console(self, msg: ConsoleMessage) -> None:
-        # Chromium logs every 4xx as "Failed to load resource"; the tests cause some on purpose.
-        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
-            self.js_errors.append(msg.text)
-
-    def _only_our_server(self, route: Route) -> None:
-        # The page must work offline: anything not on our server is refused and recorded.
-        url = route.request.url
-        if urlsplit(url).netloc == urlsplit(self.server.url).netloc:
-            route.continue_()
-        else:
-            self.outside.append(url)
-            route.abort()
-
-    def open(self, path: str) -> Page:
-        self.page.goto(self.server.url + path)
-        return self.page
-
-    def client(self, token: str | None = None) -> Client:
-        return Client(self.server.url, token)
-
-    def check_clean(self) -> None:
-        assert not self.outside, f"the page fetched from outside its server: {self.outside}"
-        assert not self.js_errors, f"errors in the browser console: {self.js_errors}"
 
 
 @pytest.fixture

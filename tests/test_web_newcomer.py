@@ -13,88 +13,15 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from bulkrunner.client import Client
 from bulkrunner.server.web.views import code_spans
+from tests.browser import Browser, Dialog, Page, Session, expect
 from tests.conftest import JOBS, ServerProcess, toml_config, wait_app_job, wait_for
 
-try:
-    from playwright.sync_api import (
-        Browser,
-        BrowserContext,
-        ConsoleMessage,
-        Dialog,
-        Page,
-        Route,
-        expect,
-        sync_playwright,
-    )
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None  # type: ignore[assignment]
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 20_000
-
 Serve = Callable[..., ServerProcess]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed (pip install playwright; never run "
-                    "`playwright install`: the tests use /usr/bin/chromium)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium package "
-                    "(apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, timeout=60_000)
-        yield b
-        b.close()
-
-
-class Session:
-    """One browser context on one server: its page, and what went wrong inside it."""
-
-    def __init__(self, context: BrowserContext, server: ServerProcess) -> None:
-        self.context = context
-        self.server = server
-        self.page: Page = context.new_page()
-        self.page.set_default_timeout(TIMEOUT_MS)
-        expect.set_options(timeout=TIMEOUT_MS)
-        self.js_errors: list[str] = []
-        self.outside: list[str] = []
-        self.page.on("pageerror", lambda e: self.js_errors.append(str(e)))
-        self.page.on("console", self._console)
-        context.route("**/*", self._only_our_server)
-
-    def _console(self, msg: ConsoleMessage) -> None:
-        # Chromium logs every refused request as "Failed to load resource"; some are on purpose.
-        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
-            self.js_errors.append(msg.text)
-
-    def _only_our_server(self, route: Route) -> None:
-        url = route.request.url
-        if urlsplit(url).netloc == urlsplit(self.server.url).netloc:
-            route.continue_()
-        else:
-            self.outside.append(url)
-            route.abort()
-
-    def open(self, path: str) -> Page:
-        self.page.goto(self.server.url + path)
-        return self.page
-
-    def client(self) -> Client:
-        return Client(self.server.url)
-
-    def check_clean(self) -> None:
-        assert not self.outside, f"the page fetched from outside its server: {self.outside}"
-        assert not self.js_errors, f"errors in the browser console: {self.js_errors}"
 
 
 @pytest.fixture
