@@ -94,5 +94,33 @@ class Session:
         assert not self.js_errors, f"errors in the browser console: {self.js_errors}"
 
 
+def state_badge(page: Page) -> Any:
+    """The job page's state badge."""
+    return page.locator("[data-field=state] .badge")
+
+
+def session_factory(browser: Browser, serve: Any, tmp_path: Path
+                    ) -> Iterator[Any]:
+    """``session(**config)``: start a server with that config and open a page on it; every
+    page is checked clean (no console errors, nothing fetched from outside) at the end."""
+    from tests.conftest import toml_config
+
+    made: list[Session] = []
+
+    def make(**config: Any) -> Session:
+        server = serve(toml_config(tmp_path, **config))
+        s = Session(browser.new_context(viewport={"width": 1280, "height": 860},
+                                        accept_downloads=True), server)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.context.close()
+    for s in made:
+        s.check_clean()
+
+
 __all__ = ["ARGS", "CHROMIUM", "TIMEOUT_MS", "Browser", "BrowserContext", "Dialog", "Page",
-           "Session", "expect", "launch"]
+           "Session", "expect", "launch", "session_factory",
+           "state_badge"]

@@ -294,3 +294,11 @@ def browser() -> Iterator[Any]:
     from tests.browser import launch
 
     yield from launch()
+
+
+@pytest.fixture
+def session(browser: Any, serve: Any, tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``session(max_workers=..., server=...)`` starts a server and opens a page."""
+    from tests.browser import session_factory
+
+    yield from session_factory(browser, serve, tmp_path)

@@ -18,7 +18,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,8 +27,8 @@ import pytest
 
 from bulkrunner.server.web.auth import COOKIE, SESSION_SECONDS, Sessions
 from bulkrunner.server.web.fields import form_fields
-from tests.browser import TIMEOUT_MS, Browser, Page, Session, expect
-from tests.conftest import LOG_TASKS, ROOT, ServerProcess, toml_config, wait_for
+from tests.browser import TIMEOUT_MS, Page, Session, expect, state_badge
+from tests.conftest import LOG_TASKS, ROOT, ServerProcess, wait_for
 
 LOG_POLL_MS = 1000         # how often the log panel polls a running item (job.js LOG_MS)
 TOKEN = "web-test-token-1f2e3d4c5b6a"
@@ -36,32 +36,9 @@ TOKEN = "web-test-token-1f2e3d4c5b6a"
 Serve = Callable[..., ServerProcess]
 
 
-@pytest.fixture
-def session(browser: Browser, serve: Serve, tmp_path: Path) -> Iterator[Callable[..., Session]]:
-    """Factory: ``session(max_workers=..., server=...)`` starts a server and opens a page."""
-    made: list[Session] = []
-
-    def make(**config: Any) -> Session:
-        server = serve(toml_config(tmp_path, **config))
-        s = Session(browser.new_context(viewport={"width": 1280, "height": 860},
-                                        accept_downloads=True), server)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.context.close()
-    for s in made:
-        s.check_clean()
-
-
 def _job_id(page: Page) -> str:
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
     return page.url.rsplit("/", 1)[1]
-
-
-def _state(page: Page) -> Any:
-    return page.locator("[data-field=state] .badge")
 
 
 @pytest.fixture
@@ -98,9 +75,9 @@ def test_form_submit_and_watch_the_job_succeed(session: Callable[..., Session]) 
 
     job_id = _job_id(page)
     page.evaluate("window.__sameDocument = true")
-    expect(_state(page)).to_have_text(re.compile("queued|running"))
+    expect(state_badge(page)).to_have_text(re.compile("queued|running"))
     expect(page.locator("[data-field=message]")).to_contain_text(re.compile(r"counted \d of 8"))
-    expect(_state(page)).to_have_text("succeeded", timeout=30_000)
+    expect(state_badge(page)).to_have_text("succeeded", timeout=30_000)
     assert page.evaluate("window.__sameDocument") is True, "the job page reloaded itself"
     result = page.locator("#outcome pre.result")
     expect(result).to_contain_text('"sum": 36')
@@ -141,7 +118,7 @@ def test_typed_form_shows_a_422_beside_its_field(session: Callable[..., Session]
     page.get_by_label("tags").fill('["a", "b"]')
     page.get_by_role("button", name="Start job").click()
     _job_id(page)
-    expect(_state(page)).to_have_text("succeeded")
+    expect(state_badge(page)).to_have_text("succeeded")
     result = json.loads(page.locator("#outcome pre.result").inner_text())
     assert result == {"n": 4, "ratio": 0.5, "flag": True, "name": "x", "mode": "slow",
                       "color": "green", "tags": ["a", "b"]}
@@ -158,7 +135,7 @@ def test_free_form_params_for_a_kwargs_task(session: Callable[..., Session]) -> 
     page.get_by_label("Priority").fill("5")
     page.get_by_role("button", name="Start job").click()
     job_id = _job_id(page)
-    expect(_state(page)).to_have_text("succeeded")
+    expect(state_badge(page)).to_have_text("succeeded")
     assert json.loads(page.locator("#outcome pre.result").inner_text()) == {"city": "Oslo",
                                                                             "n": 3}
     with s.client() as c:
@@ -191,7 +168,7 @@ def test_upload_csv_and_download_results(session: Callable[..., Session],
     page.get_by_label("CSV or JSON Lines file, one item per row").set_input_files(items)
     page.get_by_role("button", name="Start job").click()
     job_id = _job_id(page)
-    expect(_state(page)).to_have_text("succeeded", timeout=30_000)
+    expect(state_badge(page)).to_have_text("succeeded", timeout=30_000)
     expect(page.locator("[data-count=total]")).to_have_text("50")
     expect(page.locator("[data-count=succeeded]")).to_have_text("50")
     expect(page.locator(".items-table tbody tr")).to_have_count(50)
@@ -220,7 +197,7 @@ def test_failing_job_shows_its_traceback_and_retries(session: Callable[..., Sess
     page.get_by_label("x required").fill("-3")
     page.get_by_role("button", name="Start job").click()
     _job_id(page)
-    expect(_state(page)).to_have_text("failed")
+    expect(state_badge(page)).to_have_text("failed")
     box = page.locator("#outcome .error-box")
     expect(box).to_contain_text("ValueError: negative: -3")
     trace = box.locator("details.traceback pre")
@@ -233,7 +210,7 @@ def test_failing_job_shows_its_traceback_and_retries(session: Callable[..., Sess
 
     page.get_by_role("button", name="Retry failed items").click()
     expect(page.locator("#action-status")).to_contain_text("queued again")
-    expect(_state(page)).to_have_text("failed")
+    expect(state_badge(page)).to_have_text("failed")
 
 
 def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session],
@@ -259,10 +236,10 @@ def test_cancel_a_queued_job_and_the_jobs_list(session: Callable[..., Session],
     expect(page.locator("tbody tr").first).to_contain_text("progress")
 
     page.get_by_role("link", name=victim["id"][:8]).click()
-    expect(_state(page)).to_have_text("queued")
+    expect(state_badge(page)).to_have_text("queued")
     page.once("dialog", lambda d: d.accept())  # "Cancel this job? 1 item has not finished…"
     page.get_by_role("button", name="Cancel job").click()
-    expect(_state(page)).to_have_text("cancelled")
+    expect(state_badge(page)).to_have_text("cancelled")
     expect(page.locator("#action-status")).to_have_text("Cancelled.")
     expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
     expect(page.get_by_role("button", name="Retry cancelled items")).to_be_enabled()
@@ -324,7 +301,7 @@ def test_token_login_session_and_csrf(session: Callable[..., Session]) -> None:
     page.get_by_label("delay").fill("0.05")
     page.get_by_role("button", name="Start job").click()
     job_id = _job_id(page)
-    expect(_state(page)).to_have_text("succeeded")
+    expect(state_badge(page)).to_have_text("succeeded")
     assert TOKEN not in page.content()
 
     # The cookie alone reads the API, but a state-changing call also needs the CSRF token.
@@ -356,7 +333,7 @@ def test_phone_width_is_readable(session: Callable[..., Session]) -> None:
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the jobs list is {overflow} px wider than a phone screen"
     page.goto(f"{s.server.url}/jobs/{job['id']}")
-    expect(_state(page)).to_have_text("succeeded")
+    expect(state_badge(page)).to_have_text("succeeded")
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the job page is {overflow} px wider than a phone screen"
 
@@ -528,7 +505,8 @@ def test_item_log_panel_follows_what_the_item_prints(session: Callable[..., Sess
     expect(other, "Escape did not close the log dialog").to_be_hidden(timeout=TIMEOUT_MS)
 
     # The worker column names the worker that ran each finished item.
-    expect(_state(page), "the job did not finish").to_have_text("succeeded", timeout=TIMEOUT_MS)
+    expect(state_badge(page), "the job did not finish").to_have_text(
+        "succeeded", timeout=TIMEOUT_MS)
     with s.client() as c:
         workers = {it["index"]: it["worker"] for it in c.items(job["id"])["items"]}
     for index in (0, 1):

@@ -10,40 +10,16 @@ test client.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bulkrunner.client import Client
 from bulkrunner.server.web.views import code_spans
-from tests.browser import Browser, Dialog, Page, Session, expect
-from tests.conftest import JOBS, ServerProcess, toml_config, wait_app_job, wait_for
+from tests.browser import Dialog, Session, expect, state_badge
+from tests.conftest import JOBS, ServerProcess, wait_app_job, wait_for
 
 Serve = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-def session(browser: Browser, serve: Serve, tmp_path: Path) -> Iterator[Callable[..., Session]]:
-    """Factory: ``session(max_workers=...)`` starts a server and opens a page."""
-    made: list[Session] = []
-
-    def make(**config: Any) -> Session:
-        server = serve(toml_config(tmp_path, **config))
-        s = Session(browser.new_context(viewport={"width": 1280, "height": 860}), server)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.context.close()
-    for s in made:
-        s.check_clean()
-
-
-def _state(page: Page) -> Any:
-    return page.locator("[data-field=state] .badge")
 
 
 def _counts_reach(c: Client, job_id: str, **want: int) -> None:
@@ -66,7 +42,7 @@ def test_cancel_asks_first_and_the_cancelled_job_says_what_ran(
         job = c.submit("record", items=items)
         _counts_reach(c, job["id"], failed=2, succeeded=1, running=1)
     page = s.open(f"/jobs/{job['id']}")
-    expect(_state(page)).to_have_text("running")
+    expect(state_badge(page)).to_have_text("running")
 
     # The failures, grouped, and the FAILED count links to the failed items.
     failures = page.locator("#failures")
@@ -95,7 +71,7 @@ def test_cancel_asks_first_and_the_cancelled_job_says_what_ran(
 
     page.once("dialog", accept)
     page.get_by_role("button", name="Cancel job").click()
-    expect(_state(page)).to_have_text("cancelled")
+    expect(state_badge(page)).to_have_text("cancelled")
     assert len(asked) == 2, asked
     expect(page.locator("[data-field=progress] .progress-text")).to_have_text("3 of 8 ran")
     expect(page.locator("#retry")).to_have_text("Retry failed and cancelled items")
@@ -125,7 +101,7 @@ def test_retry_names_what_it_queues_again(session: Callable[..., Session]) -> No
         job = c.submit("slow", items=[{"seconds": 0.01}] * 2 + [{"seconds": 30}] * 3)
         _counts_reach(c, job["id"], succeeded=2, running=1)
     page = s.open(f"/jobs/{job['id']}")
-    expect(_state(page)).to_have_text("running")
+    expect(state_badge(page)).to_have_text("running")
     asked: list[str] = []
 
     def accept(d: Dialog) -> None:
@@ -154,7 +130,7 @@ def test_a_stopped_server_is_shown_and_the_notice_goes_when_it_answers(
         job = c.submit("slow", {"seconds": 30})
     page = s.open(f"/jobs/{job['id']}")
     notice = page.locator("#unreachable")
-    expect(_state(page)).to_have_text(re.compile("queued|running"))
+    expect(state_badge(page)).to_have_text(re.compile("queued|running"))
     expect(notice).to_be_hidden()
 
     page.route("**/api/v1/**", lambda route: route.abort())  # as if the server had stopped
@@ -165,7 +141,7 @@ def test_a_stopped_server_is_shown_and_the_notice_goes_when_it_answers(
     expect(notice).to_be_hidden()
     with s.client() as c:
         c.cancel(job["id"])
-    expect(_state(page)).to_have_text("cancelled")
+    expect(state_badge(page)).to_have_text("cancelled")
 
 
 def test_a_really_stopped_server_shows_the_notice_on_the_jobs_list(
