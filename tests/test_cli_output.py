@@ -23,6 +23,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import bulkrunner.client.cli as cli_module
+import bulkrunner.client.options as options_module
+import bulkrunner.client.reading as reading_module
 from bulkrunner.client import display
 from bulkrunner.client.api import Download, LogChunk
 from bulkrunner.client.cli import cli, main
@@ -202,7 +204,7 @@ def test_results_are_data_on_a_pipe_and_escaped_on_a_terminal(
     out = tmp_path / "out.csv"
     r = invoke(["--url", server.url, "results", hostile_job, "--format", "csv", "-o", str(out)])
     assert r.exit_code == 0 and out.read_bytes() == piped.stdout_bytes
-    monkeypatch.setattr(cli_module, "_stdout_isatty", lambda: True)
+    monkeypatch.setattr(reading_module, "_stdout_isatty", lambda: True)
     shown = invoke(["--url", server.url, "results", hostile_job, "--format", "csv"])
     assert shown.exit_code == 0, shown.output
     assert no_control(shown.stdout, "\n") and "\\x1b]0;PWNED\\x07" in shown.stdout
@@ -230,7 +232,7 @@ def fake_client(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
         for name, behaviour in methods.items():
             setattr(Fake, name, method(behaviour))
-        monkeypatch.setattr(cli_module, "Client", Fake)
+        monkeypatch.setattr(options_module, "Client", Fake)
     return install
 
 

@@ -22,7 +22,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from bulkrunner.client.cli import _RowCounter, cli
+from bulkrunner.client.cli import cli
+from bulkrunner.client.reading import _RowCounter
 from bulkrunner.executors.process import ProcessExecutor
 from tests.conftest import ServerProcess, child_env, run_cli, toml_config, wait_for, work_unit
 
