@@ -165,7 +165,8 @@ def find_config_file(explicit: str | None = None) -> Path | None:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, search: bool = True) -> Config:
-    """Load the config from ``path`` (or the search order of contract section 3).
+    """Load the config from ``path``; when it is None (and ``search``), from
+    ``$BULKRUNNER_CONFIG``, then ``./bulkrunner.toml``, else the built-in defaults.
 
     Raises:
         ConfigError: naming the file, the key and the fix.

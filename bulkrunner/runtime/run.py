@@ -48,7 +48,8 @@ class WorkUnit:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How an attempt ended. ``result`` is JSON text; ``error`` is the contract's error dict."""
+    """How an attempt ended. ``result`` is JSON text; ``error`` is the API's error dict
+    (type, message, traceback)."""
 
     ok: bool
     result: str | None = None
@@ -130,8 +131,8 @@ def cap_error(error: dict[str, Any], limit: int = DEFAULT_MAX_ERROR_SIZE) -> dic
 
 
 def error_dict(exc: BaseException, limit: int = DEFAULT_MAX_ERROR_SIZE) -> dict[str, Any]:
-    """The contract's error object for an exception, its message and traceback cut to
-    ``limit`` bytes together (see :func:`cap_error`)."""
+    """The API's error object (type, message, traceback) for an exception, its message and
+    traceback cut to ``limit`` bytes together (see :func:`cap_error`)."""
     return cap_error({"type": type(exc).__name__, "message": safe_text(str(exc)),
                       "traceback": safe_text("".join(traceback.format_exception(exc)))},
                      limit)

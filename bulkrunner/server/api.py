@@ -131,10 +131,9 @@ def results(ident: str) -> Response:
     if fmt not in ("jsonl", "csv"):
         raise errors.InvalidRequest("format must be jsonl or csv", {"field": "format"})
     state = _state_arg()
-    svc = service()
-    job = svc.get(ident)
+    job, rows = service().export(ident, fmt, state=state)
     mimetype = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
-    return Response(svc.export(job.id, fmt, state=state), mimetype=mimetype, headers={
+    return Response(rows, mimetype=mimetype, headers={
         "Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
 
 

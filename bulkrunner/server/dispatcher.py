@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from bulkrunner.config import Config
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
 from bulkrunner.runtime import Outcome, WorkUnit, safe_text
-from bulkrunner.server.events import EventBus, Finished, JobChanged, Recovered, Started
+from bulkrunner.server.events import EventBus, Finished, Recovered, Started
 from bulkrunner.server.policy import INTERRUPTIONS_ALLOWED, backoff_delay
 from bulkrunner.server.tasks import Registry
-from bulkrunner.store import Claimed, Finish, JobChange, Store
+from bulkrunner.store import Claimed, Finish, Store
 
 log = logging.getLogger("bulkrunner.dispatcher")
 
@@ -94,7 +94,7 @@ class Dispatcher:
         t0 = time.monotonic()
         self.recovered, jobs, changes = self.store.requeue_running(
             interrupted=True, max_interruptions=INTERRUPTIONS_ALLOWED)
-        self._changed(changes)
+        self.events.job_changes(changes)
         if any(self.recovered.values()):
             log.info("recovery: re-queued %(requeued)d interrupted items, failed %(failed)d "
                      "interrupted too often", self.recovered)
@@ -164,7 +164,7 @@ class Dispatcher:
         if self.executor is not None:
             self.executor.shutdown()
         left, _, changes = self.store.requeue_running(interrupted=False)
-        self._changed(changes)
+        self.events.job_changes(changes)
         if left["requeued"]:
             log.info("shutdown: %d running items go back to the queue for the next start",
                      left["requeued"])
@@ -252,8 +252,8 @@ class Dispatcher:
             self._wake.set()
             raise
         if turn.dropped:
-            log.warning("progress and output of %d item(s) could not be stored and were "
-                        "dropped: %s", len(progress) + len(logs), turn.dropped)
+            log.warning("some progress or output could not be stored and was dropped (the "
+                        "items themselves go on): %s", turn.dropped)
         if turn.retry_due is not None and (self._retry_due is None
                                            or turn.retry_due < self._retry_due):
             self._retry_due = turn.retry_due
@@ -261,7 +261,7 @@ class Dispatcher:
             f = e.finish
             self.events.emit(Finished(e.job_id, f.job_seq, f.index, f.claim, e.task, f.ok,
                                       state, f.charge, e.duration, e.cause))
-        self._changed(turn.changes)
+        self.events.job_changes(turn.changes)
         for c in turn.claimed:
             try:
                 self._submit(c)
@@ -366,10 +366,6 @@ class Dispatcher:
                 # The item is already recorded as cancelled; drop whatever comes back.
                 self._timed_out.add(fut)
                 self.executor.abort(unit)
-
-    def _changed(self, changes: list[JobChange]) -> None:
-        for ch in changes:
-            self.events.emit(JobChanged(ch.id, ch.task, ch.old, ch.new, ch.counts))
 
     # ------------------------------------------------------------------ progress and output
     def _report(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:

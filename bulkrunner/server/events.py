@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bulkrunner.models import Job
+from bulkrunner.store import JobChange
 
 log = logging.getLogger("bulkrunner.events")
 
@@ -99,6 +100,11 @@ class EventBus:
     def wants(self, kind: type[Any]) -> bool:
         """Whether anyone listens to ``kind`` (to skip building events nobody reads)."""
         return kind in self._listeners
+
+    def job_changes(self, changes: Iterable[JobChange]) -> None:
+        """Emit a :class:`JobChanged` for each change of state the store reported."""
+        for ch in changes:
+            self.emit(JobChanged(ch.id, ch.task, ch.old, ch.new, ch.counts))
 
     def emit(self, event: Event) -> None:
         """Hand ``event`` to its listeners; a failing listener is logged, never raised."""

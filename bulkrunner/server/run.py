@@ -217,7 +217,7 @@ def _channel_class(max_body_size: int, timeouts: tuple[float, float],
                    min_body_rate: float) -> type:
     """waitress's connection with two changes: the requests it refuses itself (a body past
     ``server.max_body_size``, headers too large, malformed HTTP) are answered with the
-    contract's JSON error body (its own answer is plain text, and such requests never reach
+    API's JSON error body (its own answer is plain text, and such requests never reach
     the app); and each request has a read deadline (:func:`_enforce_read_deadlines`)."""
     from waitress.channel import HTTPChannel
     from waitress.task import ErrorTask

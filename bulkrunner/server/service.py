@@ -16,7 +16,7 @@ from bulkrunner.errors import ConfigError, InvalidSubmission, ShuttingDown, Stor
 from bulkrunner.models import Item, Job
 from bulkrunner.server import export, joblog, submission
 from bulkrunner.server.dispatcher import Dispatcher
-from bulkrunner.server.events import EventBus, JobChanged, Submitted
+from bulkrunner.server.events import EventBus, Submitted
 from bulkrunner.server.itemfiles import detect_format, parse_items
 from bulkrunner.server.retention import Pruner
 from bulkrunner.server.tasks import Registry
@@ -113,7 +113,7 @@ class Service:
         job, running, changes = self.store.cancel_job(ident)
         if running:
             self.dispatcher.abort(running)
-        self._changed(changes)
+        self.events.job_changes(changes)
         return job
 
     def retry(self, ident: str) -> Job:
@@ -122,7 +122,7 @@ class Service:
             raise ShuttingDown("the server is shutting down; retry once it is back",
                                retry_after=10)
         job, changes = self.store.retry_job(ident)
-        self._changed(changes)
+        self.events.job_changes(changes)
         self.dispatcher.wake()
         return job
 
@@ -131,16 +131,16 @@ class Service:
         """A page of a job's items in index order, and the cursor of the next page."""
         return self.store.list_items(ident, state=state, limit=limit, after=after)
 
-    def export(self, ident: str, fmt: str, *, state: str | None = None) -> Iterator[str]:
-        """The job's items (or only those in ``state``), one JSON line or CSV row each,
-        produced a chunk at a time."""
-        job = self.store.get_job(ident)  # 404 before the stream starts
+    def export(self, ident: str, fmt: str, *, state: str | None = None
+               ) -> tuple[Job, Iterator[str]]:
+        """The job, and its items (or only those in ``state``) as JSON lines or CSV rows
+        produced a chunk at a time. NotFound comes here, before the stream starts."""
+        job = self.store.get_job(ident)
         items = self.store.iter_items(job.id, state=state)
         if fmt == "jsonl":
-            return export.jsonl_lines(items)
-        names = list(self.registry.get(job.task).params) \
-            if job.task in self.registry else []
-        return export.csv_rows(items, names)
+            return job, export.jsonl_lines(items)
+        params = list(self.registry.get(job.task).params) if job.task in self.registry else []
+        return job, export.csv_rows(items, params)
 
     def item_log(self, ident: str, index: int, after: int = 0) -> tuple[bytes, int, str]:
         """What item ``index`` printed and logged, as UTF-8 from byte offset ``after``.
@@ -179,11 +179,6 @@ class Service:
                 "queued": self.store.queued, "inflight": self.dispatcher.inflight,
                 "max_workers": self.dispatcher.max_workers,
                 "workers": _workers(ex) if ok else 0}
-
-
-    def _changed(self, changes: Sequence[Any]) -> None:
-        for ch in changes:
-            self.events.emit(JobChanged(ch.id, ch.task, ch.old, ch.new, ch.counts))
 
 
 def _workers(ex: Any) -> int:

@@ -20,7 +20,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bulkrunner.errors import KeyConflict, QueueFull
@@ -35,11 +35,13 @@ _ONE_ITEM = "[null]"
 #: one statement. Temporary: it lives in this connection only, never in the file.
 _NEW_JOBS = (
     "CREATE TEMP VIEW IF NOT EXISTS new_jobs (id, task, params, priority, max_attempts, "
-    "timeout, created_at, items) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
+    "timeout, created_at, items, key, body_hash) AS SELECT NULL, NULL, NULL, NULL, NULL, "
+    "NULL, NULL, NULL, NULL, NULL",
     "CREATE TEMP TRIGGER IF NOT EXISTS new_jobs_insert INSTEAD OF INSERT ON new_jobs BEGIN "
     "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
-    "created_at, n_queued) VALUES (NEW.id, NEW.task, NEW.params, NEW.priority, "
-    "NEW.max_attempts, NEW.timeout, 'queued', NEW.created_at, json_array_length(NEW.items)); "
+    "created_at, n_queued, key, body_hash) VALUES (NEW.id, NEW.task, NEW.params, "
+    "NEW.priority, NEW.max_attempts, NEW.timeout, 'queued', NEW.created_at, "
+    "json_array_length(NEW.items), NEW.key, NEW.body_hash); "
     "INSERT INTO items (job_seq, idx, params, state, priority) "
     "SELECT (SELECT seq FROM jobs WHERE id = NEW.id), key, value, 'queued', NEW.priority "
     "FROM json_each(NEW.items); END",
@@ -244,8 +246,7 @@ class Writer:
                 op.error = _queue_full(self.queued, max_queued)
                 continue
             rows.append([new.id, new.task, new.params_text, new.priority, new.max_attempts,
-                         new.timeout, _ONE_ITEM if n == 1 and new.items[0] is None
-                         else json.dumps(list(new.items))])
+                         new.timeout, _items_json(new)])
             self.queued += n
             by_task.setdefault(new.task, _zero_counts())["queued"] += n
             op.value = (0, True, now)  # the sequence number is not needed for a new job
@@ -253,7 +254,8 @@ class Writer:
             return
         self._conn.execute(
             "INSERT INTO new_jobs SELECT value->>0, value->>1, value->>2, value->>3, "
-            "value->>4, value->>5, ?, value->>6 FROM json_each(?)", (now, json.dumps(rows)))
+            "value->>4, value->>5, ?, value->>6, NULL, NULL FROM json_each(?)",
+            (now, json.dumps(rows)))
         deltas.append(by_task)
 
     # ------------------------------------------------------------------ counts by task
@@ -312,24 +314,20 @@ def _insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
     n = len(new.items)
     if max_queued is not None and queued + n > max_queued:
         raise _queue_full(queued, max_queued)
-    cur = c.execute(
-        "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, key, "
-        "body_hash, state, created_at, n_queued) VALUES (?,?,?,?,?,?,?,?,'queued',?,?)",
-        (new.id, new.task, new.params_text, new.priority, new.max_attempts, new.timeout,
-         new.key, new.body_hash, tx.now, n))
-    seq = cur.lastrowid
-    assert seq is not None
-    _insert_items(c, seq, new.items, new.priority)
+    c.execute("INSERT INTO new_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+              (new.id, new.task, new.params_text, new.priority, new.max_attempts,
+               new.timeout, tx.now, _items_json(new), new.key, new.body_hash))
     tx.queued_delta += n
     tx.by_task[new.task]["queued"] += n
-    return seq, True, tx.now
+    return 0, True, tx.now  # the sequence number is not needed for a new job
 
 
-def _insert_items(c: sqlite3.Connection, seq: int, items: Sequence[str | None],
-                  priority: int) -> None:
-    c.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
-              "SELECT ?, key, value, 'queued', ? FROM json_each(?)",
-              (seq, priority, json.dumps(list(items))))
+def _items_json(new: NewJob) -> str:
+    """The items of a new job as the ``new_jobs`` view takes them: a JSON array of each
+    item's params as JSON text, or null for none."""
+    if len(new.items) == 1 and new.items[0] is None:
+        return _ONE_ITEM
+    return json.dumps(list(new.items))
 
 
 __all__ = ["Writer"]
