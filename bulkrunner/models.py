@@ -21,6 +21,8 @@ class State(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: A job's only: paused by a user (its items stay queued or running).
+    PAUSED = "paused"
 
     @property
     def finished(self) -> bool:
@@ -31,18 +33,24 @@ class State(StrEnum):
 #: The final states, the one definition (in the order states are shown); a State is also its string.
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 FINISHED = frozenset(State(s) for s in FINISHED_STATES)
-STATES = tuple(s.value for s in State)
+#: The states of an item, which a job counts its items by.
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+#: The states of a job: an item's, and ``paused``.
+JOB_STATES = (*STATES, "paused")
 #: How many groups of failures a job shows (the most frequent ones), and how much of an
 #: error message tells one group from another.
 MAX_FAILURE_GROUPS = 10
 FAILURE_MESSAGE_CHARS = 500
 
 
-def derive_state(counts: dict[str, int]) -> State:
+def derive_state(counts: dict[str, int], paused: bool = False) -> State:
     """A job's state from its item counts: queued until an item starts, running until all
-    have finished, then cancelled (if any item was), failed (if any failed), or succeeded."""
+    have finished, then cancelled (if any item was), failed (if any failed), or succeeded.
+    A paused job is ``paused`` until all its items have finished."""
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
     if counts["queued"] or counts["running"]:
+        if paused:
+            return State.PAUSED
         return State.RUNNING if counts["running"] or done else State.QUEUED
     if counts["cancelled"]:
         return State.CANCELLED
@@ -110,6 +118,14 @@ class Job:
     #: The failed items grouped by error type and message, most frequent first (at most
     #: :data:`MAX_FAILURE_GROUPS`): ``{"type", "message", "count", "first_index"}`` each.
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: No item starts before this time (Unix seconds), or None.
+    run_after: float | None = None
+    #: The name of the token that submitted the job (None with no token configured).
+    submitted_by: str | None = None
+    #: The name of the schedule that submitted it, or None.
+    schedule: str | None = None
+    #: The webhook: ``{"url", "state", "attempts"}``, or None when the job has none.
+    notify: dict[str, Any] | None = None
 
     @property
     def total(self) -> int:
@@ -127,9 +143,10 @@ class Job:
             "state": self.state.value, "priority": self.priority,
             "max_attempts": self.max_attempts, "timeout": self.timeout, "key": self.key,
             "created_at": iso(self.created_at), "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
+            "finished_at": iso(self.finished_at), "run_after": iso(self.run_after),
+            "submitted_by": self.submitted_by, "schedule": self.schedule,
             "items": {"total": self.total, **{s: self.counts[s] for s in STATES}},
-            "progress": self.progress, "message": self.message,
+            "progress": self.progress, "message": self.message, "notify": self.notify,
             "result": self.result, "error": error, "failures": self.failures,
         }
 

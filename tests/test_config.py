@@ -36,9 +36,11 @@ def test_example_config_loads_and_lists_every_key() -> None:
     text = (ROOT / "config.example.toml").read_text()
     cfg = load_config(ROOT / "config.example.toml")
     assert cfg == load_config(ROOT / "config.example.toml")
-    for section in ("server", "executor", "store", "jobs"):
+    for section in ("server", "executor", "store", "jobs", "notify"):
         for field in getattr(cfg, section).__dataclass_fields__:
-            assert f"{field} =" in text or f"# {field} =" in text, f"{section}.{field} missing"
+            shown = (f"{field} =" in text or f"# {field} =" in text
+                     or f"[[{section}.{field}]]" in text)
+            assert shown, f"{section}.{field} missing"
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from bulkrunner.store.records import Tx, _loads
 
 JOB_COLS = ("seq, id, task, params, priority, max_attempts, timeout, key, state, created_at, "
             "started_at, finished_at, message, n_queued, n_running, n_succeeded, n_failed, "
-            "n_cancelled")
+            "n_cancelled, run_after, submitted_by, schedule, notify_url")
 ITEM_COLS = ("idx, params, state, attempts, result, error, errors, started_at, finished_at, "
              "progress, message, worker")
 
@@ -81,7 +81,8 @@ def job_from_row(conn: sqlite3.Connection, row: Any, *, traceback: bool = True) 
     job = Job(id=row[1], task=row[2], params=json.loads(row[3]), priority=row[4],
               max_attempts=row[5], timeout=row[6], key=row[7], state=State(row[8]),
               created_at=row[9], started_at=row[10], finished_at=row[11],
-              message=row[12], counts=counts,
+              message=row[12], counts=counts, run_after=row[18], submitted_by=row[19],
+              schedule=row[20],
               progress=round((done + running_progress) / total, 4) if total else 1.0)
     if total == 1:
         error = "error" if traceback else _ERROR_SANS_TRACEBACK

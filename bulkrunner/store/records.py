@@ -28,6 +28,12 @@ class NewJob:
     key: str | None = None
     body_hash: str | None = None
     params_text: str = ""
+    #: No item starts before this time (``time.time()``); None = at once.
+    run_after: float | None = None
+    #: The name of the token that submitted it; the schedule that did; its webhook URL.
+    submitted_by: str | None = None
+    schedule: str | None = None
+    notify_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.params_text:
@@ -114,7 +120,8 @@ def _state_sql() -> str:
     """:func:`~bulkrunner.models.derive_state` in SQL, over the counts after the deltas
     (in an UPDATE every expression sees the row as it was, so each count is old + delta)."""
     q, r, s, f, c = (f"(n_{n} + :{n})" for n in STATES)
-    return (f"CASE WHEN {q} > 0 OR {r} > 0 THEN CASE WHEN {r} > 0 OR {s} + {f} + {c} > 0 "
+    return (f"CASE WHEN paused = 1 AND ({q} > 0 OR {r} > 0) THEN 'paused' "
+            f"WHEN {q} > 0 OR {r} > 0 THEN CASE WHEN {r} > 0 OR {s} + {f} + {c} > 0 "
             f"THEN 'running' ELSE 'queued' END WHEN {c} > 0 THEN 'cancelled' "
             f"WHEN {f} > 0 THEN 'failed' ELSE 'succeeded' END")
 
@@ -127,7 +134,7 @@ _APPLY = (
     "ELSE started_at END, "
     f"finished_at = CASE WHEN {_STATE} IN ('succeeded', 'failed', 'cancelled') "
     "THEN COALESCE(finished_at, :now) ELSE NULL END "
-    "WHERE seq = :seq RETURNING id, task, " + ", ".join(f"n_{n}" for n in STATES))
+    "WHERE seq = :seq RETURNING id, task, paused, " + ", ".join(f"n_{n}" for n in STATES))
 
 
 def _apply_counts(tx: Tx) -> None:
@@ -139,9 +146,9 @@ def _apply_counts(tx: Tx) -> None:
         row = tx.conn.execute(_APPLY, {**delta, "now": tx.now, "seq": seq}).fetchone()
         if row is None:
             continue
-        counts = dict(zip(STATES, row[2:], strict=True))
+        counts = dict(zip(STATES, row[3:], strict=True))
         old = {s: counts[s] - delta[s] for s in STATES}
-        before, after = derive_state(old), derive_state(counts)
+        before, after = derive_state(old, bool(row[2])), derive_state(counts, bool(row[2]))
         by_task = tx.by_task[row[1]]
         for s, n in delta.items():
             by_task[s] += n

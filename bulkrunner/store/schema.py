@@ -93,17 +93,82 @@ def _v3(c: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+def _v4(c: sqlite3.Connection) -> None:
+    # Pacing and who submitted. jobs.paused: a paused job's queued items do not start (its
+    # state reads 'paused' until every item has finished). run_after: no item starts before
+    # it. jobs_waiting: the jobs with queued items, in claim order, read when the dispatcher
+    # rebuilds its view of the queue (a few thousand rows at most, never the items).
+    # task_flags: a task paused by a user (survives restarts).
+    _script(c, """
+    ALTER TABLE jobs ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN run_after REAL;
+    ALTER TABLE jobs ADD COLUMN submitted_by TEXT;
+    ALTER TABLE jobs ADD COLUMN schedule TEXT;
+    ALTER TABLE jobs ADD COLUMN notify_url TEXT;
+    CREATE INDEX jobs_waiting ON jobs(priority DESC, seq) WHERE n_queued > 0;
+    CREATE INDEX jobs_by_submitter ON jobs(submitted_by, seq);
+    CREATE TABLE task_flags (
+        name TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """)
+
+
+def _v5(c: sqlite3.Connection) -> None:
+    # Webhooks: the outbox, one row per delivery, written in the transaction that ends the
+    # job. Schedules: the last fire time of each, so a restart neither fires twice nor
+    # misses a catch-up.
+    _script(c, """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        job_seq INTEGER NOT NULL,
+        delivery TEXT NOT NULL UNIQUE,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX outbox_due ON outbox(next_at) WHERE state = 'pending';
+    CREATE INDEX outbox_by_job ON outbox(job_seq);
+    CREATE TABLE schedule_runs (
+        name TEXT PRIMARY KEY,
+        last_fire REAL,
+        last_job TEXT
+    ) WITHOUT ROWID;
+    """)
+
+
+def _v6(c: sqlite3.Connection) -> None:
+    # Leases: which process dispatches (several processes may share one database; exactly
+    # one holds the dispatcher lease at a time and renews it).
+    _script(c, """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires REAL NOT NULL
+    ) WITHOUT ROWID;
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version; returns it. Each step is one transaction."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for i, step in enumerate(MIGRATIONS[version:], start=version + 1):
+    """Bring the schema to the newest version; returns it. Each step is one transaction.
+
+    Several processes may open a new database at once (gunicorn workers): each step takes
+    the write lock first and reads the version again inside it, so only one runs it.
+    """
+    while conn.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {i}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < len(MIGRATIONS):
+                MIGRATIONS[version](conn)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

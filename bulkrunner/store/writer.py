@@ -35,13 +35,15 @@ _ONE_ITEM = "[null]"
 #: one statement. Temporary: it lives in this connection only, never in the file.
 _NEW_JOBS = (
     "CREATE TEMP VIEW IF NOT EXISTS new_jobs (id, task, params, priority, max_attempts, "
-    "timeout, created_at, items, key, body_hash) AS SELECT NULL, NULL, NULL, NULL, NULL, "
-    "NULL, NULL, NULL, NULL, NULL",
+    "timeout, created_at, items, key, body_hash, run_after, submitted_by, schedule, "
+    "notify_url) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    "NULL, NULL, NULL, NULL",
     "CREATE TEMP TRIGGER IF NOT EXISTS new_jobs_insert INSTEAD OF INSERT ON new_jobs BEGIN "
     "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
-    "created_at, n_queued, key, body_hash) VALUES (NEW.id, NEW.task, NEW.params, "
-    "NEW.priority, NEW.max_attempts, NEW.timeout, 'queued', NEW.created_at, "
-    "json_array_length(NEW.items), NEW.key, NEW.body_hash); "
+    "created_at, n_queued, key, body_hash, run_after, submitted_by, schedule, notify_url) "
+    "VALUES (NEW.id, NEW.task, NEW.params, NEW.priority, NEW.max_attempts, NEW.timeout, "
+    "'queued', NEW.created_at, json_array_length(NEW.items), NEW.key, NEW.body_hash, "
+    "NEW.run_after, NEW.submitted_by, NEW.schedule, NEW.notify_url); "
     "INSERT INTO items (job_seq, idx, params, state, priority) "
     "SELECT (SELECT seq FROM jobs WHERE id = NEW.id), key, value, 'queued', NEW.priority "
     "FROM json_each(NEW.items); END",
@@ -246,7 +248,8 @@ class Writer:
                 op.error = _queue_full(self.queued, max_queued)
                 continue
             rows.append([new.id, new.task, new.params_text, new.priority, new.max_attempts,
-                         new.timeout, _items_json(new)])
+                         new.timeout, _items_json(new), new.run_after, new.submitted_by,
+                         new.schedule, new.notify_url])
             self.queued += n
             by_task.setdefault(new.task, _zero_counts())["queued"] += n
             op.value = (0, True, now)  # the sequence number is not needed for a new job
@@ -254,7 +257,8 @@ class Writer:
             return
         self._conn.execute(
             "INSERT INTO new_jobs SELECT value->>0, value->>1, value->>2, value->>3, "
-            "value->>4, value->>5, ?, value->>6, NULL, NULL FROM json_each(?)",
+            "value->>4, value->>5, ?, value->>6, NULL, NULL, value->>7, value->>8, "
+            "value->>9, value->>10 FROM json_each(?)",
             (now, json.dumps(rows)))
         deltas.append(by_task)
 
@@ -314,9 +318,10 @@ def _insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
     n = len(new.items)
     if max_queued is not None and queued + n > max_queued:
         raise _queue_full(queued, max_queued)
-    c.execute("INSERT INTO new_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    c.execute("INSERT INTO new_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
               (new.id, new.task, new.params_text, new.priority, new.max_attempts,
-               new.timeout, tx.now, _items_json(new), new.key, new.body_hash))
+               new.timeout, tx.now, _items_json(new), new.key, new.body_hash,
+               new.run_after, new.submitted_by, new.schedule, new.notify_url))
     tx.queued_delta += n
     tx.by_task[new.task]["queued"] += n
     return 0, True, tx.now  # the sequence number is not needed for a new job
