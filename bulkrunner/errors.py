@@ -105,6 +105,12 @@ class NothingToRetry(Conflict):
     code = "nothing_to_retry"
 
 
+class NotPaused(Conflict):
+    """Resume of a job that is not paused."""
+
+    code = "not_paused"
+
+
 class KeyConflict(Conflict):
     """An idempotency key reused with a different body."""
 
@@ -132,6 +138,25 @@ class ShuttingDown(Unavailable):
     """The server is draining and accepts no new work."""
 
     code = "shutting_down"
+
+
+class StoreUnwritable(Unavailable):
+    """The database cannot be written now (an I/O error, a read-only file); nothing of the
+    request was stored. The server goes on and recovers by itself once it can write."""
+
+    code = "database_unwritable"
+
+
+class DatabaseFull(StoreUnwritable):
+    """The disk holding the database is full (or has no space left for its files)."""
+
+    code = "database_full"
+
+
+class DatabaseLocked(StoreUnwritable):
+    """Another program holds the database's write lock for longer than the store waits."""
+
+    code = "database_locked"
 
 
 class ServerUnreachable(BulkrunnerError):

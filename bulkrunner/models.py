@@ -126,6 +126,11 @@ class Job:
     schedule: str | None = None
     #: The webhook: ``{"url", "state", "attempts"}``, or None when the job has none.
     notify: dict[str, Any] | None = None
+    #: Why its queued items wait (``paused``, ``run_after``, ``task_paused``,
+    #: ``concurrency``, ``rate_limit``), or None when only free workers and their turn do.
+    waiting: str | None = None
+    #: The store's sequence number (internal; 0 when not known).
+    seq: int = 0
 
     @property
     def total(self) -> int:
@@ -147,6 +152,7 @@ class Job:
             "submitted_by": self.submitted_by, "schedule": self.schedule,
             "items": {"total": self.total, **{s: self.counts[s] for s in STATES}},
             "progress": self.progress, "message": self.message, "notify": self.notify,
+            "waiting": self.waiting,
             "result": self.result, "error": error, "failures": self.failures,
         }
 

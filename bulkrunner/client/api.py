@@ -111,22 +111,24 @@ class Client:
     def submit(self, task: str | None = None, params: dict[str, Any] | None = None, *,
                items: list[dict[str, Any]] | None = None, priority: int | None = None,
                max_attempts: int | None = None, timeout: float | None = None,
-               key: str | None = None) -> dict[str, Any]:
-        """Submit a job; returns the job."""
+               key: str | None = None, **options: Any) -> dict[str, Any]:
+        """Submit a job; returns the job. ``options`` are the submit body's other fields
+        (``delay``, ``run_after``, ``notify_url``); None values are left out."""
         body: dict[str, Any] = {"task": task, "params": params or {}, "items": items,
                                 "priority": priority, "max_attempts": max_attempts,
-                                "timeout": timeout, "key": key}
+                                "timeout": timeout, "key": key, **options}
         return self._json("POST", "/api/v1/jobs",  # type: ignore[no-any-return]
                           {k: v for k, v in body.items() if v is not None})
 
     def submit_file(self, data: bytes, filename: str, task: str | None = None,
                     params: dict[str, Any] | None = None, *, priority: int | None = None,
                     max_attempts: int | None = None, timeout: float | None = None,
-                    key: str | None = None) -> dict[str, Any]:
-        """Submit a job whose items come from a CSV or JSON Lines file."""
+                    key: str | None = None, **options: Any) -> dict[str, Any]:
+        """Submit a job whose items come from a CSV or JSON Lines file (``options`` as
+        for :meth:`submit`)."""
         fields = {"task": task, "params": json.dumps(params) if params else None,
                   "priority": priority, "max_attempts": max_attempts, "timeout": timeout,
-                  "key": key}
+                  "key": key, **options}
         boundary = uuid.uuid4().hex
         parts = []
         for name, value in fields.items():
@@ -161,6 +163,26 @@ class Client:
     def retry(self, ident: str) -> dict[str, Any]:
         """Re-queue a job's failed and cancelled items; returns the job."""
         return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/retry")  # type: ignore[no-any-return]
+
+    def pause(self, ident: str) -> dict[str, Any]:
+        """Pause a job: its queued items wait; returns the job."""
+        return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/pause")  # type: ignore[no-any-return]
+
+    def resume(self, ident: str) -> dict[str, Any]:
+        """Resume a paused job; returns the job."""
+        return self._json("POST", f"/api/v1/jobs/{quote(ident, safe='')}/resume")  # type: ignore[no-any-return]
+
+    def pause_task(self, name: str) -> dict[str, Any]:
+        """Pause a task: none of its items starts; returns the task."""
+        return self._json("POST", f"/api/v1/tasks/{quote(name, safe='')}/pause")  # type: ignore[no-any-return]
+
+    def resume_task(self, name: str) -> dict[str, Any]:
+        """Resume a paused task; returns the task."""
+        return self._json("POST", f"/api/v1/tasks/{quote(name, safe='')}/resume")  # type: ignore[no-any-return]
+
+    def pace(self, ident: str) -> dict[str, Any]:
+        """How a job is going: recent items per interval, rate, limit, ETA."""
+        return self._json("GET", f"/api/v1/jobs/{quote(ident, safe='')}/pace")  # type: ignore[no-any-return]
 
     def items(self, ident: str, *, state: str | None = None, limit: int = 100,
               after: str | None = None) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from bulkrunner.client.exits import (
 )
 from bulkrunner.client.inputs import parse_params, read_items
 from bulkrunner.client.options import Ctx, global_options, pass_ctx
+from bulkrunner.client.pacing import pause, resume, start_options
 from bulkrunner.client.reading import items, logs, results
 from bulkrunner.config import (
     EXECUTOR_TYPES,
@@ -46,7 +47,7 @@ from bulkrunner.config import (
     URL_ENV,
 )
 from bulkrunner.errors import ApiError
-from bulkrunner.models import FINISHED, STATES, ParamSpec
+from bulkrunner.models import FINISHED, JOB_STATES, ParamSpec
 
 
 @click.group(cls=BulkrunnerGroup, context_settings={"help_option_names": ["-h", "--help"],
@@ -117,13 +118,19 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
 @click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per item.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Seconds per attempt.")
 @click.option("--key", help="Idempotency key: the same key and body return the same job.")
+@click.option("--delay", metavar="DURATION",
+              help='Start no item before this long from now: "90s", "10m", "2h" or seconds.')
+@click.option("--at", "at", metavar="TIME",
+              help="Start no item before TIME: 2026-12-02T03:00 (local time unless a zone "
+                   "is given, like Z or +01:00), or 03:00 (the next such time).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and show progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @global_options
 @pass_ctx
 def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str | None,
            priority: int | None, max_attempts: int | None, timeout: float | None,
-           key: str | None, wait_: bool, as_json: bool) -> None:
+           key: str | None, delay: str | None, at: str | None, wait_: bool,
+           as_json: bool) -> None:
     """Submit a job; prints its id (so ID=$(bulkrunner submit ...) works).
 
     TASK is a task name (see `bulkrunner tasks`), the server's default one if left out.
@@ -144,14 +151,16 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
         return cache
 
     values = parse_params(params, specs)
+    options: dict[str, Any] = start_options(delay, at)
     try:
         if items_path:
             data, name = read_items(items_path)
             job = client.submit_file(data, name, task, values, priority=priority,
-                                     max_attempts=max_attempts, timeout=timeout, key=key)
+                                     max_attempts=max_attempts, timeout=timeout, key=key,
+                                     **options)
         else:
             job = client.submit(task, values, priority=priority, max_attempts=max_attempts,
-                                timeout=timeout, key=key)
+                                timeout=timeout, key=key, **options)
     except ApiError as e:
         hints = param_hints(e, specs) if e.status == 422 else []
         if not hints:
@@ -170,7 +179,7 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
 @click.argument("ident", metavar="[ID]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @click.option("--watch", is_flag=True, help="Redraw until the job finishes.")
-@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state (list).")
+@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state (list).")
 @click.option("--task", help="Only jobs of this task (list).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="How many jobs to list.")
@@ -199,7 +208,11 @@ def status(obj: Ctx, ident: str | None, as_json: bool, watch: bool, state: str |
                 exit_for(job)
             time.sleep(0.5)
     job = client.job(ident)
-    click.echo(json.dumps(job, indent=2) if as_json else display.summary(job))
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    pace = client.pace(job["id"]) if job["state"] not in FINISHED else None
+    click.echo(display.summary(job, pace))
 
 
 def _stderr() -> TextIO:
@@ -354,7 +367,7 @@ def prune(obj: Ctx, dry_run: bool, as_json: bool) -> None:
                              f"{sum(items.values())} item(s) ({detail})"))
 
 
-for _command in (items, results, logs):
+for _command in (items, results, logs, pause, resume):
     cli.add_command(_command)
 
 

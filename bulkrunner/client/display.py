@@ -17,7 +17,13 @@ from typing import Any
 from bulkrunner.models import FINISHED
 
 STATE_MARK = {"queued": "…", "running": "▸", "succeeded": "✓", "failed": "✗",
-              "cancelled": "⊘"}
+              "cancelled": "⊘", "paused": "‖"}
+#: Why a job's queued items wait, in words.
+WAITING = {"paused": "the job is paused (bulkrunner resume ID)",
+           "task_paused": "its task is paused (bulkrunner resume --task NAME)",
+           "run_after": "its start time has not come",
+           "concurrency": "its task's concurrency limit is reached",
+           "rate_limit": "its task's rate limit is reached"}
 
 
 # Unicode category Cc (C0 controls, DEL, C1 controls) except tab and newline.
@@ -59,8 +65,9 @@ def _short(value: Any, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary(job: dict[str, Any]) -> str:
-    """A readable multi-line summary of one job."""
+def summary(job: dict[str, Any], pace: dict[str, Any] | None = None) -> str:
+    """A readable multi-line summary of one job (with ``pace``, from the job's pace
+    route: its current rate against its limit, and the time left)."""
     c = job["items"]
     lines = [
         f"job       {job['id']}",
@@ -74,7 +81,15 @@ def summary(job: dict[str, Any]) -> str:
         lines.append(f"params    {_short(job['params'], 200)}")
     if job.get("message"):
         lines.append(f"message   {job['message']}")
+    if job.get("submitted_by"):
+        lines.append(f"by        {job['submitted_by']}")
     lines.append(f"created   {_when(job.get('created_at'))}")
+    if job.get("run_after") and job["state"] not in FINISHED:
+        lines.append(f"runs at   {_when(job['run_after'])}")
+    if job.get("waiting"):
+        lines.append(f"waiting   {WAITING.get(job['waiting'], job['waiting'])}")
+    if pace is not None and job["state"] not in FINISHED:
+        lines.append(f"rate      {pace_line(pace)}")
     if job.get("started_at"):
         lines.append(f"started   {_when(job['started_at'])}")
     if job.get("finished_at"):
@@ -90,6 +105,29 @@ def summary(job: dict[str, Any]) -> str:
         if tb:
             lines.append("traceback\n" + "\n".join("  " + ln for ln in tb.split("\n")))
     return clean("\n".join(lines))
+
+
+def pace_line(pace: dict[str, Any]) -> str:
+    """``3.2 items/s (limit 5/s), about 12 s left`` from a job's pace."""
+    rate = pace.get("rate")
+    text = "none measured yet" if rate is None else f"{rate:.3g} items/s"
+    if pace.get("rate_limit"):
+        text += f" (limit {pace['rate_limit']})"
+    eta = pace.get("eta_seconds")
+    if eta is not None and pace.get("left"):
+        text += f", {_duration(eta)} left" if eta < 1 else f", about {_duration(eta)} left"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 1:
+        return "under a second"
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def failure(group: dict[str, Any]) -> str:
@@ -164,12 +202,14 @@ def table(jobs: list[dict[str, Any]]) -> str:
     """Recent jobs as a fixed-width table."""
     if not jobs:
         return "no jobs"
-    rows = [("ID", "TASK", "STATE", "ITEMS", "PROGRESS", "CREATED")]
+    by = any(j.get("submitted_by") for j in jobs)  # a column only where tokens have names
+    rows = [("ID", "TASK", "STATE", "ITEMS", "PROGRESS", "CREATED", *(["BY"] if by else []))]
     for j in jobs:
         c = j["items"]
         rows.append((clean(j["id"][:12]), _short(j["task"], 20), clean(j["state"]),
                      f"{c['succeeded'] + c['failed'] + c['cancelled']}/{c['total']}",
-                     f"{j['progress'] * 100:.0f}%", clean(_when(j["created_at"]))))
+                     f"{j['progress'] * 100:.0f}%", clean(_when(j["created_at"])),
+                     *([_short(j.get("submitted_by") or "-", 20)] if by else [])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)

@@ -35,7 +35,7 @@ from bulkrunner.config.tables import (
     TokenConfig,
 )
 from bulkrunner.config.tasks import BUILTIN_TASKS, parse_pythonpath, parse_tasks
-from bulkrunner.config.tokens import parse_tokens
+from bulkrunner.config.tokens import parse_tokens, read_token_files
 from bulkrunner.config.validate import validate
 from bulkrunner.config.values import (
     host_is_loopback,
@@ -151,7 +151,8 @@ def _build(cls: type, table: dict[str, Any], sec: str, source: str) -> Any:
 
 
 def apply_env(cfg: Config) -> Config:
-    """``$BULKRUNNER_TOKEN`` wins over the file; a token file is read here, once."""
+    """``$BULKRUNNER_TOKEN`` wins over the file; token files (``server.token_file`` and
+    each named token's) are read here, once."""
     token = os.environ.get(TOKEN_ENV) or cfg.server.token
     if not token and cfg.server.token_file:
         try:
@@ -161,6 +162,8 @@ def apply_env(cfg: Config) -> Config:
                               file=cfg.source, key="server.token_file") from None
     if token != cfg.server.token:
         cfg = replace(cfg, server=replace(cfg.server, token=token))
+    if cfg.server.tokens:
+        cfg = replace(cfg, server=read_token_files(cfg.server, cfg.source))
     return cfg
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
 from bulkrunner.config.tables import Config, ScheduleConfig
 from bulkrunner.config.tasks import BUILTIN_TASKS
 from bulkrunner.errors import ConfigError
@@ -55,15 +58,60 @@ def validate(cfg: Config, source: str) -> None:
         validate_schedule(s, known, source)
 
 
+#: A schedule's name goes into its jobs' idempotency keys (at most 200 characters).
+MAX_SCHEDULE_NAME = 100
+#: The priorities a submission may have.
+MAX_PRIORITY = 1_000_000
+
+
 def validate_schedule(s: ScheduleConfig, tasks: set[str], source: str) -> None:
-    """A schedule names a known task and has exactly one of ``cron`` and ``every``."""
+    """A schedule names a known task, has exactly one of ``cron`` (five fields that can
+    fire, in a known IANA time zone) and ``every`` (whole seconds, at least 1), a priority
+    in range and params that JSON can carry."""
     key = f"schedules.{s.name}"
+    if len(s.name) > MAX_SCHEDULE_NAME:
+        raise ConfigError(f"schedule names have at most {MAX_SCHEDULE_NAME} characters",
+                          file=source, key=key)
     if s.task not in tasks:
         raise ConfigError(f"names the task {s.task!r}, which is not in [tasks]; add it there "
                           "or fix the name", file=source, key=f"{key}.task")
     if bool(s.cron) == bool(s.every):
         raise ConfigError('needs exactly one of cron = "0 3 * * *" and every = "10m"',
                           file=source, key=key)
-    if s.every < 0:
-        raise ConfigError('must be a positive duration like "10m"', file=source,
-                          key=f"{key}.every")
+    if s.every and (s.every < 1 or s.every != int(s.every)):
+        raise ConfigError(f'must be a whole number of seconds, at least 1, or a duration like '
+                          f'"10m"; not {s.every:g}', file=source, key=f"{key}.every")
+    if s.cron:
+        _check_cron(s.cron, source, f"{key}.cron")
+    try:
+        ZoneInfo(s.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f'{s.timezone!r} is not a known IANA time zone; use a name like '
+                          '"Europe/Paris", "America/New_York" or "UTC"', file=source,
+                          key=f"{key}.timezone") from None
+    if not -MAX_PRIORITY <= s.priority <= MAX_PRIORITY:
+        raise ConfigError(f"must be from {-MAX_PRIORITY} to {MAX_PRIORITY}", file=source,
+                          key=f"{key}.priority")
+    try:
+        json.dumps(s.params, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ConfigError("must hold only strings, numbers, booleans, lists and tables (a "
+                          "TOML date or time is not JSON: write it in quotes)", file=source,
+                          key=f"{key}.params") from None
+
+
+def _check_cron(expr: str, source: str, key: str) -> None:
+    """Five fields (minute hour day-of-month month day-of-week) that croniter accepts and
+    that can fire (no 30 February)."""
+    if len(expr.split()) != 5:
+        raise ConfigError(f"must have five fields (minute hour day-of-month month "
+                          f'day-of-week), like "0 3 * * *"; not {expr!r}', file=source,
+                          key=key)
+    from croniter import croniter  # only a config with a cron schedule pays for it
+
+    try:
+        croniter.expand(expr, strict=True)
+    except (ValueError, TypeError) as e:  # croniter's errors are ValueErrors
+        raise ConfigError(f'{expr!r} is not a cron expression that can fire ({e}); fields '
+                          'are minute 0-59, hour 0-23, day 1-31, month 1-12 or jan-dec, '
+                          'weekday 0-7 or sun-sat', file=source, key=key) from None

@@ -8,7 +8,8 @@ import json
 from flask import Blueprint, Flask, Response, current_app, request
 
 from bulkrunner import errors
-from bulkrunner.models import STATES
+from bulkrunner.models import JOB_STATES, STATES
+from bulkrunner.server.auth import submitter
 from bulkrunner.server.http import error_response
 from bulkrunner.server.http import json_response as _json
 from bulkrunner.server.openapi import openapi_document
@@ -47,10 +48,10 @@ def _int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
     return v
 
 
-def _state_arg() -> str | None:
+def _state_arg(states: tuple[str, ...] = STATES) -> str | None:
     state = request.args.get("state") or None
-    if state is not None and state not in STATES:
-        raise errors.InvalidRequest(f"state must be one of {', '.join(STATES)}",
+    if state is not None and state not in states:
+        raise errors.InvalidRequest(f"state must be one of {', '.join(states)}",
                                     {"field": "state"})
     return state
 
@@ -67,13 +68,14 @@ def submit() -> Response:
             raise errors.InvalidSubmission({"items": "a multipart submission needs the file "
                                                      "field 'items' (CSV or JSON Lines)"})
         job, created = svc.submit_upload(request.form.to_dict(), upload.read(),
-                                         upload.filename, upload.mimetype)
+                                         upload.filename, upload.mimetype,
+                                         submitted_by=submitter())
     elif ctype == "application/json" or ctype.endswith("+json"):
         try:
             body = json.loads(request.get_data(cache=False))
         except (ValueError, RecursionError) as e:
             raise errors.InvalidRequest(f"the body is not valid JSON ({str(e)[:200]})") from None
-        job, created = svc.submit(body)
+        job, created = svc.submit(body, submitted_by=submitter())
     else:
         return error_response("unsupported_media_type", "send the submission as "
                                "application/json, or multipart/form-data with an items file",
@@ -90,7 +92,9 @@ def list_jobs() -> Response:
     limit = _int_arg("limit", 20, 1, 1000)
     before = _int_arg("before", None, 0, 2**62)
     task = request.args.get("task") or None
-    jobs, nxt = service().list_jobs(state=_state_arg(), task=task, limit=limit or 20, before=before)
+    jobs, nxt = service().list_jobs(state=_state_arg(JOB_STATES), task=task,
+                                    limit=limit or 20, before=before,
+                                    submitted_by=request.args.get("submitted_by") or None)
     return _json({"jobs": [j.to_dict(traceback=False) for j in jobs],
                   "next": str(nxt) if nxt is not None else None})
 
@@ -113,6 +117,27 @@ def retry_job(ident: str) -> Response:
     return _json(service().retry(ident).to_dict())
 
 
+@api.post("/jobs/<ident>/pause")
+def pause_job(ident: str) -> Response:
+    """POST /api/v1/jobs/<id>/pause: its queued items wait, running ones finish (409
+    when finished)."""
+    return _json(service().pause(ident).to_dict())
+
+
+@api.post("/jobs/<ident>/resume")
+def resume_job(ident: str) -> Response:
+    """POST /api/v1/jobs/<id>/resume: its queued items may start again (409 when not
+    paused)."""
+    return _json(service().resume(ident).to_dict())
+
+
+@api.get("/jobs/<ident>/pace")
+def job_pace(ident: str) -> Response:
+    """GET /api/v1/jobs/<id>/pace: items finished per interval lately, the current rate
+    against the task's limit, why items wait, and an estimate of the time left."""
+    return _json(service().pace(ident))
+
+
 @api.get("/jobs/<ident>/items")
 def list_items(ident: str) -> Response:
     """GET /api/v1/jobs/<id>/items: a page of the job's items and the next cursor."""
@@ -133,8 +158,10 @@ def results(ident: str) -> Response:
     state = _state_arg()
     job, rows = service().export(ident, fmt, state=state)
     mimetype = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
-    return Response(rows, mimetype=mimetype, headers={
-        "Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
+    headers = {"Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'}
+    if job.submitted_by:  # job-wide, so not repeated in every row
+        headers["X-Submitted-By"] = job.submitted_by
+    return Response(rows, mimetype=mimetype, headers=headers)
 
 
 @api.get("/jobs/<ident>/items/<index>/log")
@@ -169,6 +196,18 @@ def list_tasks() -> Response:
     """GET /api/v1/tasks: the registered tasks and the default one."""
     svc = service()
     return _json({"tasks": svc.tasks(), "default": svc.registry.default})
+
+
+@api.post("/tasks/<name>/pause")
+def pause_task(name: str) -> Response:
+    """POST /api/v1/tasks/<name>/pause: no item of the task starts (404 unknown task)."""
+    return _json(service().pause_task(name, True))
+
+
+@api.post("/tasks/<name>/resume")
+def resume_task(name: str) -> Response:
+    """POST /api/v1/tasks/<name>/resume: its items may start again."""
+    return _json(service().pause_task(name, False))
 
 
 def healthz() -> Response:

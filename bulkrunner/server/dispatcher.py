@@ -22,6 +22,7 @@ from bulkrunner.config import Config
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
 from bulkrunner.runtime import Outcome, WorkUnit, safe_text
 from bulkrunner.server.events import EventBus, Finished, Recovered, Started
+from bulkrunner.server.pacing import Pacer
 from bulkrunner.server.policy import INTERRUPTIONS_ALLOWED, backoff_delay
 from bulkrunner.server.tasks import Registry
 from bulkrunner.store import Claimed, Finish, Store
@@ -38,6 +39,10 @@ _SHORT_ITEM = 0.005
 _CLAIM_AHEAD = 16
 _GIVE_BACK = 0.02
 _IDLE_POLL = 0.5           # seconds between looks at the queue when nothing wakes us
+# The claim policy's view of the waiting jobs is read whole from the store this often (and
+# when told of a pause, resume or retry), for what other processes sharing the database
+# changed; new jobs are looked for at every wake-up and poll.
+_RELOAD_EVERY = 5.0
 
 
 @dataclass(slots=True)
@@ -87,6 +92,12 @@ class Dispatcher:
         #: time.time() when the earliest retry we scheduled is due (its backoff has passed).
         self._retry_due: float | None = None
         self.recovered: dict[str, int] = {}
+        #: The claim policy: priority, fair share, pauses, run_after, task limits.
+        self.pacer = Pacer(fair_share=cfg.executor.fair_share,
+                           limits={t.name: (t.concurrency, t.rate_limit) for t in cfg.tasks})
+        self._reload = True       # read the whole view of waiting jobs on the next turn
+        self._look_new = True     # look for new jobs on the next turn
+        self._last_reload = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -114,10 +125,17 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Look at the queue now (new items were committed)."""
+        self._look_new = True
         # With every slot busy the next finished item wakes us anyway; a turn now would
         # only cost the request thread's GIL time.
         if len(self._inflight) < self._capacity():
             self._wake.set()
+
+    def refresh(self) -> None:
+        """Read the waiting jobs and paused tasks again (a pause, resume or retry was
+        committed), and look at the queue now."""
+        self._reload = True
+        self._wake.set()
 
     def abort(self, keys: list[tuple[int, int, int]]) -> None:
         """Stop these running attempts, named (job_seq, index, claim): their state is
@@ -173,7 +191,8 @@ class Dispatcher:
     def _run(self) -> None:
         last_flush = 0.0
         while not self._stop.is_set():
-            self._wake.wait(self._next_wait())
+            if not self._wake.wait(self._next_wait()):
+                self._look_new = True  # a poll: another process may have submitted
             self._wake.clear()
             try:
                 now = time.monotonic()
@@ -191,6 +210,9 @@ class Dispatcher:
                if u.deadline is not None and f not in self._timed_out]
         if self._retry_due is not None:
             due.append(self._retry_due)
+        paced = self.pacer.next_due(now)
+        if paced is not None:
+            due.append(paced)
         if len(self._inflight) > self.max_workers:  # some claimed ahead: see _give_back
             due.append(now + _GIVE_BACK)
         if due:
@@ -220,6 +242,7 @@ class Dispatcher:
             unit = self._inflight.pop(fut, None)
             if unit is None:
                 continue
+            self.pacer.ended(unit.task)
             took = time.monotonic() - self._submitted.pop(fut, time.monotonic())
             if not fut.cancelled():
                 avg = self._avg_duration
@@ -232,11 +255,16 @@ class Dispatcher:
         ended += self._expire()
         if self._retry_due is not None and time.time() >= self._retry_due:
             self._retry_due = None
+            self._reload = True  # the jobs whose retries are due become claimable
         free = 0
         if claim and not self.draining and self.executor is not None:
             free = self._capacity() - len(self._inflight)
             if free > 0 and not self.executor.health()[0]:
                 free = 0
+            if free > 0:
+                self._refresh_view()
+                if not ended and not self.pacer.has_work(time.time()):
+                    free = 0  # everything waiting is held back: no empty claim
         # An item's progress and output are complete once its end is recorded: they go in
         # the same transaction as the ends (and the next claim), one commit for all three.
         flush = flush or bool(ended)
@@ -245,7 +273,7 @@ class Dispatcher:
             return flush
         try:
             turn = self.store.turn([e.finish for e in ended], free, self._backoff,
-                                   progress=progress, logs=logs)
+                                   progress=progress, logs=logs, planner=self.pacer)
         except BaseException:
             self._unrecorded = ended + self._unrecorded  # recorded on the next turn
             self._give_reports_back(progress, logs)
@@ -268,10 +296,22 @@ class Dispatcher:
             except Exception:  # one item's trouble must not strand the rest of the claim
                 log.exception("could not start item %s of job %s; it goes back to the queue",
                               c.index, c.job_id)
+                self.pacer.ended(c.task)
                 self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim,
                                                       charge=False), c.job_id, c.task, 0.0))
                 self._wake.set()
         return flush
+
+    def _refresh_view(self) -> None:
+        """Bring the claim policy's view of waiting jobs up to date with the store."""
+        now = time.time()
+        if self._reload or time.monotonic() - self._last_reload >= _RELOAD_EVERY:
+            self._reload = self._look_new = False
+            self._last_reload = time.monotonic()
+            self.pacer.load(self.store.waiting_jobs(), self.store.paused_tasks(), now)
+        elif self._look_new:
+            self._look_new = False
+            self.pacer.add(self.store.new_waiting_jobs(self.pacer.max_seq), now)
 
     def _submit(self, c: Claimed) -> None:
         assert self.executor is not None
@@ -281,6 +321,7 @@ class Dispatcher:
                     "type": "UnknownTask", "message": f"the task {c.task!r} is no longer in "
                     "the config; add it back and retry the job", "traceback": ""}),
                 c.job_id, c.task, 0.0))
+            self.pacer.ended(c.task)
             self._wake.set()
             return
         task = self.registry.get(c.task)
@@ -297,6 +338,7 @@ class Dispatcher:
             log.warning("executor refused item %s of job %s: %s", c.index, c.job_id, e)
             self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim, charge=False),
                                            c.job_id, c.task, 0.0))
+            self.pacer.ended(c.task)
             self._wake.set()
             return
         self._inflight[fut] = unit

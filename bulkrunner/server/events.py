@@ -81,8 +81,21 @@ class Recovered:
     seconds: float
 
 
-Event = Submitted | Started | Finished | JobChanged | Recovered
-E = TypeVar("E", Submitted, Started, Finished, JobChanged, Recovered)
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """An attempt to deliver a finished job's webhook ended. ``outcome`` is ``delivered``
+    (a 2xx answer), ``retrying`` (it is tried again later) or ``failed`` (no attempts
+    left); ``status`` is the HTTP status, None when no answer came."""
+
+    job_id: str
+    url: str
+    outcome: str
+    attempts: int
+    status: int | None
+
+
+Event = Submitted | Started | Finished | JobChanged | Recovered | Notified
+E = TypeVar("E", Submitted, Started, Finished, JobChanged, Recovered, Notified)
 
 
 class EventBus:
@@ -116,5 +129,5 @@ class EventBus:
                               type(event).__name__)
 
 
-__all__ = ["Event", "EventBus", "Finished", "JobChanged", "Recovered", "Started",
+__all__ = ["Event", "EventBus", "Finished", "JobChanged", "Notified", "Recovered", "Started",
            "Submitted"]

@@ -19,7 +19,8 @@ def subscribe(events: EventBus) -> None:
 
 def _submitted(e: Submitted) -> None:
     job = e.job
-    log.info("job %s submitted: task %s, %d item(s)", job.id, job.task, job.total,
+    by = f", by {job.submitted_by}" if job.submitted_by else ""  # the token's name, never it
+    log.info("job %s submitted: task %s, %d item(s)%s", job.id, job.task, job.total, by,
              extra={"job_id": job.id})
 
 

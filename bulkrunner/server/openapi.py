@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bulkrunner import __version__
-from bulkrunner.models import FAILURE_MESSAGE_CHARS, MAX_FAILURE_GROUPS, STATES
+from bulkrunner.models import FAILURE_MESSAGE_CHARS, JOB_STATES, MAX_FAILURE_GROUPS, STATES
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _ID = {"name": "id", "in": "path", "required": True,
@@ -16,6 +16,10 @@ _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
 _STATE = {"name": "state", "in": "query", "required": False,
           "schema": {"type": "string", "enum": list(STATES)}}
+_JOB_STATE = {"name": "state", "in": "query", "required": False,
+              "schema": {"type": "string", "enum": list(JOB_STATES)}}
+_TASK = {"name": "name", "in": "path", "required": True, "description": "A task name.",
+         "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
 
 
 def _ok(schema: str, description: str) -> dict[str, Any]:
@@ -25,13 +29,17 @@ def _ok(schema: str, description: str) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     """The whole document, as a dict."""
-    errors = {"400": _ERR, "401": _ERR, "404": _ERR, "409": _ERR, "413": _ERR, "415": _ERR,
-              "422": _ERR, "503": _ERR}
+    errors = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "409": _ERR, "413": _ERR,
+              "415": _ERR, "422": _ERR, "503": _ERR}
     return {
         "openapi": "3.0.3",
         "info": {"title": "bulkrunner", "version": __version__,
                  "description": "Durable bulk jobs over HTTP. With a token configured, every "
-                                "route but /healthz needs 'Authorization: Bearer <token>'."},
+                                "route but /healthz needs 'Authorization: Bearer <token>', "
+                                "and a token whose role (read: every GET; submit: also "
+                                "submit, and cancel, retry, pause or resume its own jobs; "
+                                "admin: everything) does not allow the request gets 403 "
+                                "insufficient_role."},
         "paths": {
             "/api/v1/jobs": {
                 "post": {
@@ -48,7 +56,10 @@ def openapi_document() -> dict[str, Any]:
                                 "priority": {"type": "integer"},
                                 "max_attempts": {"type": "integer"},
                                 "timeout": {"type": "number"},
-                                "key": {"type": "string"}}}}}},
+                                "key": {"type": "string"},
+                                "delay": {"type": "number"},
+                                "run_after": {"type": "string"},
+                                "notify_url": {"type": "string"}}}}}},
                     "responses": {
                         "202": {**_ok("Job", "Accepted: the job and its items are committed"),
                                 "headers": {"Location": {"schema": {"type": "string"}}}},
@@ -57,8 +68,10 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "listJobs", "summary": "List jobs, newest first",
                     "parameters": [
-                        _STATE,
+                        _JOB_STATE,
                         {"name": "task", "in": "query", "schema": {"type": "string"}},
+                        {"name": "submitted_by", "in": "query", "description": "only the "
+                         "jobs the token of this name submitted", "schema": {"type": "string"}},
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                         {"name": "before", "in": "query", "description": "the `next` cursor",
@@ -75,6 +88,20 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "retryJob", "summary": "Re-queue failed and cancelled items",
                 "parameters": [_ID],
                 "responses": {"200": _ok("Job", "The job, re-queued"), **errors}}},
+            "/api/v1/jobs/{id}/pause": {"post": {
+                "operationId": "pauseJob",
+                "summary": "Pause: queued items wait, running ones finish",
+                "parameters": [_ID],
+                "responses": {"200": _ok("Job", "The paused job"), **errors}}},
+            "/api/v1/jobs/{id}/resume": {"post": {
+                "operationId": "resumeJob", "summary": "Resume a paused job",
+                "parameters": [_ID],
+                "responses": {"200": _ok("Job", "The job, resumed"), **errors}}},
+            "/api/v1/jobs/{id}/pace": {"get": {
+                "operationId": "jobPace",
+                "summary": "Items finished per interval lately, rate, limit and ETA",
+                "parameters": [_ID],
+                "responses": {"200": _ok("Pace", "How the job is going"), **errors}}},
             "/api/v1/jobs/{id}/items": {"get": {
                 "operationId": "listItems", "summary": "The job's items",
                 "parameters": [
@@ -90,7 +117,10 @@ def openapi_document() -> dict[str, Any]:
                     "type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"}},
                     {**_STATE, "description": "Only the items in this state (for example "
                                               "failed); every item when left out"}],
-                "responses": {"200": {"description": "One line or row per item", "content": {
+                "responses": {"200": {"description": "One line or row per item", "headers": {
+                    "X-Submitted-By": {"description": "The name of the token that submitted "
+                                       "the job (absent when none did)",
+                                       "schema": {"type": "string"}}}, "content": {
                     "application/x-ndjson": {"schema": {"type": "string"}},
                     "text/csv": {"schema": {"type": "string"}}}}, **errors}}},
             "/api/v1/jobs/{id}/items/{index}/log": {"get": {
@@ -124,6 +154,14 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/tasks": {"get": {
                 "operationId": "listTasks", "summary": "Registered tasks and their params",
                 "responses": {"200": _ok("TaskList", "The tasks"), **errors}}},
+            "/api/v1/tasks/{name}/pause": {"post": {
+                "operationId": "pauseTask", "summary": "Pause a task: none of its items starts",
+                "parameters": [_TASK],
+                "responses": {"200": _ok("Task", "The task"), **errors}}},
+            "/api/v1/tasks/{name}/resume": {"post": {
+                "operationId": "resumeTask", "summary": "Resume a paused task",
+                "parameters": [_TASK],
+                "responses": {"200": _ok("Task", "The task"), **errors}}},
             "/healthz": {"get": {
                 "operationId": "health", "summary": "Liveness, queue depth, executor health",
                 "responses": {"200": _ok("Health", "Serving"),
@@ -165,16 +203,36 @@ def _schemas() -> dict[str, Any]:
             "priority": {"type": "integer"},
             "max_attempts": {"type": "integer", "minimum": 1},
             "timeout": {"type": "number", "minimum": 0},
-            "key": {"type": "string", "minLength": 1, "maxLength": 200}}},
+            "key": {"type": "string", "minLength": 1, "maxLength": 200},
+            "delay": {"type": "number", "minimum": 0,
+                      "description": "seconds from now before any item starts"},
+            "run_after": {"type": "string", "format": "date-time",
+                          "description": "no item starts before this time (with a zone)"},
+            "notify_url": {"type": "string",
+                           "description": "POST the finished job here; must start with a "
+                                          "[notify] allowed prefix"}}},
         "Job": {"type": "object", "required": [
             "id", "task", "params", "state", "priority", "created_at", "items", "progress",
             "failures"],
             "properties": {
                 "id": {"type": "string"}, "task": {"type": "string"},
                 "params": {"type": "object"},
-                "state": {"type": "string", "enum": list(STATES)},
+                "state": {"type": "string", "enum": list(JOB_STATES)},
                 "priority": {"type": "integer"}, "max_attempts": {"type": "integer"},
+                "run_after": nullable_time,
+                "schedule": {"type": "string", "nullable": True},
+                "notify": {"type": "object", "nullable": True, "properties": {
+                    "url": {"type": "string"},
+                    "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                    "attempts": {"type": "integer"}}},
+                "waiting": {"type": "string", "nullable": True, "enum": [
+                    "paused", "run_after", "task_paused", "concurrency", "rate_limit", None],
+                    "description": "why its queued items do not start now"},
                 "timeout": {"type": "number"}, "key": {"type": "string", "nullable": True},
+                "submitted_by": {"type": "string", "nullable": True,
+                                 "description": "the name of the token that submitted it "
+                                                "(admin for server.token; null with no "
+                                                "token configured)"},
                 "created_at": {"type": "string", "format": "date-time"},
                 "started_at": nullable_time, "finished_at": nullable_time,
                 "items": counts, "progress": {"type": "number"},
@@ -212,14 +270,33 @@ def _schemas() -> dict[str, Any]:
         "ItemList": {"type": "object", "required": ["items", "next"], "properties": {
             "items": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}},
             "next": {"type": "string", "nullable": True}}},
+        "Task": {"type": "object", "required": ["name", "doc", "params", "concurrency",
+                                                "rate_limit", "paused"], "properties": {
+            "name": {"type": "string"}, "doc": {"type": "string"},
+            "params": {"type": "array", "items": {
+                "type": "object", "required": ["name", "type", "required", "default"],
+                "properties": {"name": {"type": "string"}, "type": {"type": "string"},
+                               "required": {"type": "boolean"}, "default": {}}}},
+            "concurrency": {"type": "integer", "description": "0 = no limit of its own"},
+            "rate_limit": {"type": "string", "description": '"N/s", "N/m", "N/h" or ""'},
+            "paused": {"type": "boolean"}}},
         "TaskList": {"type": "object", "required": ["tasks"], "properties": {"tasks": {
-            "type": "array", "items": {"type": "object", "required": ["name", "doc", "params"],
-                                       "properties": {
-                "name": {"type": "string"}, "doc": {"type": "string"},
-                "params": {"type": "array", "items": {
-                    "type": "object", "required": ["name", "type", "required", "default"],
-                    "properties": {"name": {"type": "string"}, "type": {"type": "string"},
-                                   "required": {"type": "boolean"}, "default": {}}}}}}}}},
+            "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}},
+        "Pace": {"type": "object", "required": ["id", "state", "history", "rate"],
+                 "properties": {
+            "id": {"type": "string"}, "state": {"type": "string"},
+            "left": {"type": "integer", "description": "items queued or running"},
+            "interval": {"type": "number", "description": "seconds per history entry"},
+            "history": {"type": "array", "items": {"type": "object", "properties": {
+                "t": {"type": "string", "format": "date-time"},
+                "finished": {"type": "integer"}}}},
+            "rate": {"type": "number", "nullable": True,
+                     "description": "items per second lately"},
+            "rate_limit": {"type": "string"},
+            "limit_per_second": {"type": "number", "nullable": True},
+            "waiting": {"type": "string", "nullable": True},
+            "run_after": nullable_time,
+            "eta_seconds": {"type": "number", "nullable": True}}},
         "Health": {"type": "object", "required": ["status"], "properties": {
             "status": {"type": "string"}, "executor": {"type": "object"},
             "queued": {"type": "integer"}, "inflight": {"type": "integer"},

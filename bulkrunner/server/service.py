@@ -8,18 +8,20 @@ nothing; what happens is told on the event bus.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, InvalidSubmission, ShuttingDown, StoreUnavailable
-from bulkrunner.models import Item, Job
+from bulkrunner.models import Item, Job, iso
 from bulkrunner.server import export, joblog, submission
 from bulkrunner.server.dispatcher import Dispatcher
 from bulkrunner.server.events import EventBus, Submitted
 from bulkrunner.server.itemfiles import detect_format, parse_items
 from bulkrunner.server.retention import Pruner
 from bulkrunner.server.tasks import Registry
+from bulkrunner.server.throughput import Throughput
 from bulkrunner.store import Store
 
 
@@ -39,6 +41,9 @@ class Service:
         #: What happens to jobs and items; metrics and the server log subscribe.
         self.events = EventBus()
         joblog.subscribe(self.events)
+        #: Finished items per job lately, for the job's rate, chart and ETA.
+        self.throughput = Throughput()
+        self.throughput.subscribe(self.events)
         self.dispatcher = Dispatcher(cfg, self.store, self.registry, self.events)
         self.started = False
         self.pruner = Pruner(self.store, cfg.retention)
@@ -69,8 +74,10 @@ class Service:
 
     # ------------------------------------------------------------------ submit
     def submit(self, body: Any, *, items: Sequence[Mapping[str, Any]] | None = None,
-               rows: Sequence[int] | None = None, unit: str = "row") -> tuple[Job, bool]:
-        """Check and commit a submission. Returns (job, created).
+               rows: Sequence[int] | None = None, unit: str = "row",
+               submitted_by: str | None = None) -> tuple[Job, bool]:
+        """Check and commit a submission. Returns (job, created). ``submitted_by`` is the
+        name of the token that submitted it (None on an open server).
 
         ``items`` (with where they are in the file, ``rows`` numbered in ``unit``s, for
         messages) come from an uploaded file, and replace ``body["items"]``.
@@ -79,7 +86,7 @@ class Service:
             raise ShuttingDown("the server is shutting down; submit again once it is back",
                                retry_after=10)
         new = submission.new_job(self.cfg, self.registry, body, items=items, rows=rows,
-                                 unit=unit)
+                                 unit=unit, submitted_by=submitted_by)
         job, created = self.store.insert_job(new, max_queued=self.cfg.jobs.max_queued)
         if created:
             self.events.emit(Submitted(job))
@@ -87,7 +94,8 @@ class Service:
         return job, created
 
     def submit_upload(self, form: Mapping[str, str], data: bytes, filename: str | None,
-                      content_type: str | None) -> tuple[Job, bool]:
+                      content_type: str | None, *, submitted_by: str | None = None
+                      ) -> tuple[Job, bool]:
         """Submit with items from an uploaded CSV, TSV, JSON Lines or JSON array file."""
         body = submission.form_to_body(form)
         task = self.registry.get(body.get("task"))
@@ -96,17 +104,21 @@ class Service:
         if not parsed.items:
             raise InvalidSubmission({"items": "the file holds no items" if fmt.startswith(
                 "json") else "the file has no rows after the header"})
-        return self.submit(body, items=parsed.items, rows=parsed.rows, unit=parsed.unit)
+        return self.submit(body, items=parsed.items, rows=parsed.rows, unit=parsed.unit,
+                           submitted_by=submitted_by)
 
     # ------------------------------------------------------------------ read and act
     def get(self, ident: str) -> Job:
         """One job by id or unique prefix; NotFound when unknown."""
-        return self.store.get_job(ident)
+        return self._paced(self.store.get_job(ident))
 
     def list_jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 20,
-             before: int | None = None) -> tuple[list[Job], int | None]:
-        """A page of jobs, newest first, and the cursor of the next page (or None)."""
-        return self.store.list_jobs(state=state, task=task, limit=limit, before=before)
+             before: int | None = None, submitted_by: str | None = None
+             ) -> tuple[list[Job], int | None]:
+        """A page of jobs, newest first, and the cursor of the next page (or None);
+        ``submitted_by`` keeps the jobs of that token's name."""
+        return self.store.list_jobs(state=state, task=task, limit=limit, before=before,
+                                    submitted_by=submitted_by)
 
     def cancel(self, ident: str) -> Job:
         """Cancel a job's unfinished items and stop the running ones; returns the job."""
@@ -123,7 +135,67 @@ class Service:
                                retry_after=10)
         job, changes = self.store.retry_job(ident)
         self.events.job_changes(changes)
-        self.dispatcher.wake()
+        self.dispatcher.refresh()
+        return job
+
+    def pause(self, ident: str) -> Job:
+        """Pause a job: its queued items wait, running ones finish. JobFinished when it
+        has finished; pausing a paused job answers it as it is."""
+        job, changes = self.store.pause_job(ident, True)
+        self.events.job_changes(changes)
+        self.dispatcher.refresh()
+        return self._paced(job)
+
+    def resume(self, ident: str) -> Job:
+        """Resume a paused job; NotPaused when it is not paused."""
+        job, changes = self.store.pause_job(ident, False)
+        self.events.job_changes(changes)
+        self.dispatcher.refresh()
+        return self._paced(job)
+
+    def pause_task(self, name: str, paused: bool = True) -> dict[str, Any]:
+        """Pause (or resume) a task: none of its items starts until it is resumed; kept
+        across restarts. NotFound for a task that is not registered."""
+        task = self.registry.lookup(name)
+        self.store.set_task_paused(task.name, paused)
+        self.dispatcher.pacer.set_task_paused(task.name, paused)
+        self.dispatcher.refresh()
+        return self._task_dict(task.name)
+
+    def pace(self, ident: str) -> dict[str, Any]:
+        """How a job is going: items finished per interval lately (``history`` of
+        ``{"t", "finished"}``), the current ``rate`` in items per second, the task's
+        ``rate_limit`` and the rate it allows, why its items wait, and ``eta_seconds``
+        (the items left at the current rate; None when it cannot be told)."""
+        job = self.get(ident)
+        now = time.time()
+        seen = self.throughput.of(job.id, now)
+        t = self.cfg.task(job.task)
+        limit = t.rate_limit if t is not None else None
+        left = job.counts["queued"] + job.counts["running"]
+        rate = seen["rate"]
+        eta: float | None = None
+        if left == 0:
+            eta = 0.0
+        elif rate:
+            eta = round(left / rate, 1)
+        elif job.run_after is not None and job.run_after > now:
+            eta = None
+        return {"id": job.id, "state": job.state.value, "left": left,
+                "interval": seen["interval"],
+                "history": [{"t": iso(start), "finished": int(n)}
+                            for start, n in seen["history"]],
+                "rate": None if rate is None else round(rate, 3),
+                "rate_limit": str(limit) if limit else "",
+                "limit_per_second": round(limit.count / limit.per, 6) if limit else None,
+                "waiting": job.waiting, "run_after": iso(job.run_after),
+                "eta_seconds": eta}
+
+    def _paced(self, job: Job) -> Job:
+        """The job with why its queued items wait, when something holds them."""
+        if job.counts["queued"] and not job.state.finished:
+            job.waiting = self.dispatcher.pacer.waiting_reason(
+                job.seq, job.task, time.time()) if job.seq else None
         return job
 
     def items(self, ident: str, *, state: str | None = None, limit: int = 100,
@@ -166,8 +238,17 @@ class Service:
         return self.pruner.run(dry_run=dry_run)
 
     def tasks(self) -> list[dict[str, Any]]:
-        """The registered tasks as the API shows them."""
-        return [t.to_dict() for t in self.registry]
+        """The registered tasks as the API shows them, with their limits and pause."""
+        paused = self.store.paused_tasks()
+        return [self._task_dict(t.name, paused) for t in self.registry]
+
+    def _task_dict(self, name: str, paused: set[str] | None = None) -> dict[str, Any]:
+        paused = self.store.paused_tasks() if paused is None else paused
+        t = self.cfg.task(name)
+        return {**self.registry.get(name).to_dict(),
+                "concurrency": t.concurrency if t is not None else 0,
+                "rate_limit": str(t.rate_limit) if t is not None and t.rate_limit else "",
+                "paused": name in paused}
 
     def health(self) -> dict[str, Any]:
         """What GET /healthz answers: status, executor, queue and worker counts."""

@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from bulkrunner.config import Config
@@ -19,7 +21,10 @@ from bulkrunner.errors import InvalidSubmission
 from bulkrunner.server.tasks import Registry, Task
 from bulkrunner.store import NewJob
 
-SUBMIT_KEYS = ("task", "params", "items", "priority", "max_attempts", "timeout", "key")
+SUBMIT_KEYS = ("task", "params", "items", "priority", "max_attempts", "timeout", "key",
+               "delay", "run_after", "notify_url")
+#: The longest a job may be made to wait (``delay`` or ``run_after``): a year.
+MAX_DELAY = 366 * 86400
 MAX_PRIORITY = 1_000_000
 MAX_ATTEMPTS = 100
 _MAX_ITEM_ERRORS = 20
@@ -30,8 +35,10 @@ _SURROGATE = ("holds an unpaired surrogate (such as \\ud800), which is not text;
 
 def new_job(cfg: Config, registry: Registry, body: Any, *,
             items: Sequence[Mapping[str, Any]] | None = None,
-            rows: Sequence[int] | None = None, unit: str = "row") -> NewJob:
-    """Check a submission body and return the job to insert.
+            rows: Sequence[int] | None = None, unit: str = "row",
+            submitted_by: str | None = None) -> NewJob:
+    """Check a submission body and return the job to insert (``submitted_by``: the name of
+    the token that submitted it).
 
     ``items`` (with where they are in their file, ``rows`` numbered in ``unit``s, for
     messages) come from an uploaded file, and replace ``body["items"]``.
@@ -55,6 +62,7 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
     max_attempts = _int_field(body, "max_attempts", attempts_default, 1, MAX_ATTEMPTS, fields)
     timeout = _timeout_field(body, task.timeout if task.timeout is not None
                              else cfg.jobs.timeout, fields)
+    run_after = _run_after_field(body, fields)
     key = body.get("key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
         fields["key"] = "must be a string of 1 to 200 characters"
@@ -77,7 +85,8 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
                                    .encode()).hexdigest()
     return NewJob(id=os.urandom(16).hex(), task=task.name, params=params, items=encoded_items,
                   priority=priority, max_attempts=max_attempts, timeout=timeout, key=key,
-                  body_hash=body_hash, params_text=params_text)
+                  body_hash=body_hash, params_text=params_text, run_after=run_after,
+                  submitted_by=submitted_by)
 
 
 def _check_params(cfg: Config, task: Task, params: dict[str, Any],
@@ -199,6 +208,42 @@ def _timeout_field(body: dict[str, Any], default: float, fields: dict[str, str])
     return float(v)
 
 
+def _run_after_field(body: dict[str, Any], fields: dict[str, str]) -> float | None:
+    """When the job may start (Unix seconds) from ``delay`` (seconds from now) or
+    ``run_after`` (ISO 8601 with a zone); None for at once."""
+    delay, at = body.get("delay"), body.get("run_after")
+    if delay is not None and at is not None:
+        fields["delay"] = fields["run_after"] = "give delay or run_after, not both"
+        return None
+    if delay is not None:
+        if (not isinstance(delay, (int, float)) or isinstance(delay, bool)
+                or not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY):
+            fields["delay"] = f"must be a number of seconds from 0 to {MAX_DELAY} (a year)"
+            return None
+        return time.time() + float(delay) if delay else None
+    if at is None:
+        return None
+    when = None
+    if isinstance(at, str) and len(at) <= 64:
+        try:
+            when = datetime.fromisoformat(at.strip())
+        except ValueError:
+            pass
+    if when is None:
+        fields["run_after"] = ('must be an ISO 8601 time with a zone, like '
+                               '"2026-12-02T03:00:00Z" or "2026-12-02T04:00:00+01:00"')
+        return None
+    if when.tzinfo is None or when.utcoffset() is None:
+        fields["run_after"] = (f"{at!r} has no time zone; add one, like "
+                               f'"{at.strip()}Z" for UTC or "{at.strip()}+01:00"')
+        return None
+    ts = when.timestamp()
+    if ts > time.time() + MAX_DELAY:
+        fields["run_after"] = "is more than a year away"
+        return None
+    return ts
+
+
 def form_to_body(form: Mapping[str, str]) -> dict[str, Any]:
     """A submission body from multipart form fields (``params`` is JSON text)."""
     body: dict[str, Any] = {}
@@ -221,7 +266,7 @@ def form_to_body(form: Mapping[str, str]) -> dict[str, Any]:
                 body[name] = int(value)
             except ValueError:
                 fields[name] = "must be a whole number"
-        elif name == "timeout":
+        elif name in ("timeout", "delay"):
             try:
                 body[name] = float(value)
             except ValueError:

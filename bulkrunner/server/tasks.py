@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bulkrunner.config import Config
-from bulkrunner.errors import ConfigError, InvalidSubmission
+from bulkrunner.errors import ConfigError, InvalidSubmission, NotFound
 from bulkrunner.models import ParamSpec
 from bulkrunner.runtime import Context, resolve
 
@@ -147,6 +147,14 @@ class Registry:
                 {"task": f"unknown task {shown[:100]!r}; known tasks: "
                          f"{', '.join(sorted(self._tasks))}"})
         return self._tasks[name]
+
+    def lookup(self, name: str) -> Task:
+        """The task called ``name``, named in a path: NotFound (404) when unknown."""
+        task = self._tasks.get(name)
+        if task is None:
+            raise NotFound(f"no task called {name[:100]!r}; known tasks: "
+                           f"{', '.join(sorted(self._tasks))}", {"task": name[:100]})
+        return task
 
     def modules(self) -> list[str]:
         """Modules the tasks live in (preloaded by process workers)."""

@@ -23,16 +23,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from bulkrunner.errors import NotFound, StoreUnavailable
+from bulkrunner.errors import NotFound, StoreUnavailable, StoreUnwritable
 from bulkrunner.models import STATES, Item, Job, State
-from bulkrunner.store import jobs, prune, transitions
+from bulkrunner.store import claims, jobs, outbox, prune, schedules, transitions
+from bulkrunner.store.claims import Planner, Waiting
+from bulkrunner.store.outbox import Attempt, Delivery
 from bulkrunner.store.prune import PRUNE_BUDGET
 from bulkrunner.store.records import Claimed, Finish, JobChange, NewJob, Tx
+from bulkrunner.store.schedules import ScheduleRun
 from bulkrunner.store.schema import MIGRATIONS, migrate
 from bulkrunner.store.writer import Writer
 
-__all__ = ["MIGRATIONS", "PRUNE_BUDGET", "Claimed", "Finish", "JobChange", "NewJob", "Store",
-           "Turn", "Tx", "migrate"]
+__all__ = ["MIGRATIONS", "PRUNE_BUDGET", "Claimed", "Finish", "JobChange", "NewJob",
+           "Planner", "Store", "Turn", "Tx", "Waiting", "migrate"]
 
 T = TypeVar("T")
 
@@ -83,6 +86,11 @@ class Store:
     def queued(self) -> int:
         """Items waiting in the queue (exact: kept by the writer as it commits)."""
         return self._writer.queued
+
+    def unwritable(self) -> StoreUnwritable | None:
+        """Why the database cannot be written now (the last write failed: disk full, locked
+        by another program), or None. Looks, without waiting, whether the cause is gone."""
+        return self._writer.faults.current()
 
     # ------------------------------------------------------------------ plumbing
     @staticmethod
@@ -148,7 +156,8 @@ class Store:
         counts["queued"] = len(new.items)
         return Job(id=new.id, task=new.task, params=new.params, state=State.QUEUED,
                    priority=new.priority, created_at=now, counts=counts,
-                   max_attempts=new.max_attempts, timeout=new.timeout, key=new.key), True
+                   max_attempts=new.max_attempts, timeout=new.timeout, key=new.key,
+                   submitted_by=new.submitted_by, schedule=new.schedule, notify=jobs.new_notify(new.notify_url)), True
 
     def resolve_id(self, ident: str) -> int:
         """The job sequence number for a full id or a unique prefix (a job that retention
@@ -163,10 +172,11 @@ class Store:
         return jobs.job_by_seq(self._read(), seq)
 
     def list_jobs(self, *, state: str | None = None, task: str | None = None,
-                  limit: int = 20, before: int | None = None) -> tuple[list[Job], int | None]:
+                  limit: int = 20, before: int | None = None,
+                  submitted_by: str | None = None) -> tuple[list[Job], int | None]:
         """Newest first; returns the jobs and the cursor of the next page (or None)."""
         return jobs.list_jobs(self._read(), state=state, task=task, limit=limit,
-                              before=before)
+                              before=before, submitted_by=submitted_by)
 
     def cancel_job(self, ident: str
                    ) -> tuple[Job, list[tuple[int, int, int]], list[JobChange]]:
@@ -232,15 +242,18 @@ class Store:
     def turn(self, finishes: Sequence[Finish], n: int,
              backoff: Callable[[int], float] = lambda attempt: 0.0, *,
              progress: Mapping[tuple[int, int], tuple[float | None, str | None]] | None = None,
-             logs: Mapping[tuple[int, int, int], str] | None = None) -> Turn:
+             logs: Mapping[tuple[int, int, int], str] | None = None,
+             planner: Planner | None = None) -> Turn:
         """The dispatcher's turn in one transaction: store ``progress`` and captured output
         (``logs``) reported meanwhile, record ``finishes`` (stale ones, whose item no longer
-        runs that claim, are ignored), then claim up to ``n`` queued items (priority, then
-        oldest first). One commit for all of it instead of one each.
+        runs that claim, are ignored), then claim up to ``n`` queued items: as ``planner``
+        decides (the claim policy: which jobs, how many of each), or without one in
+        priority then oldest-first order. One commit for all of it instead of one each.
 
         ``backoff(attempt)`` is the delay before the retry of an item that failed its
         ``attempt``-th attempt and has attempts left. Progress and output that cannot be
-        stored are dropped (``Turn.dropped`` says why), never the rest of the turn.
+        stored are dropped (``Turn.dropped`` says why), never the rest of the turn. When
+        the transaction fails, the planner is told to give back what it planned.
         """
         out = Turn()
         if not finishes and n <= 0 and not progress and not logs:
@@ -251,10 +264,54 @@ class Store:
                 out.dropped = transitions.reports(tx, progress or {}, logs or {})
             if finishes:
                 out.retry_due = transitions._finish(tx, finishes, backoff, out.states)
-            return transitions._claim(tx, n) if n > 0 else []
+                if planner is not None:
+                    for f, state in zip(finishes, out.states, strict=True):
+                        if state == "queued":
+                            planner.requeued(f.job_seq)
+            if n <= 0:
+                return []
+            if planner is None:
+                return transitions._claim(tx, n)
+            planner.begin(n, tx.now)
+            return claims.claim_planned(tx, planner.plan, planner.took, tx.now)
 
-        out.claimed, out.changes = self._writer.write_tx(op)
+        try:
+            out.claimed, out.changes = self._writer.write_tx(op)
+        except BaseException:
+            if planner is not None and n > 0:
+                planner.abandon_plan()
+            raise
+        if planner is not None and n > 0:
+            planner.end_plan()
         return out
+
+    # ------------------------------------------------------------------ pacing
+    def waiting_jobs(self, limit: int = 50_000) -> list[Waiting]:
+        """Jobs with queued items, highest priority then oldest first, at most ``limit``."""
+        return claims.waiting_jobs(self._read(), limit)
+
+    def new_waiting_jobs(self, after_seq: int, limit: int = 50_000) -> list[Waiting]:
+        """Jobs with queued items submitted after job ``after_seq``."""
+        return claims.new_waiting_jobs(self._read(), after_seq, limit)
+
+    def paused_tasks(self) -> set[str]:
+        """The tasks a user paused (kept across restarts)."""
+        return claims.paused_tasks(self._read())
+
+    def set_task_paused(self, task: str, paused: bool) -> bool:
+        """Pause or resume a task; True when that changed something."""
+        return bool(self.write(lambda tx: claims.set_task_paused(tx, task, paused),
+                               durable=True))
+
+    def pause_job(self, ident: str, paused: bool = True) -> tuple[Job, list[JobChange]]:
+        """Pause (or resume) a job: its queued items do not start (running ones finish).
+
+        JobFinished when it has finished; NotPaused on a resume of a job not paused.
+        Returns the job and its change of state."""
+        seq = self.resolve_id(ident)
+        _, changes = self._writer.write_tx(
+            lambda tx: claims.set_job_paused(tx, seq, ident, paused), durable=True)
+        return self._job_by_seq(seq), changes
 
     def claim(self, n: int) -> list[Claimed]:
         """Move up to ``n`` queued items (priority, then oldest first) to running."""
@@ -356,3 +413,37 @@ class Store:
         """Jobs taken away by retention whose rows are not all deleted yet."""
         return int(self._read().execute(
             "SELECT COUNT(*) FROM jobs WHERE doomed = 1").fetchone()[0])
+
+    # ------------------------------------------------------------------ webhooks
+    def claim_deliveries(self, n: int, lease: float) -> list[Delivery]:
+        """Up to ``n`` due webhook deliveries, leased for ``lease`` seconds; see
+        :func:`bulkrunner.store.outbox.claim_due`."""
+        return self.write(lambda tx: outbox.claim_due(tx, n, tx.now + lease))
+
+    def record_deliveries(self, attempts: list[Attempt]) -> None:
+        """Store how delivery attempts ended (and what each delivery becomes)."""
+        if attempts:
+            self.write(lambda tx: outbox.record(tx, attempts))
+
+    def deliveries_due_at(self) -> float | None:
+        """When the next pending delivery is due; None when none is pending."""
+        return outbox.next_due(self._read())
+
+    def deliveries_pending(self) -> int:
+        """Webhook deliveries waiting for an attempt."""
+        return outbox.pending(self._read())
+
+    def job_by_seq(self, seq: int) -> Job:
+        """One job by its sequence number; NotFound when it is gone or being deleted."""
+        return self._job_by_seq(seq)
+
+    # ------------------------------------------------------------------ schedules
+    def schedule_runs(self, names: Sequence[str] = ()) -> dict[str, ScheduleRun]:
+        """Each schedule's row by name; ``names`` not seen before get one (first seen now)."""
+        if names:
+            self.write(lambda tx: schedules.seen(tx, names))
+        return schedules.runs(self._read())
+
+    def record_fire(self, name: str, fire: float, job_id: str) -> None:
+        """Schedule ``name`` submitted job ``job_id`` for fire time ``fire``."""
+        self.write(lambda tx: schedules.record_fire(tx, name, fire, job_id))

@@ -18,6 +18,7 @@ from bulkrunner.models import (
     Job,
     State,
 )
+from bulkrunner.store import outbox
 from bulkrunner.store.records import Tx, _loads
 
 JOB_COLS = ("seq, id, task, params, priority, max_attempts, timeout, key, state, created_at, "
@@ -62,6 +63,11 @@ def resolve_id(conn: sqlite3.Connection, ident: str) -> int:
 
 
 
+def new_notify(url: str | None) -> dict[str, Any] | None:
+    """A job's ``notify`` before its delivery is queued (None without a webhook)."""
+    return None if url is None else {"url": url, "state": "pending", "attempts": 0}
+
+
 #: A single-item job's error without its traceback, as SQLite reads it for a list page.
 _ERROR_SANS_TRACEBACK = ("CASE WHEN json_valid(error) THEN json_remove(error, '$.traceback') "
                          "ELSE error END")
@@ -82,8 +88,14 @@ def job_from_row(conn: sqlite3.Connection, row: Any, *, traceback: bool = True) 
               max_attempts=row[5], timeout=row[6], key=row[7], state=State(row[8]),
               created_at=row[9], started_at=row[10], finished_at=row[11],
               message=row[12], counts=counts, run_after=row[18], submitted_by=row[19],
-              schedule=row[20],
+              schedule=row[20], seq=row[0],
               progress=round((done + running_progress) / total, 4) if total else 1.0)
+    if row[21] is not None:
+        # A webhook: until the job ends (again, after a retry) its notice is to come; then
+        # how the delivery queued when it ended is going (one index lookup).
+        delivery = outbox.latest(conn, row[0]) if job.state.finished else None
+        job.notify = new_notify(row[21]) if delivery is None else {
+            "url": row[21], "state": delivery[0], "attempts": delivery[1]}
     if total == 1:
         error = "error" if traceback else _ERROR_SANS_TRACEBACK
         item = conn.execute(f"SELECT result, {error} FROM items WHERE job_seq = ?",
@@ -138,11 +150,15 @@ def job_by_seq(conn: sqlite3.Connection, seq: int) -> Job:
 
 
 def list_jobs(conn: sqlite3.Connection, *, state: str | None = None, task: str | None = None,
-              limit: int = 20, before: int | None = None) -> tuple[list[Job], int | None]:
-    """Newest first; returns the jobs (their errors without tracebacks) and the cursor of
-    the next page (or None)."""
+              limit: int = 20, before: int | None = None, submitted_by: str | None = None
+              ) -> tuple[list[Job], int | None]:
+    """Newest first (only those ``submitted_by`` that name, when given); returns the jobs
+    (their errors without tracebacks) and the cursor of the next page (or None)."""
     where: list[str] = ["doomed = 0"]
     args: list[Any] = []
+    if submitted_by:
+        where.append("submitted_by = ?")
+        args.append(submitted_by)
     if state:
         where.append("state = ?")
         args.append(state)

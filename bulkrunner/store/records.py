@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bulkrunner.models import STATES, derive_state
+from bulkrunner.store.outbox import queue_delivery
 
 
 @dataclass
@@ -134,7 +135,8 @@ _APPLY = (
     "ELSE started_at END, "
     f"finished_at = CASE WHEN {_STATE} IN ('succeeded', 'failed', 'cancelled') "
     "THEN COALESCE(finished_at, :now) ELSE NULL END "
-    "WHERE seq = :seq RETURNING id, task, paused, " + ", ".join(f"n_{n}" for n in STATES))
+    "WHERE seq = :seq RETURNING id, task, paused, " + ", ".join(f"n_{n}" for n in STATES) +
+    ", notify_url")
 
 
 def _apply_counts(tx: Tx) -> None:
@@ -146,7 +148,7 @@ def _apply_counts(tx: Tx) -> None:
         row = tx.conn.execute(_APPLY, {**delta, "now": tx.now, "seq": seq}).fetchone()
         if row is None:
             continue
-        counts = dict(zip(STATES, row[3:], strict=True))
+        counts = dict(zip(STATES, row[3:8], strict=True))
         old = {s: counts[s] - delta[s] for s in STATES}
         before, after = derive_state(old, bool(row[2])), derive_state(counts, bool(row[2]))
         by_task = tx.by_task[row[1]]
@@ -154,6 +156,9 @@ def _apply_counts(tx: Tx) -> None:
             by_task[s] += n
         if before is not after:
             tx.changes.append(JobChange(row[0], row[1], before.value, after.value, counts))
+            if after.finished and row[8] is not None:
+                # In the transaction that ends the job: a kill right after loses nothing.
+                queue_delivery(tx.conn, seq, row[8], tx.now)
     tx.counts.clear()
 
 

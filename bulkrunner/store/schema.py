@@ -116,25 +116,33 @@ def _v4(c: sqlite3.Connection) -> None:
 
 def _v5(c: sqlite3.Connection) -> None:
     # Webhooks: the outbox, one row per delivery, written in the transaction that ends the
-    # job. Schedules: the last fire time of each, so a restart neither fires twice nor
-    # misses a catch-up.
+    # job (so a kill -9 right after it loses no delivery). next_at is when the next attempt
+    # is due, and while one is in flight, the end of its lease (a process that died
+    # mid-attempt leaves the row to be tried again once it passes). body is the exact bytes
+    # sent, fixed at the first attempt, so every retry carries the same signature. The
+    # rows go with their job (retention). Schedules: when this database first saw each
+    # (fire times before it are never caught up) and the latest fire time it submitted,
+    # so a restart neither fires twice nor misses its catch-up.
     _script(c, """
     CREATE TABLE outbox (
         id INTEGER PRIMARY KEY,
-        job_seq INTEGER NOT NULL,
+        job_seq INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
         delivery TEXT NOT NULL UNIQUE,
         url TEXT NOT NULL,
         state TEXT NOT NULL DEFAULT 'pending',
         attempts INTEGER NOT NULL DEFAULT 0,
         next_at REAL NOT NULL DEFAULT 0,
+        body BLOB,
+        last_status INTEGER,
         last_error TEXT,
         created_at REAL NOT NULL,
-        delivered_at REAL
+        finished_at REAL
     );
     CREATE INDEX outbox_due ON outbox(next_at) WHERE state = 'pending';
-    CREATE INDEX outbox_by_job ON outbox(job_seq);
+    CREATE INDEX outbox_by_job ON outbox(job_seq, id);
     CREATE TABLE schedule_runs (
         name TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,
         last_fire REAL,
         last_job TEXT
     ) WITHOUT ROWID;

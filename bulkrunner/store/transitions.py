@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from bulkrunner.store.faults import unwritable
 from bulkrunner.store.records import Claimed, Finish, Tx, _loads
 
 _SUCCEED = ("UPDATE items SET state = 'succeeded', attempts = attempts + 1, result = ?, "
@@ -164,6 +165,8 @@ def _saved(tx: Tx, fn: Callable[[], object]) -> str | None:
     try:
         fn()
     except (sqlite3.Error, UnicodeError, ValueError, OverflowError) as e:
+        if unwritable(e) is not None:
+            raise  # a full disk or a lock is not the report's fault: the turn is retried
         c.execute("ROLLBACK TO reports")
         c.execute("RELEASE reports")
         return repr(e)

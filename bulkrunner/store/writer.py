@@ -12,10 +12,18 @@ array by SQLite), because every statement releases and retakes the GIL, and on a
 server each retake waits for the request threads: statements per batch, not rows, set how
 fast the writer goes. A batch of new jobs alone is that one statement in autocommit mode,
 its commit included.
+
+When the database cannot be written (a full disk, a write lock another program holds past
+the busy timeout, an I/O error) the batch's transaction is rolled back and every operation
+in it fails with a :class:`~bulkrunner.errors.StoreUnwritable` (HTTP 503): nothing is stored
+half-way. A lock held past the timeout also fails every operation waiting for the leader at
+that moment, so no caller waits much longer than one busy timeout. What the failure was is
+kept in :attr:`Writer.faults` until a write succeeds again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -23,8 +31,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from bulkrunner.errors import KeyConflict, QueueFull
+from bulkrunner.errors import DatabaseLocked, KeyConflict, QueueFull, StoreUnwritable
 from bulkrunner.models import STATES
+from bulkrunner.store.faults import BUSY_TIMEOUT_MS, WAL_SIZE_LIMIT, Faults, unwritable
 from bulkrunner.store.records import JobChange, NewJob, Tx, _apply_counts, _zero_counts
 
 T = TypeVar("T")
@@ -81,6 +90,12 @@ class Writer:
         self._conn = conn
         for sql in _NEW_JOBS:
             conn.execute(sql)
+        # Request threads lead commits: past this a submission answers 503, not a hang.
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        path = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "")
+        #: Why writes fail now (disk full, locked), kept until one succeeds again.
+        self.faults = Faults(path)
         self._lock = threading.Lock()          # held by the leader while it commits
         self._pending: list[_Op] = []
         self._pending_lock = threading.Lock()
@@ -158,11 +173,21 @@ class Writer:
                     o.error, o.done = RuntimeError("the store is closed"), True
                     o.gate.release()
                 continue
-            self._commit(batch)
+            fault = self._commit(batch)
+            if isinstance(fault, DatabaseLocked):
+                # The lock is another program's, held past the timeout: those who waited
+                # meanwhile would wait as long again, one batch after another.
+                with self._pending_lock:
+                    waiting, self._pending = self._pending, []
+                for o in waiting:
+                    o.value, o.error, o.changes, o.done = None, fault, [], True
+                batch += waiting
             for o in batch:
                 o.gate.release()
 
-    def _commit(self, batch: list[_Op]) -> None:
+    def _commit(self, batch: list[_Op]) -> StoreUnwritable | None:
+        """Commit ``batch`` in one transaction; the fault when the database could not be
+        written (then every operation of the batch failed with it)."""
         conn = self._conn
         sync = "FULL" if any(o.durable for o in batch) else "NORMAL"
         if sync != self._sync:
@@ -171,6 +196,8 @@ class Writer:
         queued_before = self.queued
         deltas: list[dict[str, dict[str, int]]] = []
         plain = [o for o in batch if o.new is not None and o.new[0].key is None]
+        faulty = self.faults.active
+        changes_before = conn.total_changes if faulty else 0
         try:
             now = time.time()
             if len(plain) == len(batch):
@@ -187,16 +214,23 @@ class Writer:
                 conn.execute("COMMIT")
         except BaseException as e:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk, an I/O error); a
+                # rollback that fails leaves nothing of the batch either.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             self.queued = queued_before
+            fault = self.faults.failed(e)
             for op in batch:
-                op.value, op.error, op.changes = None, e, []
+                op.value, op.error, op.changes = None, fault or e, []
                 op.done = True
-            return
+            return fault
+        if faulty:
+            self.faults.committed(conn.total_changes > changes_before)
         for delta in deltas:
             self._count_by_task(delta)
         for op in batch:
             op.done = True
+        return None
 
     def _one(self, op: _Op, now: float, deltas: list[dict[str, dict[str, int]]],
              alone: bool = False) -> None:
@@ -215,6 +249,8 @@ class Writer:
             op.value = self._apply(op, tx)
             conn.execute("RELEASE op")
         except BaseException as e:  # handed back to the caller, never lost here
+            if unwritable(e) is not None:
+                raise  # the database's trouble, not this operation's: the batch fails
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
             op.error = e

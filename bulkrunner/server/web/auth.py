@@ -1,13 +1,14 @@
 """The page's login sessions: kept on the server, named by a random id in a cookie.
 
-The API token is typed once at ``/login``. The server then makes a session, a random id
-(``secrets.token_urlsafe(32)``) in a table in memory, and the browser holds only that id in
-an HttpOnly, SameSite=Strict cookie, so the token never reaches the HTML or JavaScript. A
-session ends at logout (its row is deleted: the old cookie is refused from then on), after
-:data:`SESSION_SECONDS` from login, after :data:`IDLE_SECONDS` without a request, when the
-configured token changes, or when the server restarts (the table is not saved: everyone
-logs in again). The table holds at most :data:`MAX_SESSIONS`; past that the least recently
-used session is dropped.
+An API token (``server.token`` or any named token) is typed once at ``/login``. The server
+then makes a session, a random id (``secrets.token_urlsafe(32)``) in a table in memory, and
+the browser holds only that id in an HttpOnly, SameSite=Strict cookie, so the token never
+reaches the HTML or JavaScript. The session acts as its token: the same name and role. It
+ends at logout (its row is deleted: the old cookie is refused from then on), after
+:data:`SESSION_SECONDS` from login, after :data:`IDLE_SECONDS` without a request, when its
+token is no longer configured (changed or removed), or when the server restarts (the table
+is not saved: everyone logs in again). The table holds at most :data:`MAX_SESSIONS`; past
+that the least recently used session is dropped.
 
 The CSRF token is a MAC over a random nonce of the session: the page gets it in a
 ``<meta>`` tag and sends it back in ``X-CSRF-Token`` on every state-changing request.
@@ -21,10 +22,14 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flask import Flask, Request, current_app
+
+from bulkrunner.config import ServerConfig, TokenConfig
+from bulkrunner.config.tokens import digest, token_digests, token_required
 
 COOKIE = "bulkrunner_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -34,6 +39,7 @@ MAX_SESSIONS = 10_000
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 EXTENSION = "bulkrunner.server.web"
 _MAX_COOKIE = 200  # an id is 43 characters; anything much longer is not one of ours
+T = TypeVar("T")
 
 
 @dataclass
@@ -87,6 +93,17 @@ class Sessions:
         A session that has expired, or was made for another token, is deleted. A live one
         counts as used now (for the idle timeout).
         """
+        found = self.lookup(cookie, {_digest(token): None}, now)
+        return found[0] if found is not None else None
+
+    def lookup(self, cookie: str, known: Mapping[bytes, T], now: float | None = None
+               ) -> tuple[str, T] | None:
+        """The nonce of the live session ``cookie`` names and what ``known`` (the SHA-256
+        of each configured token, to anything) holds for the session's token.
+
+        A session that has expired, or whose token is not in ``known`` (no longer
+        configured), is deleted. A live one counts as used now (for the idle timeout).
+        """
         key = _cookie_key(cookie)
         if key is None:
             return None
@@ -95,13 +112,12 @@ class Sessions:
             entry = self._table.get(key)
             if entry is None:
                 return None
-            if self._expired(entry, now) or not hmac.compare_digest(entry.token,
-                                                                    _digest(token)):
+            if self._expired(entry, now) or entry.token not in known:
                 del self._table[key]
                 return None
             entry.last_seen = max(entry.last_seen, now)
             self._table.move_to_end(key)
-            return entry.nonce
+            return entry.nonce, known[entry.token]
 
     def end(self, cookie: str) -> bool:
         """Delete the session ``cookie`` names (logout); False when there was none."""
@@ -134,13 +150,33 @@ def _cookie_key(cookie: str) -> bytes | None:
 
 def _digest(token: str) -> bytes:
     # A session remembers its token's hash, so a session made for one token dies with it.
-    return hashlib.sha256(token.encode()).digest()
+    return digest(token)
+
+
+def _server() -> ServerConfig:
+    server: ServerConfig = current_app.extensions["bulkrunner"].cfg.server
+    return server
 
 
 def configured_token() -> str:
-    """The API token of the running app ("" when none is configured)."""
-    token: str = current_app.extensions["bulkrunner"].cfg.server.token
-    return token
+    """The admin token (``server.token``) of the running app ("" when none is set)."""
+    return _server().token
+
+
+def auth_required() -> bool:
+    """True when the running app has any token configured (then the page needs a login)."""
+    return token_required(_server())
+
+
+def find_token(given: str) -> TokenConfig | None:
+    """The configured token ``given`` is, or None: compared in constant time with every
+    token (by their SHA-256), so how long it takes tells nothing of which one matched."""
+    given_digest = digest(given)
+    found = None
+    for known, token in token_digests(_server()):
+        if hmac.compare_digest(known, given_digest):  # no break: the same work for all
+            found = token
+    return found
 
 
 def sessions() -> Sessions | None:
@@ -151,11 +187,21 @@ def sessions() -> Sessions | None:
 
 def session_nonce(request: Request) -> str | None:
     """The nonce of the request's live session, else None."""
-    token, store = configured_token(), sessions()
-    cookie = request.cookies.get(COOKIE)
-    if not token or store is None or not cookie:
+    found = _session(request)
+    return found[0] if found is not None else None
+
+
+def session_token(request: Request) -> TokenConfig | None:
+    """The token (name and role) the request's live session was made with, else None."""
+    found = _session(request)
+    return found[1] if found is not None else None
+
+
+def _session(request: Request) -> tuple[str, TokenConfig] | None:
+    store, cookie = sessions(), request.cookies.get(COOKIE)
+    if store is None or not cookie or not auth_required():
         return None
-    return store.check(cookie, token)
+    return store.lookup(cookie, dict(token_digests(_server())))
 
 
 def end_session(request: Request) -> None:
@@ -165,21 +211,26 @@ def end_session(request: Request) -> None:
         store.end(cookie)
 
 
-def session_auth(request: Request) -> bool:
-    """True when ``request`` is authenticated by a page session cookie.
+def session_auth(request: Request, *, form: bool = False) -> TokenConfig | None:
+    """The token a page session cookie authenticates ``request`` as, else None.
 
     A safe method (GET, HEAD, OPTIONS) needs only the cookie; any other method also needs
-    the session's CSRF token in the ``X-CSRF-Token`` header.
+    the session's CSRF token, in the ``X-CSRF-Token`` header (the page's JavaScript) or,
+    with ``form``, in a ``csrf_token`` form field (the page's own forms).
     """
-    nonce = session_nonce(request)
-    if nonce is None:
-        return False
+    found = _session(request)
+    if found is None:
+        return None
+    nonce, token = found
     if request.method in SAFE_METHODS:
-        return True
+        return token
     store = sessions()
-    assert store is not None  # session_nonce found it
+    assert store is not None  # _session found it
     given = request.headers.get(CSRF_HEADER, "")
-    return hmac.compare_digest(given.encode(), store.csrf(nonce).encode())
+    if not given and form:
+        given = request.form.get("csrf_token", "")
+    expected = store.csrf(nonce)
+    return token if hmac.compare_digest(given.encode(), expected.encode()) else None
 
 
 def install(app: Flask, store: Sessions | None = None) -> None:

@@ -23,8 +23,9 @@ from bulkrunner.server.service import Service
 from bulkrunner.server.web.auth import (
     COOKIE,
     SESSION_SECONDS,
-    configured_token,
+    auth_required,
     end_session,
+    find_token,
     session_nonce,
     sessions,
 )
@@ -46,7 +47,7 @@ def _service() -> Service:
 # ------------------------------------------------------------------ session
 @bp.before_request
 def _require_session() -> BaseResponse | None:
-    if request.endpoint in _PUBLIC or not configured_token():
+    if request.endpoint in _PUBLIC or not auth_required():
         return None
     if session_nonce(request) is not None:
         return None
@@ -63,7 +64,7 @@ def csrf_token() -> str:
 
 @bp.context_processor
 def _globals() -> dict[str, Any]:
-    return {"token_required": bool(configured_token()), "version": __version__,
+    return {"token_required": auth_required(), "version": __version__,
             "states": STATES}
 
 
@@ -83,21 +84,22 @@ def _local_path(raw: str | None = None) -> str:
 # ------------------------------------------------------------------ login
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> BaseResponse | str | tuple[str, int]:
-    """Ask for the API token once; on the right one, set the session cookie."""
-    token = configured_token()
+    """Ask for an API token once; on a configured one, set the session cookie (the
+    session then has that token's name and role)."""
     target = _local_path(request.values.get("next", "/"))
-    if not token or session_nonce(request) is not None:
+    if not auth_required() or session_nonce(request) is not None:
         return redirect(target)
     if request.method == "GET":
         return render_template("login.html", next=target, error=None)
     given = request.form.get("token", "").strip()
     store = sessions()
-    if store is None or not hmac.compare_digest(given.encode(), token.encode()):
+    token = find_token(given) if given else None
+    if store is None or token is None:
         return render_template("login.html", next=target,
                                error="That token is not right. Check it and try again."), 401
     # The cookie carries only the session's random id; the session itself is on the server.
     resp = redirect(target)
-    resp.set_cookie(COOKIE, store.issue(token), max_age=SESSION_SECONDS, path="/",
+    resp.set_cookie(COOKIE, store.issue(token.token), max_age=SESSION_SECONDS, path="/",
                     httponly=True, samesite="Strict", secure=_https())
     return resp
 
@@ -120,11 +122,9 @@ def logout() -> BaseResponse:
 
 
 def _https() -> bool:
-    """True when the browser's request was https: directly, or through a TLS proxy that says
-    so in ``X-Forwarded-Proto``. Trusting that header is safe here, as it only decides the
-    cookie's Secure flag: a client that forges it only keeps its own cookie off plain http."""
-    forwarded = request.headers.get("X-Forwarded-Proto", "").partition(",")[0]
-    return request.is_secure or forwarded.strip().lower() == "https"
+    """True when the browser's request was https: directly, or through the TLS proxies of
+    ``server.trusted_proxies``, whose ``X-Forwarded-Proto`` has set the request's scheme."""
+    return request.is_secure
 
 
 # ------------------------------------------------------------------ pages

@@ -1,0 +1,158 @@
+"""What the claim policy reads and writes: the jobs that wait, pauses, and claims of a
+job's next items. The policy itself (who goes next) is the caller's; this module only
+answers with rows and moves the items it is told to move."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bulkrunner.errors import JobFinished, NotFound, NotPaused
+from bulkrunner.models import STATES, State, derive_state
+from bulkrunner.store.records import Claimed, JobChange, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A job with queued items, as the claim policy needs it."""
+
+    seq: int
+    priority: int
+    task: str
+    run_after: float | None
+    paused: bool
+
+
+class Planner(Protocol):
+    """The claim policy as the store sees it: asked what to claim inside the turn's
+    transaction, told what each step gave, and whether the transaction held."""
+
+    def begin(self, n: int, now: float) -> None:
+        """A claim of up to ``n`` items starts at ``now``."""
+        ...
+
+    def plan(self) -> Sequence[tuple[int, int]]:
+        """The next steps: ``(job_seq, items)``; empty to stop."""
+        ...
+
+    def took(self, seq: int, asked: int, got: int) -> None:
+        """What a step gave."""
+        ...
+
+    def requeued(self, seq: int) -> None:
+        """An item of job ``seq`` went back to the queue in this transaction."""
+        ...
+
+    def end_plan(self) -> None:
+        """The claim was committed."""
+        ...
+
+    def abandon_plan(self) -> None:
+        """The claim's transaction failed."""
+        ...
+
+
+_WAITING_COLS = "seq, priority, task, run_after, paused"
+
+
+def waiting_jobs(conn: sqlite3.Connection, limit: int) -> list[Waiting]:
+    """Jobs with queued items, highest priority then oldest first (the ``jobs_waiting``
+    index: never the items)."""
+    rows = conn.execute(f"SELECT {_WAITING_COLS} FROM jobs INDEXED BY jobs_waiting "
+                        "WHERE n_queued > 0 ORDER BY priority DESC, seq LIMIT ?",
+                        (limit,)).fetchall()
+    return [Waiting(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+
+def new_waiting_jobs(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Waiting]:
+    """Jobs with queued items submitted after job ``after_seq`` (a primary-key range)."""
+    rows = conn.execute(f"SELECT {_WAITING_COLS} FROM jobs WHERE seq > ? AND n_queued > 0 "
+                        "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+    return [Waiting(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+
+def paused_tasks(conn: sqlite3.Connection) -> set[str]:
+    """The tasks a user paused."""
+    return {r[0] for r in conn.execute("SELECT name FROM task_flags WHERE paused = 1")}
+
+
+def set_task_paused(tx: Tx, task: str, paused: bool) -> bool:
+    """Pause or resume a task; True when that changed something."""
+    c = tx.conn
+    old = c.execute("SELECT paused FROM task_flags WHERE name = ?", (task,)).fetchone()
+    if bool(old and old[0]) == paused:
+        return False
+    c.execute("INSERT INTO task_flags (name, paused) VALUES (?, ?) "
+              "ON CONFLICT(name) DO UPDATE SET paused = excluded.paused", (task, int(paused)))
+    return True
+
+
+def set_job_paused(tx: Tx, seq: int, ident: str, paused: bool) -> None:
+    """Pause or resume job ``seq``: its state becomes ``paused``, or what its counts say.
+
+    JobFinished when it has finished (nothing to pause); NotPaused on a resume of a job
+    that is not paused."""
+    c = tx.conn
+    row = c.execute("SELECT id, task, state, paused, " + ", ".join(f"n_{s}" for s in STATES)
+                    + " FROM jobs WHERE seq = ? AND doomed = 0", (seq,)).fetchone()
+    if row is None:
+        raise NotFound(f"no job with id {ident!r}", {"id": ident})
+    job_id, task, state, was = row[0], row[1], row[2], bool(row[3])
+    if State(state).finished:
+        raise JobFinished(f"the job has already finished ({state}); there is nothing to "
+                          f"{'pause' if paused else 'resume'}", {"state": state})
+    if not paused and not was:
+        raise NotPaused("the job is not paused; nothing to resume", {"state": state})
+    if paused == was:
+        return  # pausing a paused job: already what was asked
+    counts = dict(zip(STATES, row[4:], strict=True))
+    new = derive_state(counts, paused).value
+    c.execute("UPDATE jobs SET paused = ?, state = ? WHERE seq = ?", (int(paused), new, seq))
+    if new != state:
+        tx.changes.append(JobChange(job_id, task, state, new, counts))
+
+
+_NEXT_ITEMS = ("SELECT idx, params, claim FROM items INDEXED BY items_by_state "
+               "WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
+               "ORDER BY idx LIMIT ?")
+
+
+def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
+                  took: Callable[[int, int, int], None], started: float) -> list[Claimed]:
+    """Claim items job by job as ``plan()`` says: each ``(job_seq, n)`` moves that job's
+    next ``n`` claimable items (queued, not waiting for a retry's backoff) to running, in
+    index order, started at ``started``. ``took(job_seq, asked, got)`` is told what each
+    gave; ``plan()`` is asked again while the last plan came up short, and stops the claim
+    by answering nothing."""
+    c = tx.conn
+    out: list[Claimed] = []
+    for _ in range(4):  # a short plan is retried a few times, never looped on
+        steps = plan()
+        if not steps:
+            break
+        short = False
+        for seq, n in steps:
+            job = c.execute("SELECT id, task, params, timeout FROM jobs "
+                            "WHERE seq = ? AND paused = 0", (seq,)).fetchone()
+            rows = c.execute(_NEXT_ITEMS, (seq, started, n)).fetchall() if job else []
+            took(seq, n, len(rows))
+            if len(rows) < n:
+                short = True
+            if not rows:
+                continue
+            c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
+                          "progress = NULL, message = NULL, worker = NULL "
+                          "WHERE job_seq = ? AND idx = ?",
+                          ((r[2] + 1, started, seq, r[0]) for r in rows))
+            tx.move(seq, "queued", "running", len(rows))
+            base: dict[str, Any] = json.loads(job[2])
+            for r in rows:
+                params = {**base, **json.loads(r[1])} if r[1] else base
+                out.append(Claimed(job_id=job[0], job_seq=seq, index=r[0], claim=r[2] + 1,
+                                   task=job[1], params=params, timeout=job[3]))
+        if not short:
+            break
+    return out
