@@ -19,7 +19,7 @@ from typing import Protocol
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
 from bulkrunner.executors.thread import ThreadExecutor
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit
+from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit
 
 __all__ = ["FACTORIES", "Executor", "ExecutorLost", "ThreadExecutor", "WorkerDied",
            "make_executor"]
@@ -75,6 +75,13 @@ FACTORIES: dict[str, Callable[[Config, Reporter | None, list[str]], Executor]] =
 
 
 def make_executor(cfg: Config, reporter: Reporter | None = None,
-                  preload: list[str] | None = None) -> Executor:
-    """Build the executor named by ``cfg.executor.type``."""
+                  preload: list[str] | None = None, *,
+                  item_context: ItemContext | None = None) -> Executor:
+    """Build the executor named by ``cfg.executor.type``.
+
+    ``item_context`` is entered around each item that runs in this process, that is on the
+    thread executor; worker processes and Dask workers run items without it.
+    """
+    if item_context is not None and cfg.executor.type == "thread":
+        return ThreadExecutor(cfg.executor.max_workers, reporter, item_context)
     return FACTORIES[cfg.executor.type](cfg, reporter, preload or [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_item
+from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit, run_item
 
 
 class ThreadExecutor:
@@ -18,9 +18,11 @@ class ThreadExecutor:
 
     kind = "thread"
 
-    def __init__(self, max_workers: int, reporter: Reporter | None = None) -> None:
+    def __init__(self, max_workers: int, reporter: Reporter | None = None,
+                 item_context: ItemContext | None = None) -> None:
         self.max_workers = max_workers
         self._reporter = reporter
+        self._item_context = item_context  # entered around each item (an app context)
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="bulkrunner-item")
         self._flags: dict[tuple[tuple[int, int], int], threading.Event] = {}
 
@@ -29,7 +31,7 @@ class ThreadExecutor:
         flag = threading.Event()
         ident = (unit.key, unit.claim)
         self._flags[ident] = flag
-        fut = self._pool.submit(run_item, unit, self._reporter, flag)
+        fut = self._pool.submit(run_item, unit, self._reporter, flag, self._item_context)
         fut.add_done_callback(lambda _: self._flags.pop(ident, None))
         return fut
 

@@ -7,7 +7,15 @@ only (and :mod:`bulkrunner.errors` / :mod:`bulkrunner.models`), never server cod
 from __future__ import annotations
 
 from bulkrunner.runtime.context import Cancelled, Context, Reporter, context, safe_text
-from bulkrunner.runtime.run import Outcome, WorkUnit, error_dict, resolve, run_item, worker_name
+from bulkrunner.runtime.run import (
+    ItemContext,
+    Outcome,
+    WorkUnit,
+    error_dict,
+    resolve,
+    run_item,
+    worker_name,
+)
 
-__all__ = ["Cancelled", "Context", "Outcome", "Reporter", "WorkUnit", "context", "error_dict",
-           "resolve", "run_item", "safe_text", "worker_name"]
+__all__ = ["Cancelled", "Context", "ItemContext", "Outcome", "Reporter", "WorkUnit", "context",
+           "error_dict", "resolve", "run_item", "safe_text", "worker_name"]

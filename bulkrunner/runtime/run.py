@@ -7,6 +7,7 @@ a crash of the worker.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -15,11 +16,17 @@ import socket
 import threading
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import bulkrunner.runtime.capture as capture
 from bulkrunner.runtime.context import Cancelled, Context, Reporter, _current, safe_text
+
+#: Makes the context each item runs in, entered afresh for every attempt (an embedding
+#: Flask app's ``app.app_context``: the task sees ``current_app``, a new ``g``, and the
+#: app's teardown runs after it). Passed in by the executor; never imported here.
+ItemContext = Callable[[], AbstractContextManager[object]]
 
 
 @dataclass(frozen=True)
@@ -139,8 +146,12 @@ def error_dict(exc: BaseException, limit: int = DEFAULT_MAX_ERROR_SIZE) -> dict[
 
 
 def run_item(unit: WorkUnit, reporter: Reporter | None = None,
-             cancel: threading.Event | None = None) -> Outcome:
+             cancel: threading.Event | None = None,
+             around: ItemContext | None = None) -> Outcome:
     """Run one attempt of one item and return its outcome; never raises for task errors.
+
+    With ``around``, the call and the encoding of its result happen inside ``around()``
+    (an error entering or leaving it is the attempt's error).
 
     When the reporter has a ``log`` method (a :data:`~bulkrunner.runtime.capture.LogSink`), what
     the task prints and logs is captured and sent there, all of it before this returns.
@@ -162,14 +173,15 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
         kwargs = dict(unit.params)
         if unit.context_param:
             kwargs[unit.context_param] = ctx
-        value = fn(**kwargs)
-        try:
-            text = json.dumps(value, allow_nan=False, default=_json_default)
-        except (TypeError, ValueError) as e:
-            return Outcome(ok=False, worker=worker_name(), retryable=False, error=cap_error({
-                "type": "ResultNotSerializable", "message": safe_text(
-                    f"the task returned a value that is not JSON: {e}"), "traceback": ""},
-                unit.max_error_size))
+        with around() if around is not None else contextlib.nullcontext():
+            value = fn(**kwargs)
+            try:
+                text = json.dumps(value, allow_nan=False, default=_json_default)
+            except (TypeError, ValueError) as e:
+                return Outcome(ok=False, worker=worker_name(), retryable=False, error=cap_error({
+                    "type": "ResultNotSerializable", "message": safe_text(
+                        f"the task returned a value that is not JSON: {e}"), "traceback": ""},
+                    unit.max_error_size))
         if len(text) > unit.max_result_size:
             return Outcome(ok=False, worker=worker_name(), retryable=False, error={
                 "type": "ResultTooLarge",

@@ -198,6 +198,12 @@ def list_tasks() -> Response:
     return _json({"tasks": svc.tasks(), "default": svc.registry.default})
 
 
+@api.get("/schedules")
+def list_schedules() -> Response:
+    """GET /api/v1/schedules: the configured schedules with their next and latest runs."""
+    return _json({"schedules": service().schedules()})
+
+
 @api.post("/tasks/<name>/pause")
 def pause_task(name: str) -> Response:
     """POST /api/v1/tasks/<name>/pause: no item of the task starts (404 unknown task)."""

@@ -90,6 +90,7 @@ ROUTE_ROLES: dict[str, Need] = {
     "healthz": PUBLIC,
     "metrics": Need(READ),
     "openapi": Need(READ),
+    "static": Need(READ),  # Flask's own static route (the app has no files there)
     # The web page (its own writes go through the API above).
     "web.static": PUBLIC,
     "web.login": PUBLIC,
@@ -98,6 +99,7 @@ ROUTE_ROLES: dict[str, Need] = {
     "web.tasks": Need(READ),
     "web.task": Need(READ),
     "web.job": Need(READ),
+    "web.schedules": Need(READ),
 }
 _UNDECLARED = Need(ADMIN)
 

@@ -19,11 +19,13 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
 from bulkrunner.config import Config
+from bulkrunner.errors import StoreUnwritable
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
 from bulkrunner.runtime import Outcome, WorkUnit, safe_text
 from bulkrunner.server.events import EventBus, Finished, Recovered, Started
 from bulkrunner.server.pacing import Pacer
 from bulkrunner.server.policy import INTERRUPTIONS_ALLOWED, backoff_delay
+from bulkrunner.server.storewait import StoreWait
 from bulkrunner.server.tasks import Registry
 from bulkrunner.store import Claimed, Finish, Store
 
@@ -77,6 +79,8 @@ class Dispatcher:
         self._aborts: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         #: Ends not yet recorded; kept until the store has them (a failed write retries).
         self._unrecorded: list[_Ended] = []
+        #: While the database cannot be written: retry delays, rate-limited warnings.
+        self._store_wait = StoreWait(log, store.path, store.unwritable)
         self._progress: dict[tuple[int, int], tuple[float | None, str | None]] = {}
         self._progress_lock = threading.Lock()
         #: Captured output waiting to be written: (job_seq, index, claim) -> chunks.
@@ -181,7 +185,12 @@ class Dispatcher:
             self._thread.join(timeout=10)
         if self.executor is not None:
             self.executor.shutdown()
-        left, _, changes = self.store.requeue_running(interrupted=False)
+        try:
+            left, _, changes = self.store.requeue_running(interrupted=False)
+        except StoreUnwritable as e:
+            log.warning("shutdown: %s; running items are re-queued at the next start instead",
+                        e.message)
+            return
         self.events.job_changes(changes)
         if left["requeued"]:
             log.info("shutdown: %d running items go back to the queue for the next start",
@@ -199,10 +208,17 @@ class Dispatcher:
                 flush = now - last_flush >= _PROGRESS_FLUSH
                 if self._turn(flush=flush) or flush:
                     last_flush = now
+                self._store_wait.succeeded()
+            except StoreUnwritable as e:  # disk full or locked: the ends wait in memory
+                self._stop.wait(self._store_wait.failed(e, len(self._unrecorded)))
             except Exception:  # background code logs and carries on
                 log.exception("dispatcher error; retrying in a moment")
                 self._stop.wait(0.5)
-        self._turn(claim=False, flush=True)
+        try:
+            self._turn(claim=False, flush=True)
+        except StoreUnwritable as e:
+            log.warning("stopping: %d finished item(s) could not be recorded (%s); they run "
+                        "again at the next start", len(self._unrecorded), e.code)
 
     def _next_wait(self) -> float:
         now = time.time()
@@ -259,7 +275,8 @@ class Dispatcher:
         free = 0
         if claim and not self.draining and self.executor is not None:
             free = self._capacity() - len(self._inflight)
-            if free > 0 and not self.executor.health()[0]:
+            if free > 0 and (not self.executor.health()[0]
+                             or self._store_wait.holds(len(ended))):
                 free = 0
             if free > 0:
                 self._refresh_view()

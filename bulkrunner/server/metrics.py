@@ -18,7 +18,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from bulkrunner.models import STATES
-from bulkrunner.server.events import Finished, Submitted
+from bulkrunner.server.events import Finished, Notified, Submitted
 from bulkrunner.server.service import Service
 
 #: Run-duration buckets, seconds: tasks run from milliseconds to hours.
@@ -56,8 +56,13 @@ class Metrics:
             "bulkrunner_item_duration_seconds", "Run time of attempts that ended, from "
             "claim to outcome, by task", ["task"], buckets=DURATION_BUCKETS, registry=r)
         r.register(_StateCollector(service))
+        self.webhooks = Counter(
+            "bulkrunner_webhook_attempts", "Webhook delivery attempts that ended, by outcome: "
+            "delivered (a 2xx answer), retrying (tried again later) or failed (no attempts "
+            "left)", ["outcome"], registry=r)
         service.events.subscribe(Submitted, self._submitted)
         service.events.subscribe(Finished, self._finished)
+        service.events.subscribe(Notified, lambda e: self.webhooks.labels(e.outcome).inc())
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
@@ -118,6 +123,7 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("bulkrunner_pool_rebuilds", "Worker processes replaced "
                                   "after they died or were killed (cancel, timeout)",
                                   value=getattr(ex, "rebuilds", 0))
+        yield from _pacing(svc)
         interrupted = CounterMetricFamily(
             "bulkrunner_interrupted_items", "Items found running at start-up (the server "
             "had stopped under them): re-queued, or failed after too many interruptions",
@@ -125,3 +131,29 @@ class _StateCollector(Collector):
         for outcome in ("requeued", "failed"):
             interrupted.add_metric([outcome], disp.recovered.get(outcome, 0))
         yield interrupted
+        yield GaugeMetricFamily("bulkrunner_webhooks_pending", "Webhook deliveries waiting "
+                                "for an attempt (or in flight)",
+                                value=store.deliveries_pending())
+
+
+def _pacing(svc: Service) -> Iterator[Metric]:
+    """Paused tasks, and why each held-back task's items wait (from the claim policy)."""
+    paused = svc.store.paused_tasks()
+    names = [t.name for t in svc.registry]
+    gauge = GaugeMetricFamily("bulkrunner_task_paused", "1 while a user has paused the "
+                              "task (none of its items starts)", labels=["task"])
+    for name in names:
+        gauge.add_metric([name], 1.0 if name in paused else 0.0)
+    yield gauge
+    pacer = svc.dispatcher.pacer
+    held = GaugeMetricFamily("bulkrunner_task_waiting", "1 while a task's queued items are "
+                             "held back, by why: task_paused, concurrency or rate_limit",
+                             labels=["task", "reason"])
+    for task, reason in sorted(pacer.task_reasons(time.time()).items()):
+        held.add_metric([task, reason], 1.0)
+    yield held
+    running = GaugeMetricFamily("bulkrunner_task_running", "Items of a task on a worker now "
+                                "(what its concurrency limit counts)", labels=["task"])
+    for name in names:
+        running.add_metric([name], pacer.running_of(name))
+    yield running

@@ -154,6 +154,10 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/tasks": {"get": {
                 "operationId": "listTasks", "summary": "Registered tasks and their params",
                 "responses": {"200": _ok("TaskList", "The tasks"), **errors}}},
+            "/api/v1/schedules": {"get": {
+                "operationId": "listSchedules",
+                "summary": "The configured schedules, with their next and latest runs",
+                "responses": {"200": _ok("ScheduleList", "The schedules"), **errors}}},
             "/api/v1/tasks/{name}/pause": {"post": {
                 "operationId": "pauseTask", "summary": "Pause a task: none of its items starts",
                 "parameters": [_TASK],
@@ -165,7 +169,9 @@ def openapi_document() -> dict[str, Any]:
             "/healthz": {"get": {
                 "operationId": "health", "summary": "Liveness, queue depth, executor health",
                 "responses": {"200": _ok("Health", "Serving"),
-                              "503": _ok("Health", "Draining, or the executor is unusable")}}},
+                              "503": _ok("Health", "Draining, the database cannot be "
+                                         "written (disk full, locked), or the executor is "
+                                         "unusable")}}},
             "/metrics": {"get": {
                 "operationId": "metrics", "summary": "Prometheus metrics (text format)",
                 "responses": {"200": {"description": "Prometheus text exposition format",
@@ -280,6 +286,24 @@ def _schemas() -> dict[str, Any]:
             "concurrency": {"type": "integer", "description": "0 = no limit of its own"},
             "rate_limit": {"type": "string", "description": '"N/s", "N/m", "N/h" or ""'},
             "paused": {"type": "boolean"}}},
+        "ScheduleList": {"type": "object", "required": ["schedules"], "properties": {
+            "schedules": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "task", "cron", "every", "timezone", "enabled",
+                             "next_run", "last_run", "last_job"],
+                "properties": {
+                    "name": {"type": "string"}, "task": {"type": "string"},
+                    "cron": {"type": "string", "nullable": True,
+                             "description": "five-field cron, read in timezone"},
+                    "every": {"type": "integer", "nullable": True,
+                              "description": "seconds between firings (on a grid from "
+                                             "the Unix epoch)"},
+                    "timezone": {"type": "string"}, "enabled": {"type": "boolean"},
+                    "next_run": {**nullable_time, "description": "null when disabled"},
+                    "last_run": {**nullable_time,
+                                 "description": "the latest fire time a job was "
+                                                "submitted for"},
+                    "last_job": {"type": "string", "nullable": True}}}}}},
         "TaskList": {"type": "object", "required": ["tasks"], "properties": {"tasks": {
             "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}},
         "Pace": {"type": "object", "required": ["id", "state", "history", "rate"],
@@ -299,6 +323,7 @@ def _schemas() -> dict[str, Any]:
             "eta_seconds": {"type": "number", "nullable": True}}},
         "Health": {"type": "object", "required": ["status"], "properties": {
             "status": {"type": "string"}, "executor": {"type": "object"},
+            "store": {"type": "object", "description": "whether the database can be written"},
             "queued": {"type": "integer"}, "inflight": {"type": "integer"},
             "max_workers": {"type": "integer"},
             "workers": {"type": "integer", "description": "workers ready to run items"}}},

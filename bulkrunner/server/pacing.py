@@ -347,11 +347,16 @@ class Pacer:
     def task_reasons(self, now: float) -> dict[str, str]:
         """For each task with waiting jobs that is held back, why."""
         out = {}
-        for t in self._tasks.values():
+        for t in list(self._tasks.values()):  # a copy: the dispatcher may add tasks
             why = t.why_not(now)
             if why is not None and (t.heap or t.paused):
                 out[t.name] = why
         return out
+
+    def running_of(self, task: str) -> int:
+        """Items of ``task`` on a worker now (as its concurrency limit counts them)."""
+        t = self._tasks.get(task)
+        return t.running if t is not None else 0
 
     def jobs(self) -> int:
         """Jobs in the view (those with queued items, as last known)."""

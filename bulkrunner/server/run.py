@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 import bulkrunner.runtime.capture as capture
 from bulkrunner.config import Config, ServerConfig
+from bulkrunner.config.tokens import token_files, token_required
 from bulkrunner.errors import ConfigError, error_body
 from bulkrunner.models import iso
 
@@ -180,7 +181,13 @@ def make_server(app: Any, server_cfg: ServerConfig, *, read_timeout: float = REA
         channel_timeout=IDLE_TIMEOUT, cleanup_interval=SWEEP_INTERVAL,
         # poll(), not select(): select() fails on file descriptors past 1023, which a
         # connection limit in the thousands reaches.
-        asyncore_use_poll=True)
+        asyncore_use_poll=True,
+        # waitress deletes X-Forwarded-* headers it was not told to trust. Behind
+        # server.trusted_proxies they pass through untouched, for werkzeug's ProxyFix to read
+        # (it trusts only that many hops; waitress's own trusted_proxy would trust any peer
+        # or one address, and rewrite the headers a second time); without a proxy they stay
+        # deleted, so nothing in the app can read a forged one.
+        clear_untrusted_proxy_headers=server_cfg.trusted_proxies == 0)
     timeouts = (read_timeout, min(read_timeout, full_read_timeout))
     channel_class = _channel_class(server_cfg.max_body_size, timeouts, min_body_rate)
     server.channel_class = channel_class  # read when each connection is accepted
@@ -435,17 +442,19 @@ def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text"
 
 
 def _serve(cfg: Config, log_level: str) -> int:
-    if not cfg.server.is_loopback and not cfg.server.token:
+    if not cfg.server.is_loopback and not token_required(cfg.server):
         raise ConfigError(
             f"refusing to serve on {cfg.server.host} without a token: anyone who can reach "
-            "it could run tasks. Set server.token (or token_file) in the config, or "
+            "it could run tasks. Set server.token (or token_file) or [[server.tokens]] in "
+            "the config, or "
             "$BULKRUNNER_TOKEN, or serve on 127.0.0.1", file=cfg.source, key="server.token")
 
     from bulkrunner.server.app import create_app
     from bulkrunner.server.service import Service
 
-    for warning in file_mode_warnings(token_file=cfg.server.token_file):
-        log.warning("%s", warning)
+    for token_file in token_files(cfg.server):
+        for warning in file_mode_warnings(token_file=token_file):
+            log.warning("%s", warning)
     svc = Service(cfg)
     try:
         app = create_app(cfg, service=svc)
@@ -505,7 +514,6 @@ def _serve(cfg: Config, log_level: str) -> int:
         if not drained.is_set():
             svc.begin_drain()
             svc.dispatcher.drain(0)
-        svc.pruner.stop()
-        svc.store.close()
+        svc.close(grace=0)  # gives the dispatcher lease up too: a standby takes over
         log.info("bulkrunner stopped")
     return 0

@@ -8,18 +8,24 @@ nothing; what happens is told on the event bus.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, InvalidSubmission, ShuttingDown, StoreUnavailable
+from bulkrunner.executors import make_executor
 from bulkrunner.models import Item, Job, iso
+from bulkrunner.runtime import ItemContext
 from bulkrunner.server import export, joblog, submission
 from bulkrunner.server.dispatcher import Dispatcher
 from bulkrunner.server.events import EventBus, Submitted
 from bulkrunner.server.itemfiles import detect_format, parse_items
+from bulkrunner.server.lease import Leadership
+from bulkrunner.server.notify import Notifier
 from bulkrunner.server.retention import Pruner
+from bulkrunner.server.scheduler import Scheduler
 from bulkrunner.server.tasks import Registry
 from bulkrunner.server.throughput import Throughput
 from bulkrunner.store import Store
@@ -29,8 +35,12 @@ class Service:
     """The job service over one store, one registry and one dispatcher."""
 
     def __init__(self, cfg: Config, registry: Registry | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, *, item_context: ItemContext | None = None
+                 ) -> None:
+        """``item_context`` is entered around each item run in this process (an embedding
+        Flask app's ``app.app_context``); items on worker processes run without it."""
         self.cfg = cfg
+        self._item_context = item_context
         self.registry = registry or Registry.from_config(cfg)
         try:
             self.store = store or Store(cfg.store.path)
@@ -44,40 +54,100 @@ class Service:
         #: Finished items per job lately, for the job's rate, chart and ETA.
         self.throughput = Throughput()
         self.throughput.subscribe(self.events)
-        self.dispatcher = Dispatcher(cfg, self.store, self.registry, self.events)
+        self.dispatcher = self._new_dispatcher()
+        #: Which process of those sharing the database dispatches (None before start).
+        self.lease: Leadership | None = None
+        self._draining = False
         self.started = False
         self.pruner = Pruner(self.store, cfg.retention)
+        try:  # each checks its part of the config (webhook URLs, the schedules' params)
+            #: Completion webhooks, delivered from the outbox; the schedules.
+            self.notifier = Notifier(cfg, self.store, self.events)
+            self.scheduler = Scheduler(cfg, self)
+        except ConfigError:
+            self.store.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the dispatcher and the periodic pruning."""
-        self.dispatcher.start()
+        """Start the periodic pruning, and dispatching: at once when this process takes
+        the dispatcher lease, else standing by to take it over when its holder stops
+        (other processes may share the database: see :mod:`bulkrunner.server.lease`)."""
+        if self.store.path in ("", ":memory:"):  # no other process can open it
+            self.dispatcher.start()
+        else:
+            self.lease = Leadership(self.store.path, on_gain=self._lead,
+                                    on_loss=self._stand_by, wanted=lambda: not self.draining,
+                                    on_tick=self.store.recount)
+            self.store.lease = (self.lease.name, self.lease.holder)
+            self.lease.start()
         self.pruner.start()
+        self.notifier.start()
+        self.scheduler.start()  # catches up what it missed while the server was down
         self.started = True
+
+    def stop_background(self) -> None:
+        """Stop the schedules, the pruning and the webhook deliveries (what is pending stays
+        in the outbox for the next start)."""
+        self.scheduler.stop()
+        self.pruner.stop()
+        self.notifier.stop()
+
+    def _new_dispatcher(self) -> Dispatcher:
+        factory = functools.partial(make_executor, item_context=self._item_context)
+        return Dispatcher(self.cfg, self.store, self.registry, self.events, factory)
+
+    def _lead(self) -> None:
+        """This process took the dispatcher lease: dispatch (with a new dispatcher when
+        an earlier one was stopped, so its view of the queue starts afresh)."""
+        if self.draining:
+            return
+        if self.dispatcher.executor is not None:
+            self.dispatcher = self._new_dispatcher()
+        self.dispatcher.start()
+
+    def _stand_by(self) -> None:
+        """Another process took the dispatcher lease over: stop this dispatcher and stand
+        by. The new holder re-queues what ran here; the store refuses this one's claims and
+        its re-queue at the stop."""
+        old, self.dispatcher = self.dispatcher, self._new_dispatcher()
+        old.drain(0)
+
+    @property
+    def dispatching(self) -> bool:
+        """Whether this process dispatches (holds the dispatcher lease, or needs none)."""
+        return self.dispatcher.executor is not None and (
+            self.lease is None or self.lease.leading)
 
     @property
     def draining(self) -> bool:
         """True once shutdown began: no new work is accepted."""
-        return self.dispatcher.draining
+        return self._draining or self.dispatcher.draining
 
     def begin_drain(self) -> None:
         """Refuse new work from now on (the HTTP layer answers 503)."""
+        self._draining = True
         self.dispatcher.draining = True
 
     def close(self, grace: float | None = None) -> None:
         """Drain the dispatcher (``grace`` seconds for running items) and close the store."""
-        self.pruner.stop()
+        self.stop_background()
         if self.started:
             self.dispatcher.drain(self.cfg.server.shutdown_grace if grace is None else grace)
             self.started = False
+        if self.lease is not None:  # given up: a standby takes over at its next try
+            self.lease.stop()
+            self.lease = None
         self.store.close()
 
     # ------------------------------------------------------------------ submit
     def submit(self, body: Any, *, items: Sequence[Mapping[str, Any]] | None = None,
                rows: Sequence[int] | None = None, unit: str = "row",
-               submitted_by: str | None = None) -> tuple[Job, bool]:
+               submitted_by: str | None = None, schedule: str | None = None
+               ) -> tuple[Job, bool]:
         """Check and commit a submission. Returns (job, created). ``submitted_by`` is the
-        name of the token that submitted it (None on an open server).
+        name of the token that submitted it (None on an open server); ``schedule`` the
+        name of the schedule that did.
 
         ``items`` (with where they are in the file, ``rows`` numbered in ``unit``s, for
         messages) come from an uploaded file, and replace ``body["items"]``.
@@ -87,6 +157,7 @@ class Service:
                                retry_after=10)
         new = submission.new_job(self.cfg, self.registry, body, items=items, rows=rows,
                                  unit=unit, submitted_by=submitted_by)
+        new.schedule = schedule
         job, created = self.store.insert_job(new, max_queued=self.cfg.jobs.max_queued)
         if created:
             self.events.emit(Submitted(job))
@@ -237,6 +308,10 @@ class Service:
         """Delete (or count) finished jobs past their retention age; counts per state."""
         return self.pruner.run(dry_run=dry_run)
 
+    def schedules(self) -> list[dict[str, Any]]:
+        """The configured schedules as the API shows them (next and latest runs)."""
+        return self.scheduler.listing()
+
     def tasks(self) -> list[dict[str, Any]]:
         """The registered tasks as the API shows them, with their limits and pause."""
         paused = self.store.paused_tasks()
@@ -251,15 +326,29 @@ class Service:
                 "paused": name in paused}
 
     def health(self) -> dict[str, Any]:
-        """What GET /healthz answers: status, executor, queue and worker counts."""
+        """What GET /healthz answers: status, executor, store, queue and worker counts. The
+        status names why the server is unhealthy: draining, the database cannot be written
+        (``database_full``, ``database_locked``), or the executor is unusable."""
         ex = self.dispatcher.executor
+        standby = ex is None and self.lease is not None
         ok, detail = ex.health() if ex is not None else (False, "not started")
-        status = "draining" if self.draining else ("ok" if ok else "executor_unavailable")
+        if standby:
+            detail = (f"standing by: {self._holder()} dispatches; this process takes over "
+                      "if it stops")
+        fault = self.store.unwritable()
+        status = "draining" if self.draining else (
+            fault.code if fault is not None else "ok" if ok or standby
+            else "executor_unavailable")
         return {"status": status, "executor": {"type": self.cfg.executor.type, "ok": ok,
                                                "detail": detail},
+                "store": {"ok": fault is None,
+                          "detail": fault.message if fault is not None else "writable"},
                 "queued": self.store.queued, "inflight": self.dispatcher.inflight,
-                "max_workers": self.dispatcher.max_workers,
+                "max_workers": self.dispatcher.max_workers, "dispatching": self.dispatching,
                 "workers": _workers(ex) if ok else 0}
+
+    def _holder(self) -> str:
+        return (self.lease.current if self.lease is not None else None) or "another process"
 
 
 def _workers(ex: Any) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.errors import InvalidSubmission
+from bulkrunner.server.notify import notify_url_problem, task_notify_url
 from bulkrunner.server.tasks import Registry, Task
 from bulkrunner.store import NewJob
 
@@ -63,6 +64,11 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
     timeout = _timeout_field(body, task.timeout if task.timeout is not None
                              else cfg.jobs.timeout, fields)
     run_after = _run_after_field(body, fields)
+    notify_url = body.get("notify_url")
+    if notify_url is not None:
+        problem = notify_url_problem(notify_url, cfg.notify.allowed)
+        if problem:
+            fields["notify_url"] = problem
     key = body.get("key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
         fields["key"] = "must be a string of 1 to 200 characters"
@@ -86,7 +92,8 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
     return NewJob(id=os.urandom(16).hex(), task=task.name, params=params, items=encoded_items,
                   priority=priority, max_attempts=max_attempts, timeout=timeout, key=key,
                   body_hash=body_hash, params_text=params_text, run_after=run_after,
-                  submitted_by=submitted_by)
+                  submitted_by=submitted_by,
+                  notify_url=notify_url or task_notify_url(cfg, task.name))
 
 
 def _check_params(cfg: Config, task: Task, params: dict[str, Any],

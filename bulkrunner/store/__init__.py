@@ -25,14 +25,14 @@ from typing import TypeVar
 
 from bulkrunner.errors import NotFound, StoreUnavailable, StoreUnwritable
 from bulkrunner.models import STATES, Item, Job, State
-from bulkrunner.store import claims, jobs, outbox, prune, schedules, transitions
+from bulkrunner.store import claims, jobs, leases, outbox, prune, schedules, transitions
 from bulkrunner.store.claims import Planner, Waiting
 from bulkrunner.store.outbox import Attempt, Delivery
 from bulkrunner.store.prune import PRUNE_BUDGET
 from bulkrunner.store.records import Claimed, Finish, JobChange, NewJob, Tx
 from bulkrunner.store.schedules import ScheduleRun
 from bulkrunner.store.schema import MIGRATIONS, migrate
-from bulkrunner.store.writer import Writer
+from bulkrunner.store.writer import QUEUED_TOTAL, Writer
 
 __all__ = ["MIGRATIONS", "PRUNE_BUDGET", "Claimed", "Finish", "JobChange", "NewJob",
            "Planner", "Store", "Turn", "Tx", "Waiting", "migrate"]
@@ -81,11 +81,28 @@ class Store:
         self._writer = Writer(self._wconn)
         self.write = self._writer.write
         self._closed = False
+        #: (name, holder) of a lease that claims and re-queues of running items need: when
+        #: set, they happen only while that holder holds it, checked in their transaction
+        #: (several processes share the database; one dispatches). None: no such check.
+        self.lease: tuple[str, str] | None = None
 
     @property
     def queued(self) -> int:
         """Items waiting in the queue (exact: kept by the writer as it commits)."""
         return self._writer.queued
+
+    def recount(self) -> bool:
+        """Count the queue (and the counts by task) again from the job rows when the
+        count kept in memory differs: other processes sharing the database change them
+        too. True when it was counted again."""
+        if self._closed or self._read().execute(QUEUED_TOTAL).fetchone()[0] == self._writer.queued:
+            return False
+        self._writer.recount()
+        return True
+
+    def _holds(self, tx: Tx) -> bool:
+        """Whether this process may claim and re-queue running items now (see ``lease``)."""
+        return self.lease is None or leases.held(tx.conn, *self.lease, tx.now)
 
     def unwritable(self) -> StoreUnwritable | None:
         """Why the database cannot be written now (the last write failed: disk full, locked
@@ -157,7 +174,8 @@ class Store:
         return Job(id=new.id, task=new.task, params=new.params, state=State.QUEUED,
                    priority=new.priority, created_at=now, counts=counts,
                    max_attempts=new.max_attempts, timeout=new.timeout, key=new.key,
-                   submitted_by=new.submitted_by, schedule=new.schedule, notify=jobs.new_notify(new.notify_url)), True
+                   submitted_by=new.submitted_by, schedule=new.schedule,
+                   notify=jobs.new_notify(new.notify_url)), True
 
     def resolve_id(self, ident: str) -> int:
         """The job sequence number for a full id or a unique prefix (a job that retention
@@ -268,7 +286,7 @@ class Store:
                     for f, state in zip(finishes, out.states, strict=True):
                         if state == "queued":
                             planner.requeued(f.job_seq)
-            if n <= 0:
+            if n <= 0 or not self._holds(tx):
                 return []
             if planner is None:
                 return transitions._claim(tx, n)
@@ -337,9 +355,12 @@ class Store:
         ``{"requeued": n, "failed": m}``, the same counts for each job id, and the jobs
         whose state changed.
         """
-        (counts, per_job), changes = self._writer.write_tx(
-            lambda tx: transitions.requeue_running(tx, interrupted, max_interruptions),
-            durable=True)
+        def op(tx: Tx) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+            if not self._holds(tx):  # the lease holder's items: not ours to re-queue
+                return {"requeued": 0, "failed": 0}, {}
+            return transitions.requeue_running(tx, interrupted, max_interruptions)
+
+        (counts, per_job), changes = self._writer.write_tx(op, durable=True)
         return counts, per_job, changes
 
     def stats(self) -> dict[str, int]:
@@ -415,15 +436,19 @@ class Store:
             "SELECT COUNT(*) FROM jobs WHERE doomed = 1").fetchone()[0])
 
     # ------------------------------------------------------------------ webhooks
-    def claim_deliveries(self, n: int, lease: float) -> list[Delivery]:
-        """Up to ``n`` due webhook deliveries, leased for ``lease`` seconds; see
-        :func:`bulkrunner.store.outbox.claim_due`."""
-        return self.write(lambda tx: outbox.claim_due(tx, n, tx.now + lease))
+    def delivery_turn(self, attempts: Sequence[Attempt], n: int, lease: float
+                      ) -> list[Delivery]:
+        """The notifier's turn in one write: store how ``attempts`` ended (and what each
+        delivery becomes), then claim up to ``n`` due deliveries, leased for ``lease``
+        seconds; see :mod:`bulkrunner.store.outbox`."""
+        if not attempts and n <= 0:
+            return []
 
-    def record_deliveries(self, attempts: list[Attempt]) -> None:
-        """Store how delivery attempts ended (and what each delivery becomes)."""
-        if attempts:
-            self.write(lambda tx: outbox.record(tx, attempts))
+        def op(tx: Tx) -> list[Delivery]:
+            outbox.record(tx, attempts)
+            return outbox.claim_due(tx, n, tx.now + lease) if n > 0 else []
+
+        return self.write(op)
 
     def deliveries_due_at(self) -> float | None:
         """When the next pending delivery is due; None when none is pending."""
@@ -438,12 +463,14 @@ class Store:
         return self._job_by_seq(seq)
 
     # ------------------------------------------------------------------ schedules
-    def schedule_runs(self, names: Sequence[str] = ()) -> dict[str, ScheduleRun]:
-        """Each schedule's row by name; ``names`` not seen before get one (first seen now)."""
-        if names:
-            self.write(lambda tx: schedules.seen(tx, names))
+    def schedule_runs(self, enabled: Sequence[str] = (), disabled: Sequence[str] = ()
+                      ) -> dict[str, ScheduleRun]:
+        """Each schedule's row by name, after noting the schedules seen now (see
+        :func:`bulkrunner.store.schedules.seen`)."""
+        if enabled or disabled:
+            self.write(lambda tx: schedules.seen(tx, enabled, disabled))
         return schedules.runs(self._read())
 
-    def record_fire(self, name: str, fire: float, job_id: str) -> None:
+    def record_fire(self, name: str, fire: float, job_id: str | None) -> None:
         """Schedule ``name`` submitted job ``job_id`` for fire time ``fire``."""
         self.write(lambda tx: schedules.record_fire(tx, name, fire, job_id))

@@ -38,6 +38,8 @@ from bulkrunner.store.records import JobChange, NewJob, Tx, _apply_counts, _zero
 
 T = TypeVar("T")
 _MAX_BATCH = 512
+#: Items waiting, from the job counters (the index of jobs with queued items).
+QUEUED_TOTAL = "SELECT COALESCE(SUM(n_queued), 0) FROM jobs WHERE n_queued > 0"
 _ONE_ITEM = "[null]"
 #: A view to insert new jobs through: its trigger writes the job row and its items (a
 #: JSON array of each item's params as JSON text, or null), so a batch of submissions is
@@ -131,6 +133,17 @@ class Writer:
         """
         op = self._run(_Op(None, True, (new, max_queued)))
         return op.value  # type: ignore[no-any-return]
+
+    def recount(self) -> None:
+        """Count ``queued`` again from the job rows, and the counts by task at their next
+        read: other processes that share the database change them too. Done inside a
+        write, so no commit of this process comes between the count and the figure."""
+        def count(tx: Tx) -> None:
+            self.queued = int(tx.conn.execute(QUEUED_TOTAL).fetchone()[0])
+            with self._counts_lock:
+                self._task_counts = None
+
+        self.write(count)
 
     def close(self) -> None:
         """Refuse new writes; wait for the one being committed."""

@@ -179,7 +179,18 @@ def job(ident: str) -> BaseResponse | str | tuple[str, int]:
     after = _int(request.args.get("after"), lo=-1)
     items, nxt = svc.items(found.id, state=state or None, limit=ITEMS_PAGE, after=after)
     return render_template("job.html", job=found.to_dict(), items=[i.to_dict() for i in items],
-                           next=nxt, state=state, after=after, page_size=ITEMS_PAGE)
+                           next=nxt, state=state, after=after, page_size=ITEMS_PAGE,
+                           waiting_words=WAITING_WORDS)
+
+
+#: Why a job's queued items wait, in words (the job's ``waiting`` field).
+WAITING_WORDS = {
+    "paused": "Paused: its queued items wait until it is resumed.",
+    "task_paused": "Its task is paused: no item of it starts until the task is resumed.",
+    "run_after": "Waiting for its start time.",
+    "concurrency": "Waiting: its task's concurrency limit is reached.",
+    "rate_limit": "Waiting: its task's rate limit is reached.",
+}
 
 
 def _error_page(status: int, title: str, message: str) -> tuple[str, int]:

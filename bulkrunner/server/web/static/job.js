@@ -6,6 +6,59 @@
   const { api, getBytes, el, jsonText, keyValues, badge, progress, timeEl, errorBlock, syncRows, poll,
           query, STATES, FINISHED } = window.bulkrunner;
   const REFRESH_MS = 1000;
+  const PACE_MS = 2000;
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    return node;
+  }
+
+  function duration(s) {
+    if (s < 1) return "under a second";
+    if (s < 60) return `${Math.round(s)} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  }
+
+  /** "3.2 items/s (limit 5/s) · about 12 s left" from the job's pace. */
+  function paceLine(p) {
+    let text = p.rate === null ? "No items finished here lately" : `${p.rate.toPrecision(3)} items/s`;
+    if (p.rate_limit) text += ` (limit ${p.rate_limit})`;
+    if (p.eta_seconds !== null && p.left > 0) {
+      text += p.eta_seconds < 1 ? " · under a second left" : ` · about ${duration(p.eta_seconds)} left`;
+    }
+    return text;
+  }
+
+  /**
+   * Draws items finished per interval as bars in `chart` (an inline SVG, 600 × 80 units),
+   * with the task's rate limit as a dashed line when it has one.
+   */
+  function drawPace(chart, p) {
+    const W = 600, H = 80;
+    const bars = p.history.slice(-120);
+    const limit = p.limit_per_second ? p.limit_per_second * p.interval : 0;
+    const top = Math.max(1, limit, ...bars.map((b) => b.finished));
+    const nodes = [];
+    const w = W / Math.max(bars.length, 30);
+    bars.forEach((b, i) => {
+      const h = (b.finished / top) * (H - 4);
+      const rect = svg("rect", { x: (i * w).toFixed(1), y: (H - h).toFixed(1),
+                                 width: Math.max(w - 1, 1).toFixed(1), height: h.toFixed(1),
+                                 class: "pace-bar" });
+      const title = svg("title", {});
+      title.textContent = `${b.finished} finished in ${p.interval} s from ${b.t}`;
+      rect.append(title);
+      nodes.push(rect);
+    });
+    if (limit) {
+      const y = (H - (limit / top) * (H - 4)).toFixed(1);
+      nodes.push(svg("line", { x1: 0, x2: W, y1: y, y2: y, class: "pace-limit" }));
+    }
+    chart.replaceChildren(...nodes);
+  }
   const LOG_MS = 1000;
 
   function logButton(index) {
@@ -166,6 +219,9 @@
     const field = (name) => root.querySelector(`[data-field="${name}"]`);
     const cancelBtn = document.getElementById("cancel");
     const retryBtn = document.getElementById("retry");
+    const pauseBtn = document.getElementById("pause");
+    const WAITING = JSON.parse(root.dataset.waitingWords || "{}");
+    const paceBox = document.getElementById("pace");
     const status = document.getElementById("action-status");
     const outcomeBox = document.getElementById("outcome");
     const tbody = root.querySelector(".items-table tbody");
@@ -211,6 +267,17 @@
       const label = `Retry ${retryWhat(job.items).toLowerCase()}`;
       if (retryBtn.textContent !== label) retryBtn.textContent = label;
       const finished = FINISHED.has(job.state);
+      const waiting = field("waiting");
+      const words = job.waiting ? (WAITING[job.waiting] || job.waiting) : "";
+      if (waiting.textContent !== words && !(words && waiting.textContent.startsWith(words))) {
+        waiting.textContent = words;
+      }
+      waiting.hidden = !job.waiting;
+      const paused = job.state === "paused";
+      pauseBtn.dataset.paused = String(paused);
+      pauseBtn.textContent = paused ? "Resume job" : "Pause job";
+      pauseBtn.disabled = finished;
+      if (finished) paceBox.hidden = true;
       cancelBtn.disabled = finished;
       retryBtn.disabled = !finished || !(job.items.failed || job.items.cancelled);
       return finished;
@@ -234,8 +301,19 @@
     }
 
     const poller = poll(refresh, REFRESH_MS);
+    async function refreshPace() {
+      const res = await api("GET", `/api/v1/jobs/${id}/pace`);
+      if (!res.ok) return true;
+      const p = res.data;
+      paceBox.querySelector("[data-pace=line]").textContent = paceLine(p);
+      drawPace(paceBox.querySelector("[data-pace=chart]"), p);
+      return !FINISHED.has(p.state);
+    }
+    const pacer = poll(refreshPace, PACE_MS);
+    pacer.now();
     if (FINISHED.has(root.querySelector("[data-field=state] .badge").textContent.trim())) {
       poller.stop();
+      pacer.stop();
     }
 
     async function act(button, verb, done) {
@@ -274,6 +352,10 @@
         }
       }
       act(cancelBtn, "Cancel", "Cancelled.");
+    });
+    pauseBtn.addEventListener("click", () => {
+      if (pauseBtn.dataset.paused === "true") act(pauseBtn, "Resume", "Resumed.");
+      else act(pauseBtn, "Pause", "Paused: queued items wait; running ones finish.");
     });
     retryBtn.addEventListener("click", () => {
       act(retryBtn, "Retry", `${retryWhat(countsNow())} queued again.`);

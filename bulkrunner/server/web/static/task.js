@@ -4,7 +4,8 @@
 
 (() => {
   const { api, el } = window.bulkrunner;
-  const OPTIONS = { priority: "int", max_attempts: "int", timeout: "float", key: "str" };
+  const OPTIONS = { priority: "int", max_attempts: "int", timeout: "float", key: "str",
+                    delay: "float", run_after: "time" };
 
   class FieldError extends Error {}
 
@@ -126,6 +127,16 @@
           markField(input.id, `err-opt-${name}`, "must be a number");
           document.getElementById("advanced").open = true;
           bad = true;
+        } else if (input.value.trim() !== "" && type === "time") {
+          // A local date and time from the picker, sent with its zone (as UTC).
+          const when = new Date(input.value);
+          if (Number.isNaN(when.getTime())) {
+            markField(input.id, `err-opt-${name}`, "must be a date and time");
+            document.getElementById("advanced").open = true;
+            bad = true;
+          } else {
+            options[name] = when.toISOString();
+          }
         } else if (input.value.trim() !== "") {
           options[name] = type === "str" ? input.value : Number(input.value);
         }
