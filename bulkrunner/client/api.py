@@ -209,6 +209,10 @@ class Client:
         """The registered tasks and the default one."""
         return self._json("GET", "/api/v1/tasks")  # type: ignore[no-any-return]
 
+    def schedules(self) -> dict[str, Any]:
+        """The server's schedules, with their next and latest runs."""
+        return self._json("GET", "/api/v1/schedules")  # type: ignore[no-any-return]
+
     def item_log(self, ident: str, index: int = 0, *, after: int = 0) -> LogChunk:
         """What item ``index`` printed and logged, from byte offset ``after`` on.
 

@@ -41,6 +41,7 @@ from bulkrunner.client.inputs import parse_params, read_items
 from bulkrunner.client.options import Ctx, global_options, pass_ctx
 from bulkrunner.client.pacing import pause, resume, start_options
 from bulkrunner.client.reading import items, logs, results
+from bulkrunner.client.schedules import schedules
 from bulkrunner.config import (
     EXECUTOR_TYPES,
     TOKEN_ENV,
@@ -123,14 +124,17 @@ def serve(obj: Ctx, host: str | None, port: int | None, executor: str | None,
 @click.option("--at", "at", metavar="TIME",
               help="Start no item before TIME: 2026-12-02T03:00 (local time unless a zone "
                    "is given, like Z or +01:00), or 03:00 (the next such time).")
+@click.option("--notify", "notify_url", metavar="URL",
+              help="POST the job to URL when it ends (a webhook; the server allows only "
+                   "URLs under its [notify] allowed prefixes).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and show progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @global_options
 @pass_ctx
 def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str | None,
            priority: int | None, max_attempts: int | None, timeout: float | None,
-           key: str | None, delay: str | None, at: str | None, wait_: bool,
-           as_json: bool) -> None:
+           key: str | None, delay: str | None, at: str | None, notify_url: str | None,
+           wait_: bool, as_json: bool) -> None:
     """Submit a job; prints its id (so ID=$(bulkrunner submit ...) works).
 
     TASK is a task name (see `bulkrunner tasks`), the server's default one if left out.
@@ -152,6 +156,8 @@ def submit(obj: Ctx, task: str | None, params: tuple[str, ...], items_path: str 
 
     values = parse_params(params, specs)
     options: dict[str, Any] = start_options(delay, at)
+    if notify_url is not None:
+        options["notify_url"] = notify_url
     try:
         if items_path:
             data, name = read_items(items_path)
@@ -367,7 +373,7 @@ def prune(obj: Ctx, dry_run: bool, as_json: bool) -> None:
                              f"{sum(items.values())} item(s) ({detail})"))
 
 
-for _command in (items, results, logs, pause, resume):
+for _command in (items, results, logs, pause, resume, schedules):
     cli.add_command(_command)
 
 

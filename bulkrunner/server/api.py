@@ -13,13 +13,14 @@ from bulkrunner.server.auth import submitter
 from bulkrunner.server.http import error_response
 from bulkrunner.server.http import json_response as _json
 from bulkrunner.server.openapi import openapi_document
-from bulkrunner.server.service import Service
+from bulkrunner.server.service import Service, service_of
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
-def init_app(app: Flask) -> None:
-    """Mount the API and the health, metrics and OpenAPI routes on ``app``."""
+def init_app(app: Flask | Blueprint) -> None:
+    """Mount the API and the health, metrics and OpenAPI routes on ``app`` (or on an
+    embedding app's blueprint of the server's routes)."""
     app.register_blueprint(api)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/openapi.json", "openapi", openapi)
@@ -28,8 +29,7 @@ def init_app(app: Flask) -> None:
 
 def service() -> Service:
     """The Service of the current app."""
-    svc: Service = current_app.extensions["bulkrunner"]
-    return svc
+    return service_of(current_app.extensions["bulkrunner"])
 
 
 # ------------------------------------------------------------------ request helpers
@@ -231,5 +231,8 @@ def openapi() -> Response:
 
 def metrics() -> Response:
     """GET /metrics: the Prometheus metrics."""
-    data, ctype = current_app.extensions["bulkrunner_metrics"].render()
+    # An embedding app's mount keeps its metrics (as its service) itself.
+    found = current_app.extensions.get("bulkrunner_metrics") or \
+        current_app.extensions["bulkrunner"].metrics
+    data, ctype = found.render()
     return Response(data, content_type=ctype)

@@ -8,12 +8,13 @@ metrics, and the security headers of every response (set here, once). The runnin
 
 from __future__ import annotations
 
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response, request
 
 from bulkrunner.config import Config, load_config
 from bulkrunner.server import api, auth, http, web
 from bulkrunner.server.metrics import Metrics
 from bulkrunner.server.service import Service
+from bulkrunner.server.web.views import bp as web_bp
 
 #: The web page's Content-Security-Policy: nothing but its own scripts and styles.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -42,6 +43,26 @@ def create_app(config: Config | None = None, *, service: Service | None = None,
     return app
 
 
+def mount(app: Flask, cfg: Config, url_prefix: str) -> Blueprint:
+    """Mount the server's routes in an embedding app (:mod:`bulkrunner.flask`): the API,
+    ``/healthz``, ``/metrics``, ``/openapi.json`` and the web page, in one blueprint named
+    ``bulkrunner`` under ``url_prefix``. The same blueprints as :func:`create_app`'s, with
+    their error answers, guards, body limit and headers applied to these routes only."""
+    bp = Blueprint(http.MOUNT, __name__)
+
+    @bp.before_request
+    def _limit_body() -> None:
+        request.max_content_length = cfg.server.max_body_size
+
+    api.init_app(bp)
+    bp.register_blueprint(web_bp)
+    http.init_app(bp)
+    auth.init_app(app, bp)
+    bp.after_request(_security_headers)
+    app.register_blueprint(bp, url_prefix=url_prefix or None)
+    return bp
+
+
 _ALWAYS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"))
 _API = (*_ALWAYS, ("Referrer-Policy", "no-referrer"))
 _PAGE = (*_ALWAYS, ("Content-Security-Policy", CSP), ("Referrer-Policy", "same-origin"))
@@ -49,10 +70,10 @@ _PAGE = (*_ALWAYS, ("Content-Security-Policy", CSP), ("Referrer-Policy", "same-o
 
 def _security_headers(resp: Response) -> Response:
     h = resp.headers
-    web = request.blueprint == "web"
+    web = http.page_request()
     for name, value in _PAGE if web else _API:
         if name not in h:
             h.add(name, value)
-    if web and request.endpoint != "web.static" and "Cache-Control" not in h:
+    if web and http.local_name(request.endpoint) != "web.static" and "Cache-Control" not in h:
         h.add("Cache-Control", "no-store")  # pages carry the CSRF token
     return resp

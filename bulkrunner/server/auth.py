@@ -26,13 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bulkrunner.config import ROLES, host_is_loopback
 from bulkrunner.config.tokens import token_required
-from bulkrunner.server.http import error_response
-from bulkrunner.server.service import Service
+from bulkrunner.server.http import error_response, local_name, page_request
+from bulkrunner.server.service import Service, service_of
 from bulkrunner.server.web.auth import find_token, session_auth
 
 READ, SUBMIT, ADMIN = ROLES
@@ -106,12 +106,22 @@ _UNDECLARED = Need(ADMIN)
 
 def need_of(endpoint: str) -> Need:
     """What the route ``endpoint`` needs (``admin`` for one :data:`ROUTE_ROLES` lacks)."""
-    return ROUTE_ROLES.get(endpoint, _UNDECLARED)
+    return ROUTE_ROLES.get(local_name(endpoint) or endpoint, _UNDECLARED)
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, mount: Blueprint | None = None) -> None:
     """Check every request of ``app``: host and origin first, then the token and its role;
-    behind ``server.trusted_proxies`` proxies, read their ``X-Forwarded-*`` headers first."""
+    behind ``server.trusted_proxies`` proxies, read their ``X-Forwarded-*`` headers first.
+
+    With ``mount`` (an embedding app's blueprint of the server's routes) only the requests
+    of those routes are checked, for origin, token and role: the host names it answers
+    and the proxies in front of it are the embedding app's to decide.
+    """
+    if mount is not None:
+        mount.before_request(_guard_origin)
+        mount.before_request(_authorize)
+        mount.context_processor(lambda: {"principal": principal, "may": may})
+        return
     hops = _service(app).cfg.server.trusted_proxies
     if hops:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
@@ -123,8 +133,7 @@ def init_app(app: Flask) -> None:
 
 
 def _service(app: Flask | None = None) -> Service:
-    svc: Service = (app or current_app).extensions["bulkrunner"]
-    return svc
+    return service_of((app or current_app).extensions["bulkrunner"])
 
 
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -147,6 +156,12 @@ def _guard_host_and_origin() -> Response | None:
                                   f"answers only requests for localhost or 127.0.0.1, not "
                                   f"{host[:100]!r} (a guard against DNS rebinding; a "
                                   "reverse proxy's name goes in server.allowed_hosts)", 403)
+    return _guard_origin()
+
+
+def _guard_origin() -> Response | None:
+    """Refuse a state-changing request from another origin (see above)."""
+    server = _service().cfg.server
     if request.method in _UNSAFE_METHODS:
         site = request.headers.get("Sec-Fetch-Site")
         origin = request.headers.get("Origin")
@@ -203,7 +218,7 @@ def _authorize() -> Response | None:
         return None  # public: /healthz, the login page, static files
     who = _authenticate()
     if who is None:
-        if request.blueprint == "web":
+        if page_request():
             return None  # the page sends whoever is not logged in to the login form
         return error_response("unauthorized", "missing or wrong token: send "
                               "'Authorization: Bearer <token>' (the CLI reads --token or "
@@ -222,7 +237,7 @@ def _authenticate() -> Principal | None:
         scheme, _, value = given.partition(" ")
         token = find_token(value.strip()) if scheme.lower() == "bearer" else None
     else:
-        token = session_auth(request, form=request.blueprint == "web")
+        token = session_auth(request, form=page_request())
     return Principal(token.name, token.role) if token is not None else None
 
 

@@ -10,12 +10,30 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from bulkrunner import errors
 
 log = logging.getLogger("bulkrunner.server.app")
+
+#: The blueprint an embedding Flask app mounts the server's routes in (``bulkrunner.flask``):
+#: there the endpoint ``web.jobs`` is ``bulkrunner.web.jobs``, ``healthz`` is
+#: ``bulkrunner.healthz``.
+MOUNT = "bulkrunner"
+
+
+def local_name(name: str | None) -> str | None:
+    """An endpoint or blueprint name as the standalone server has it (``web.jobs``),
+    also for a request to the routes an embedding app mounts (``bulkrunner.web.jobs``)."""
+    if name is not None and name.startswith(MOUNT + "."):
+        return name[len(MOUNT) + 1:]
+    return name
+
+
+def page_request() -> bool:
+    """Whether the current request is for the web page (its pages and static files)."""
+    return local_name(request.blueprint) == "web"
 
 STATUS = {
     errors.InvalidRequest: 400, errors.InvalidSubmission: 422, errors.NotFound: 404,
@@ -40,8 +58,9 @@ def error_response(code: str, message: str, status: int,
     return json_response(errors.error_body(code, message, details), status, headers)
 
 
-def init_app(app: Flask) -> None:
-    """Answer every error of ``app`` in the API's error shape."""
+def init_app(app: Flask | Blueprint) -> None:
+    """Answer every error of ``app`` (of an embedding app's mount: of its routes only) in
+    the API's error shape."""
     app.register_error_handler(errors.BulkrunnerError, _bulkrunner_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -58,7 +77,7 @@ def _http_error(e: HTTPException) -> Response:
     msg = {404: "no such route; see /openapi.json for the API",
            405: f"{request.method} is not allowed on {request.path}",
            413: f"the request body is larger than server.max_body_size "
-                f"({current_app.config['MAX_CONTENT_LENGTH']} bytes)"}.get(
+                f"({request.max_content_length} bytes)"}.get(
         status, e.description or e.name)
     headers = {}
     if status == 405 and e.valid_methods:  # type: ignore[attr-defined]

@@ -62,7 +62,7 @@ class Metrics:
             "left)", ["outcome"], registry=r)
         service.events.subscribe(Submitted, self._submitted)
         service.events.subscribe(Finished, self._finished)
-        service.events.subscribe(Notified, lambda e: self.webhooks.labels(e.outcome).inc())
+        service.events.subscribe(Notified, self._notified)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
@@ -72,6 +72,9 @@ class Metrics:
     def _submitted(self, e: Submitted) -> None:
         self.jobs_submitted.labels(e.job.task).inc()
         self.items_submitted.labels(e.job.task).inc(e.job.total)
+
+    def _notified(self, e: Notified) -> None:
+        self.webhooks.labels(e.outcome).inc()
 
     def _finished(self, e: Finished) -> None:
         if e.cause == "timeout":

@@ -351,6 +351,14 @@ class Service:
         return (self.lease.current if self.lease is not None else None) or "another process"
 
 
+def service_of(found: Any) -> Service:
+    """The Service an app keeps in ``app.extensions["bulkrunner"]``: the service itself, or
+    an embedding app's mount (``bulkrunner.flask``), whose ``service`` is started in each
+    process on first use."""
+    svc: Service = found if isinstance(found, Service) else found.service
+    return svc
+
+
 def _workers(ex: Any) -> int:
     """Workers ready to run items: live worker processes, Dask worker threads, or the
     thread pool's size (an executor says with a ``workers()`` method)."""
@@ -358,4 +366,4 @@ def _workers(ex: Any) -> int:
     return int(count()) if callable(count) else int(ex.max_workers)
 
 
-__all__ = ["Service"]
+__all__ = ["Service", "service_of"]

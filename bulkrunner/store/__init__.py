@@ -79,6 +79,8 @@ class Store:
             raise StoreUnavailable(f"cannot use the database {os.path.abspath(path)} ({e})",
                                    {"path": path}) from None
         self._writer = Writer(self._wconn)
+        #: What claims need of each job being served, read once (see claims.JobInfo).
+        self._job_info = claims.JobInfo()
         self.write = self._writer.write
         self._closed = False
         #: (name, holder) of a lease that claims and re-queues of running items need: when
@@ -291,7 +293,8 @@ class Store:
             if planner is None:
                 return transitions._claim(tx, n)
             planner.begin(n, tx.now)
-            return claims.claim_planned(tx, planner.plan, planner.took, tx.now)
+            return claims.claim_planned(tx, planner.plan, planner.took, tx.now,
+                                        self._job_info)
 
         try:
             out.claimed, out.changes = self._writer.write_tx(op)

@@ -115,44 +115,89 @@ def set_job_paused(tx: Tx, seq: int, ident: str, paused: bool) -> None:
         tx.changes.append(JobChange(job_id, task, state, new, counts))
 
 
-_NEXT_ITEMS = ("SELECT idx, params, claim FROM items INDEXED BY items_by_state "
-               "WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
-               "ORDER BY idx LIMIT ?")
+# A job's next claimable items: queued, past any retry backoff, in index order.
+_NEXT = ("SELECT * FROM (SELECT job_seq, idx, params, claim FROM items INDEXED BY "
+         "items_by_state WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
+         "ORDER BY idx LIMIT ?)")
+_STEPS_PER_QUERY = 32
+_JOB_CACHE = 4096
+
+
+def _next_items_sql(steps: int) -> str:
+    """One statement for ``steps`` jobs' next items (a UNION ALL of each job's LIMIT):
+    one round trip into SQLite for a turn that serves many jobs, as fair share does."""
+    return " UNION ALL ".join([_NEXT] * steps)
+
+
+class JobInfo:
+    """What a claim needs of a job, read once: its id, task, decoded params, timeout.
+    A job's params never change after it is submitted, so they are cached by sequence
+    number (a bounded cache: the jobs being served now)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[str, str, dict[str, Any], float]] = {}
+
+    def get(self, c: sqlite3.Connection, seqs: Sequence[int]
+            ) -> dict[int, tuple[str, str, dict[str, Any], float]]:
+        """The jobs among ``seqs`` that exist, by sequence number."""
+        cache = self._cache
+        missing = [s for s in seqs if s not in cache]
+        if missing:
+            if len(cache) + len(missing) > _JOB_CACHE:
+                cache.clear()
+            marks = ",".join("?" * len(missing))
+            for seq, job_id, task, params, timeout in c.execute(
+                    f"SELECT seq, id, task, params, timeout FROM jobs WHERE seq IN ({marks})",
+                    missing):
+                cache[seq] = (job_id, task, json.loads(params), timeout)
+        return {s: cache[s] for s in seqs if s in cache}
 
 
 def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
-                  took: Callable[[int, int, int], None], started: float) -> list[Claimed]:
+                  took: Callable[[int, int, int], None], started: float,
+                  jobs: JobInfo | None = None) -> list[Claimed]:
     """Claim items job by job as ``plan()`` says: each ``(job_seq, n)`` moves that job's
     next ``n`` claimable items (queued, not waiting for a retry's backoff) to running, in
     index order, started at ``started``. ``took(job_seq, asked, got)`` is told what each
-    gave; ``plan()`` is asked again while the last plan came up short, and stops the claim
-    by answering nothing."""
+    gave (a job paused meanwhile, by another process, gives nothing); ``plan()`` is asked
+    again while the last plan came up short, and stops the claim by answering nothing."""
     c = tx.conn
+    jobs = jobs or JobInfo()
     out: list[Claimed] = []
+    updates: list[tuple[int, float, int, int]] = []
     for _ in range(4):  # a short plan is retried a few times, never looped on
         steps = plan()
         if not steps:
             break
+        seqs = [seq for seq, _ in steps]
+        marks = ",".join("?" * len(seqs))
+        paused = {r[0] for r in c.execute(
+            f"SELECT seq FROM jobs WHERE paused = 1 AND seq IN ({marks})", seqs)}
+        info = jobs.get(c, seqs)
+        live = [(seq, n) for seq, n in steps if seq in info and seq not in paused]
+        got: dict[int, int] = dict.fromkeys(seqs, 0)
+        for i in range(0, len(live), _STEPS_PER_QUERY):
+            chunk = live[i:i + _STEPS_PER_QUERY]
+            args: list[Any] = []
+            for seq, n in chunk:
+                args += (seq, started, n)
+            for seq, idx, overlay, claim in c.execute(_next_items_sql(len(chunk)), args):
+                job_id, task, base, timeout = info[seq]
+                params = {**base, **json.loads(overlay)} if overlay else dict(base)
+                out.append(Claimed(job_id=job_id, job_seq=seq, index=idx, claim=claim + 1,
+                                   task=task, params=params, timeout=timeout))
+                updates.append((claim + 1, started, seq, idx))
+                got[seq] += 1
         short = False
         for seq, n in steps:
-            job = c.execute("SELECT id, task, params, timeout FROM jobs "
-                            "WHERE seq = ? AND paused = 0", (seq,)).fetchone()
-            rows = c.execute(_NEXT_ITEMS, (seq, started, n)).fetchall() if job else []
-            took(seq, n, len(rows))
-            if len(rows) < n:
+            took(seq, n, got[seq])
+            if got[seq] < n:
                 short = True
-            if not rows:
-                continue
-            c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
-                          "progress = NULL, message = NULL, worker = NULL "
-                          "WHERE job_seq = ? AND idx = ?",
-                          ((r[2] + 1, started, seq, r[0]) for r in rows))
-            tx.move(seq, "queued", "running", len(rows))
-            base: dict[str, Any] = json.loads(job[2])
-            for r in rows:
-                params = {**base, **json.loads(r[1])} if r[1] else base
-                out.append(Claimed(job_id=job[0], job_seq=seq, index=r[0], claim=r[2] + 1,
-                                   task=job[1], params=params, timeout=job[3]))
+            if got[seq]:
+                tx.move(seq, "queued", "running", got[seq])
         if not short:
             break
+    c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
+                  "progress = NULL, message = NULL, worker = NULL "
+                  "WHERE job_seq = ? AND idx = ?", updates)
     return out

@@ -117,10 +117,11 @@ class Tx:
                 self.queued_delta += n
 
 
-def _state_sql() -> str:
+def _state_sql(delta: str = ":") -> str:
     """:func:`~bulkrunner.models.derive_state` in SQL, over the counts after the deltas
-    (in an UPDATE every expression sees the row as it was, so each count is old + delta)."""
-    q, r, s, f, c = (f"(n_{n} + :{n})" for n in STATES)
+    (in an UPDATE every expression sees the row as it was, so each count is old + delta).
+    ``delta`` prefixes each delta's name: ``:`` for parameters, ``d.`` for a joined row."""
+    q, r, s, f, c = (f"(n_{n} + {delta}{n})" for n in STATES)
     return (f"CASE WHEN paused = 1 AND ({q} > 0 OR {r} > 0) THEN 'paused' "
             f"WHEN {q} > 0 OR {r} > 0 THEN CASE WHEN {r} > 0 OR {s} + {f} + {c} > 0 "
             f"THEN 'running' ELSE 'queued' END WHEN {c} > 0 THEN 'cancelled' "
@@ -139,15 +140,40 @@ _APPLY = (
     ", notify_url")
 
 
+_MANY_STATE = _state_sql("d.")
+#: The same for many jobs in one statement: the deltas come as a JSON array of
+#: [seq, queued, running, succeeded, failed, cancelled] rows (a dispatcher turn under fair
+#: share touches a job per item; one statement each was most of such a turn's time).
+_APPLY_MANY = (
+    "UPDATE jobs SET " + ", ".join(f"n_{n} = n_{n} + d.{n}" for n in STATES) +
+    f", state = {_MANY_STATE}, "
+    "started_at = CASE WHEN started_at IS NULL AND d.running > 0 THEN :now "
+    "ELSE started_at END, "
+    f"finished_at = CASE WHEN {_MANY_STATE} IN ('succeeded', 'failed', 'cancelled') "
+    "THEN COALESCE(finished_at, :now) ELSE NULL END "
+    "FROM (SELECT value->>0 AS seq, " +
+    ", ".join(f"value->>{i + 1} AS {n}" for i, n in enumerate(STATES)) +
+    " FROM json_each(:deltas)) AS d WHERE jobs.seq = d.seq "
+    "RETURNING seq, id, task, paused, " + ", ".join(f"n_{n}" for n in STATES) + ", notify_url")
+
+
 def _apply_counts(tx: Tx) -> None:
-    """Write the item-count deltas of ``tx`` to their jobs and derive each job's state, one
-    statement per job (it returns the new counts, so nothing is read first)."""
-    for seq, delta in tx.counts.items():
-        if not any(delta.values()):
-            continue
+    """Write the item-count deltas of ``tx`` to their jobs and derive each job's state, in
+    one statement (it returns the new counts, so nothing is read first)."""
+    moved = {seq: d for seq, d in tx.counts.items() if any(d.values())}
+    if len(moved) == 1:
+        ((seq, delta),) = moved.items()
         row = tx.conn.execute(_APPLY, {**delta, "now": tx.now, "seq": seq}).fetchone()
-        if row is None:
-            continue
+        rows = [(seq, *row)] if row is not None else []
+    elif moved:
+        deltas = json.dumps([[seq, *(d[n] for n in STATES)] for seq, d in moved.items()])
+        got = {r[0]: r for r in tx.conn.execute(_APPLY_MANY, {"now": tx.now,
+                                                             "deltas": deltas})}
+        rows = [got[seq] for seq in moved if seq in got]  # in the order the jobs moved
+    else:
+        rows = []
+    for seq, *row in rows:
+        delta = moved[seq]
         counts = dict(zip(STATES, row[3:8], strict=True))
         old = {s: counts[s] - delta[s] for s in STATES}
         before, after = derive_state(old, bool(row[2])), derive_state(counts, bool(row[2]))

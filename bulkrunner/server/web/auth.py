@@ -182,6 +182,8 @@ def find_token(given: str) -> TokenConfig | None:
 def sessions() -> Sessions | None:
     """The current app's :class:`Sessions` (None when the page is not registered)."""
     found: Sessions | None = current_app.extensions.get(EXTENSION)
+    if found is None:  # an embedding app's mount keeps its sessions itself
+        found = getattr(current_app.extensions.get("bulkrunner"), "sessions", None)
     return found
 
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, redirect, request, url_for
+from jinja2 import Environment
 from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
 from bulkrunner import __version__, errors
 from bulkrunner.models import STATES
 from bulkrunner.runtime import safe_text
-from bulkrunner.server.service import Service
+from bulkrunner.server.http import local_name
+from bulkrunner.server.service import Service, service_of
 from bulkrunner.server.web.auth import (
     COOKIE,
     SESSION_SECONDS,
@@ -30,6 +33,7 @@ from bulkrunner.server.web.auth import (
     sessions,
 )
 from bulkrunner.server.web.fields import form_fields
+from bulkrunner.server.web.schedules import rows as schedule_rows
 
 bp = Blueprint("web", __name__, template_folder="templates", static_folder="static",
                static_url_path="/assets")
@@ -40,18 +44,33 @@ _PUBLIC = frozenset({"web.login", "web.static"})
 
 
 def _service() -> Service:
-    svc: Service = current_app.extensions["bulkrunner"]
-    return svc
+    return service_of(current_app.extensions["bulkrunner"])
+
+
+#: For each app's Jinja environment, one that loads templates from this blueprint only.
+_PAGE_ENVS: weakref.WeakKeyDictionary[Environment, Environment] = weakref.WeakKeyDictionary()
+
+
+def render_template(name: str, **context: Any) -> str:
+    """Render one of the page's templates, found in this blueprint's folder only: in an
+    embedding app, the app's own templates of the same names (``base.html``) would come
+    first, and Jinja would cache whichever it found first for both."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    env = _PAGE_ENVS.get(app.jinja_env)
+    if env is None:
+        env = _PAGE_ENVS[app.jinja_env] = app.jinja_env.overlay(loader=bp.jinja_loader)
+    app.update_template_context(context)
+    return env.get_template(name).render(context)
 
 
 # ------------------------------------------------------------------ session
 @bp.before_request
 def _require_session() -> BaseResponse | None:
-    if request.endpoint in _PUBLIC or not auth_required():
+    if local_name(request.endpoint) in _PUBLIC or not auth_required():
         return None
     if session_nonce(request) is not None:
         return None
-    return redirect(url_for("web.login", next=_local_path()))
+    return redirect(url_for(".login", next=_local_path()))
 
 
 @bp.app_template_global()
@@ -64,8 +83,16 @@ def csrf_token() -> str:
 
 @bp.context_processor
 def _globals() -> dict[str, Any]:
+    # Templates name pages "web.jobs"; mounted in an embedding app they are
+    # "bulkrunner.web.jobs", so names are taken relative to this blueprint. ``root`` is
+    # where the page lives ("" standalone, "/bulkrunner" mounted), for its scripts.
     return {"token_required": auth_required(), "version": __version__,
-            "states": STATES}
+            "states": STATES, "url_for": _page_url_for,
+            "root": url_for(".jobs").rstrip("/")}
+
+
+def _page_url_for(endpoint: str, **values: Any) -> str:
+    return url_for("." + endpoint[4:] if endpoint.startswith("web.") else endpoint, **values)
 
 
 def _local_path(raw: str | None = None) -> str:
@@ -77,7 +104,7 @@ def _local_path(raw: str | None = None) -> str:
     if (not path.startswith("/") or path.startswith("//") or "\\" in path
             or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in path)
             or parts.scheme or parts.netloc):
-        return url_for("web.jobs")
+        return url_for(".jobs")
     return path
 
 
@@ -86,7 +113,7 @@ def _local_path(raw: str | None = None) -> str:
 def login() -> BaseResponse | str | tuple[str, int]:
     """Ask for an API token once; on a configured one, set the session cookie (the
     session then has that token's name and role)."""
-    target = _local_path(request.values.get("next", "/"))
+    target = _local_path(request.values.get("next") or url_for(".jobs"))
     if not auth_required() or session_nonce(request) is not None:
         return redirect(target)
     if request.method == "GET":
@@ -110,7 +137,7 @@ def logout() -> BaseResponse:
 
     The session's row is deleted, so a copy of the cookie is refused from then on.
     """
-    resp = redirect(url_for("web.login"))
+    resp = redirect(url_for(".login"))
     store, nonce = sessions(), session_nonce(request)
     given = request.form.get("csrf_token", "")
     if store is not None and nonce is not None and hmac.compare_digest(
@@ -151,6 +178,12 @@ def tasks() -> str:
     return render_template("tasks.html", tasks=svc.tasks(), default=svc.registry.default)
 
 
+@bp.get("/schedules")
+def schedules() -> str:
+    """The schedules: when each fires (in words), its next and latest runs in its zone."""
+    return render_template("schedules.html", schedules=schedule_rows(_service().schedules()))
+
+
 @bp.get("/tasks/<name>")
 def task(name: str) -> str | tuple[str, int]:
     """The form that starts a job of task ``name``."""
@@ -173,7 +206,7 @@ def job(ident: str) -> BaseResponse | str | tuple[str, int]:
         return _error_page(409, "Ambiguous id", e.message)
     if found.id != ident:
         query = request.query_string.decode()
-        return redirect(url_for("web.job", ident=found.id) + (f"?{query}" if query else ""))
+        return redirect(url_for(".job", ident=found.id) + (f"?{query}" if query else ""))
     state = request.args.get("state", "")
     state = state if state in STATES else ""
     after = _int(request.args.get("after"), lo=-1)

@@ -4,6 +4,10 @@
 window.bulkrunner = (() => {
   const csrfMeta = document.querySelector('meta[name="csrf-token"]');
   const csrf = csrfMeta ? csrfMeta.content : "";
+  // Where the page and its API live: "" on the server's own, "/bulkrunner" (say) when a
+  // Flask app mounts them under a prefix. Every path below is taken from here.
+  const rootMeta = document.querySelector('meta[name="bulkrunner-root"]');
+  const root = rootMeta ? rootMeta.content : "";
   const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
   const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
 
@@ -27,13 +31,13 @@ window.bulkrunner = (() => {
   async function send(path, init) {
     let resp;
     try {
-      resp = await fetch(path, { ...init, credentials: "same-origin" });
+      resp = await fetch(root + path, { ...init, credentials: "same-origin" });
     } catch (e) {
       return null;
     }
     if (resp.status === 401) {
       const next = location.pathname + location.search;
-      location.assign("/login?next=" + encodeURIComponent(next));
+      location.assign(root + "/login?next=" + encodeURIComponent(next));
     }
     return resp;
   }
@@ -254,5 +258,5 @@ window.bulkrunner = (() => {
   document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
 
   return { api, getBytes, el, jsonText, keyValues, timeEl, localizeTimes, badge, progress, errorBlock,
-           syncRows, poll, query, STATES, FINISHED };
+           syncRows, poll, query, root, STATES, FINISHED };
 })();

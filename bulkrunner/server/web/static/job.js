@@ -4,7 +4,7 @@
 
 (() => {
   const { api, getBytes, el, jsonText, keyValues, badge, progress, timeEl, errorBlock, syncRows, poll,
-          query, STATES, FINISHED } = window.bulkrunner;
+          query, root, STATES, FINISHED } = window.bulkrunner;
   const REFRESH_MS = 1000;
   const PACE_MS = 2000;
   const SVG = "http://www.w3.org/2000/svg";
@@ -160,7 +160,7 @@
       stop();
       text.replaceChildren();
       part("index").textContent = index;
-      part("raw").href = `/api/v1/jobs/${jobId}/items/${index}/log`;
+      part("raw").href = `${root}/api/v1/jobs/${jobId}/items/${index}/log`;
       say("Loading…");
       sizeNote.textContent = "";
       delete dialog.dataset.state;
@@ -293,7 +293,7 @@
         empty.hidden = items.data.items.length > 0;
         next.hidden = items.data.next === null;
         if (items.data.next !== null) {
-          next.href = `/jobs/${id}` + query({ state, after: items.data.next });
+          next.href = `${root}/jobs/${id}` + query({ state, after: items.data.next });
         }
       }
       if (!j.ok) return true;

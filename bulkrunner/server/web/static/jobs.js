@@ -2,14 +2,14 @@
 "use strict";
 
 (() => {
-  const { api, el, badge, progress, timeEl, syncRows, poll, query } = window.bulkrunner;
+  const { api, el, badge, progress, timeEl, syncRows, poll, query, root } = window.bulkrunner;
   const REFRESH_MS = 2000;
 
   function row(job) {
     const c = job.items;
     return el("tr", {},
       el("td", { "data-label": "Job" },
-        el("a", { href: `/jobs/${job.id}` }, el("code", {}, job.id.slice(0, 8)))),
+        el("a", { href: `${root}/jobs/${job.id}` }, el("code", {}, job.id.slice(0, 8)))),
       el("td", { "data-label": "Task" }, job.task),
       el("td", { "data-label": "State" }, badge(job.state)),
       el("td", { "data-label": "Progress" }, progress(job)),
@@ -34,7 +34,7 @@
       syncRows(tbody, res.data.jobs, (j) => j.id, row);
       empty.hidden = res.data.jobs.length > 0;
       older.hidden = res.data.next === null;
-      if (res.data.next !== null) older.href = "/" + query({ state, task, before: res.data.next });
+      if (res.data.next !== null) older.href = `${root}/` + query({ state, task, before: res.data.next });
       return true;
     }, REFRESH_MS);
   });

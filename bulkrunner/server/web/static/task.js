@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { api, el } = window.bulkrunner;
+  const { api, el, root } = window.bulkrunner;
   const OPTIONS = { priority: "int", max_attempts: "int", timeout: "float", key: "str",
                     delay: "float", run_after: "time" };
 
@@ -178,7 +178,7 @@
       const res = await api("POST", "/api/v1/jobs", body);
       if (res.ok) {
         status.textContent = "Started. Opening the job…";
-        location.assign(`/jobs/${res.data.id}`);
+        location.assign(`${root}/jobs/${res.data.id}`);
         return;
       }
       button.disabled = false;
