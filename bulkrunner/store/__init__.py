@@ -1,11 +1,13 @@
 """The SQLite store: every read and write of jobs and items.
 
 The only package that imports :mod:`sqlite3`. The queue itself lives here: items wait as
-rows in state ``queued`` and the dispatcher claims them in priority then FIFO order.
+rows in state ``queued``; the dispatcher claims them job by job as its claim policy plans
+(``claims.py``), or in priority then FIFO order without one.
 
 - ``writer.py``: group commit (every write of every thread, batched on one connection);
 - ``jobs.py``: reads of jobs and items, cancel and retry;
 - ``transitions.py``: how items move (claims, ends of attempts, re-queue, progress);
+- ``claims.py``: what the claim policy reads (waiting jobs, pauses) and its planned claims;
 - ``prune.py``: retention's deletes; ``schema.py``: migrations; ``records.py``: the records.
 
 Submissions are committed with ``synchronous=FULL`` (a 202 survives a power cut); the

@@ -209,7 +209,8 @@
 
   function failureItem(f) {
     return el("li", {}, el("span", { class: "failure-count" }, `${f.count} ×`), " ",
-      el("strong", {}, f.type), ": ", jsonText(f.message || "", 300), " ",
+      // <bdi>: a right-to-left control in the message cannot reorder the text after it.
+      el("strong", {}, f.type), ": ", el("bdi", {}, jsonText(f.message || "", 300)), " ",
       el("span", { class: "muted" }, `(first: item ${f.first_index})`));
   }
 
