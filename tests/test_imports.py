@@ -39,6 +39,7 @@ EDGES: dict[str, set[str]] = {
     "flask": {"server", "flask"}, "werkzeug": {"server", "flask"}, "jinja2": {"server"},
     "waitress": {"server"}, "prometheus_client": {"server"}, "click": {"client", "server"},
     "sqlite3": {"store"}, "distributed": {"executors"}, "dask": {"executors"},
+    "urllib3": {"server"}, "cron_descriptor": {"server"}, "croniter": {"config", "server"},
 }
 STDLIB = sys.stdlib_module_names
 

@@ -137,3 +137,20 @@ def test_claims_from_the_store_follow_the_plan(tmp_path: Path) -> None:
         store.write(nothing)
     finally:
         store.close()
+
+
+def test_a_short_plan_planned_again_never_claims_an_item_twice(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "t.db"))
+    try:
+        store.insert_job(NewJob(id="1" * 32, task="t", params={}, items=[None]))
+        store.insert_job(NewJob(id="2" * 32, task="t", params={}, items=[None] * 5))
+        p = Pacer()
+        p.load(store.waiting_jobs(), store.paused_tasks(), 0)
+        turn = store.turn([], 4, planner=p)  # job 1 gives 1 of 2: job 2 is asked again
+        keys = [(c.job_seq, c.index) for c in turn.claimed]
+        assert len(keys) == len(set(keys)) == 4, keys
+        job = store.get_job("2" * 32)
+        assert job.counts["queued"] + job.counts["running"] == 5
+        assert job.counts["running"] == sum(1 for s, _ in keys if s == 2)
+    finally:
+        store.close()

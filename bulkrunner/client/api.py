@@ -232,8 +232,9 @@ class Client:
         return self._json("POST", f"/api/v1/prune?dry_run={int(dry_run)}")  # type: ignore[no-any-return]
 
     def health(self) -> dict[str, Any]:
-        """The health report; its ``status`` is "ok", "draining" or "executor_unavailable"
-        (the server answers 503 for the last two, which is not an error here)."""
+        """The health report; its ``status`` is "ok", "draining", "database_full",
+        "database_locked", "database_unwritable" or "executor_unavailable" (the server
+        answers 503 for all but "ok", which is not an error here)."""
         return self.request("GET", "/healthz", accept=(503,))  # type: ignore[no-any-return]
 
     def wait(self, ident: str, *, timeout: float | None = None, poll: float = 0.25,

@@ -1,18 +1,25 @@
 """Executors: where items run. Chosen from a table; Dask is imported only when chosen.
 :class:`~bulkrunner.executors.inline.InlineExecutor` is the test double (runs in the caller).
 
-Every executor speaks the same small protocol: ``submit(unit) -> Future[Outcome]``,
-``abort(unit)`` (cancel or timeout: kill the worker where that is possible, else set the
-task's cooperative flag), ``health()`` and ``shutdown()``. A task's own exception is data in
-the Outcome; a future that raises :class:`WorkerDied` means the worker running that item
-died (the item spends an attempt), :class:`ExecutorLost` means the item was merely caught
-in a failure of the executor (it is re-queued without spending one).
+Every executor speaks the same small protocol: ``submit(unit) -> Future[Outcome]`` and
+``submit_batch(units) -> [Future[Outcome], ...]`` (one future per unit, in order),
+``capacity(avg_duration)`` (how many items it wants in flight), ``abort(unit)`` (cancel or
+timeout: kill the worker where that is possible, else set the task's cooperative flag),
+``health()`` and ``shutdown()``. A task's own exception is data in the Outcome; a future
+that raises :class:`WorkerDied` means the worker running that item died (the item spends an
+attempt), :class:`ExecutorLost` means the item was merely caught in a failure of the
+executor (it is re-queued without spending one). A future the dispatcher cancels
+(``Future.cancel()`` returning True) was never started and never will be.
+
+While items are short, executors hand them to workers in batches (see
+:mod:`bulkrunner.executors.batching`), each unit still with its own future, progress, log
+and failure: a worker that dies in a batch fails only the unit it was running.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -22,7 +29,7 @@ from bulkrunner.executors.thread import ThreadExecutor
 from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit
 
 __all__ = ["FACTORIES", "Executor", "ExecutorLost", "ThreadExecutor", "WorkerDied",
-           "make_executor"]
+           "make_executor", "submit_each"]
 
 
 class Executor(Protocol):
@@ -33,6 +40,21 @@ class Executor(Protocol):
 
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
         """Start an attempt; the future gives its Outcome."""
+        ...
+
+    def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
+        """Start the attempts of one dispatcher turn's claims; one future per unit, in
+        order. Each behaves as if it came from :meth:`submit`; the executor decides how
+        they travel (in batches while items are short). A future may be cancelled until
+        a worker takes its unit up; an executor that cannot take a unit back once handed
+        over marks its future running then, so ``cancel()`` answers False."""
+        ...
+
+    def capacity(self, avg_duration: float | None) -> int:
+        """How many items the executor wants in flight (submitted, not yet ended), given
+        the dispatcher's recent average of submit-to-outcome seconds (None when unknown,
+        or after items claimed ahead were given back). ``max_workers`` for long items, up
+        to ``max_workers`` times a batch size or two for short ones; never less than 1."""
         ...
 
     def abort(self, unit: WorkUnit) -> None:
@@ -46,6 +68,11 @@ class Executor(Protocol):
     def shutdown(self) -> None:
         """Stop running items and release the workers."""
         ...
+
+
+def submit_each(executor: Executor, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
+    """``submit_batch`` for an executor that hands units over one at a time."""
+    return [executor.submit(u) for u in units]
 
 
 def _process(cfg: Config, reporter: Reporter | None, preload: list[str]) -> Executor:

@@ -9,6 +9,7 @@ dispatcher.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_item
@@ -35,6 +36,14 @@ class InlineExecutor:
         except BaseException as e:  # run_item makes task errors data; this is ours
             fut.set_exception(e)
         return fut
+
+    def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
+        """Run the attempts now, one after another; their futures are done."""
+        return [self.submit(u) for u in units]
+
+    def capacity(self, avg_duration: float | None) -> int:
+        """``max_workers``: nothing is ever claimed ahead."""
+        return self.max_workers
 
     def abort(self, unit: WorkUnit) -> None:
         """Nothing runs any more by the time this can be called."""

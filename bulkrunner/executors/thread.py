@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit, run_item
+from bulkrunner.errors import ExecutorLost
+from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit, run_batch
+
+#: Threads share one interpreter lock, so what is in flight is sized against one core:
+#: the run times measured in a thread include the waits for the lock, and a thread's
+#: batch of 2 ms holds about 2 ms of the server's time.
+POLICY = BatchPolicy(window=0.002, max_batch=128, short=0.005, cap=1024)
+
+_Ident = tuple[tuple[int, int], int]
+
+
+class _Flag(threading.Event):
+    """An item's cancel flag: set by abort, read by the item's context, never waited on.
+
+    A plain ``Event`` builds a Condition and a lock, which costs more than a short item;
+    this is a bare boolean behind the same ``set()`` / ``is_set()``.
+    """
+
+    def __init__(self) -> None:  # no Condition: nothing ever waits on this flag
+        self._flag = False
+
+    def set(self) -> None:
+        self._flag = True
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise NotImplementedError("an item's cancel flag is polled, not waited on")
 
 
 class ThreadExecutor:
     """Items on a ``ThreadPoolExecutor``. For I/O-bound tasks: CPU-bound ones hold the GIL.
 
-    A thread cannot be killed: cancel and timeout set the item's cooperative flag
-    (``ctx.cancelled`` / ``ctx.check()``), and the slot stays busy until the function
-    returns.
+    While items are short, a turn's units go to the pool in a few batches (one hand-over
+    each) instead of one by one; each unit's future is still its own, and stays
+    cancellable until a thread takes the unit up. A thread cannot be killed: cancel and
+    timeout set the item's cooperative flag (``ctx.cancelled`` / ``ctx.check()``), and the
+    slot stays busy until the function returns.
     """
 
     kind = "thread"
@@ -24,22 +59,71 @@ class ThreadExecutor:
         self._reporter = reporter
         self._item_context = item_context  # entered around each item (an app context)
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="bulkrunner-item")
-        self._flags: dict[tuple[tuple[int, int], int], threading.Event] = {}
+        #: The units handed over and not yet ended: their flag and future.
+        self._units: dict[_Ident, tuple[_Flag, Future[Outcome]]] = {}
+        self.pace = Pace(max_workers, POLICY)
 
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
         """Run the attempt on a pool thread; the future gives its Outcome."""
-        flag = threading.Event()
-        ident = (unit.key, unit.claim)
-        self._flags[ident] = flag
-        fut = self._pool.submit(run_item, unit, self._reporter, flag, self._item_context)
-        fut.add_done_callback(lambda _: self._flags.pop(ident, None))
-        return fut
+        return self.submit_batch([unit])[0]
+
+    def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
+        """Hand the units to the pool, in batches while items are short."""
+        futs: list[Future[Outcome]] = [Future() for _ in units]
+        flags = [_Flag() for _ in units]
+        for u, flag, f in zip(units, flags, futs, strict=True):
+            self._units[(u.key, u.claim)] = (flag, f)
+        start = 0
+        for n in split(len(units), self.max_workers, self.pace.batch()):
+            end = start + n
+            try:
+                self._pool.submit(self._run, units[start:end], futs[start:end],
+                                  flags[start:end])
+            except RuntimeError:  # shut down meanwhile
+                for u, f in zip(units[start:], futs[start:], strict=True):
+                    self._units.pop((u.key, u.claim), None)
+                    if f.set_running_or_notify_cancel():
+                        f.set_exception(ExecutorLost("the thread pool is shut down"))
+                break
+            start = end
+        return futs
+
+    def capacity(self, avg_duration: float | None) -> int:
+        """Items to keep in flight: ``max_workers`` for long items, batches for short."""
+        return self.pace.capacity(avg_duration)
+
+    def _run(self, units: Sequence[WorkUnit], futs: Sequence[Future[Outcome]],
+             flags: Sequence[_Flag]) -> None:
+        """Run one batch on this pool thread, settling each unit's future as it ends."""
+        drop = self._units.pop
+        observe = self.pace.observe
+
+        def begin(i: int) -> bool:
+            if futs[i].set_running_or_notify_cancel():
+                return True
+            u = units[i]
+            drop((u.key, u.claim), None)  # cancelled (given back) before it started
+            return False
+
+        def done(i: int, out: Outcome, seconds: float) -> None:
+            u = units[i]
+            drop((u.key, u.claim), None)
+            observe(seconds)
+            futs[i].set_result(out)
+
+        def failed(i: int, e: BaseException) -> None:
+            u = units[i]
+            drop((u.key, u.claim), None)
+            futs[i].set_exception(e)
+
+        run_batch(units, self._reporter, flags=flags, begin=begin, done=done,
+                  failed=failed, around=self._item_context)
 
     def abort(self, unit: WorkUnit) -> None:
         """Set the attempt's cooperative flag (a thread cannot be killed)."""
-        flag = self._flags.get((unit.key, unit.claim))
-        if flag is not None:
-            flag.set()
+        entry = self._units.get((unit.key, unit.claim))
+        if entry is not None:
+            entry[0].set()
 
     def health(self) -> tuple[bool, str]:
         """Always ok; the detail is the pool's size."""
@@ -47,7 +131,8 @@ class ThreadExecutor:
 
     def shutdown(self) -> None:
         """Set every running item's flag and stop the pool without waiting."""
-        for flag in list(self._flags.values()):
+        for flag, fut in list(self._units.values()):
             flag.set()
+            fut.cancel()  # not started yet: it never will be
         # Threads cannot be killed; do not wait for them (they are daemon-like at exit).
         self._pool.shutdown(wait=False, cancel_futures=True)

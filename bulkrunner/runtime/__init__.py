@@ -13,9 +13,10 @@ from bulkrunner.runtime.run import (
     WorkUnit,
     error_dict,
     resolve,
+    run_batch,
     run_item,
     worker_name,
 )
 
 __all__ = ["Cancelled", "Context", "ItemContext", "Outcome", "Reporter", "WorkUnit", "context",
-           "error_dict", "resolve", "run_item", "safe_text", "worker_name"]
+           "error_dict", "resolve", "run_batch", "run_item", "safe_text", "worker_name"]

@@ -14,8 +14,9 @@ import json
 import os
 import socket
 import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,55 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
         _current.ctx = prev
         if item_log is not None:
             capture.end(item_log)
+
+
+#: ``begin(i)``: may unit ``i`` of a batch start now? False when it was taken back.
+BatchBegin = Callable[[int], bool]
+#: ``done(i, outcome, seconds)``: unit ``i`` of a batch ended after ``seconds`` of run time.
+BatchDone = Callable[[int, Outcome, float], None]
+
+
+#: ``failed(i, exc)``: unit ``i`` raised past :func:`run_item` (``SystemExit`` from the task).
+BatchFailed = Callable[[int, BaseException], None]
+
+
+def run_batch(units: Sequence[WorkUnit], reporter: Reporter | None = None, *,
+              flags: Sequence[threading.Event | None] | None = None,
+              begin: BatchBegin | None = None, done: BatchDone | None = None,
+              failed: BatchFailed | None = None,
+              around: ItemContext | None = None) -> list[Outcome | None]:
+    """Run the attempts of ``units`` one after another, in order: the entry point of a
+    worker handed a batch. Each is :func:`run_item` on its own, with its own context,
+    cancel flag (``flags[i]``), progress and captured output.
+
+    ``begin(i)`` is asked just before unit ``i`` starts: a False answer (the unit was
+    taken back, to run elsewhere) skips it, and its outcome is None. ``done(i, outcome,
+    seconds)`` is told as each ends, so the caller can hand each outcome over at once
+    rather than at the end. What :func:`run_item` does not turn into an outcome (a task
+    that raises ``SystemExit``) goes to ``failed(i, exc)`` and the batch goes on, or,
+    without ``failed``, propagates (a worker process then dies of it, on that unit).
+    Returns the outcomes in order.
+    """
+    out: list[Outcome | None] = []
+    clock = time.perf_counter
+    for i, unit in enumerate(units):
+        if begin is not None and not begin(i):
+            out.append(None)
+            continue
+        t0 = clock()
+        try:
+            outcome = run_item(unit, reporter, flags[i] if flags is not None else None,
+                               around)
+        except BaseException as e:
+            if failed is None:
+                raise
+            failed(i, e)
+            out.append(None)
+            continue
+        if done is not None:
+            done(i, outcome, clock() - t0)
+        out.append(outcome)
+    return out
 
 
 def _json_default(o: Any) -> Any:

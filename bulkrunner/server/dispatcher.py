@@ -307,9 +307,22 @@ class Dispatcher:
             self.events.emit(Finished(e.job_id, f.job_seq, f.index, f.claim, e.task, f.ok,
                                       state, f.charge, e.duration, e.cause))
         self.events.job_changes(turn.changes)
+        # The turn's claims go to the executor in one call (it batches short items).
+        batch: list[tuple[Claimed, WorkUnit]] = []
         for c in turn.claimed:
             try:
-                self._submit(c)
+                if c.task not in self.registry:
+                    self._submit(c)  # records it failed: its task left the config
+                    continue
+                task = self.registry.get(c.task)
+                batch.append((c, WorkUnit(
+                    job_id=c.job_id, job_seq=c.job_seq, index=c.index, claim=c.claim,
+                    task=c.task, target=task.target, params=c.params, timeout=c.timeout,
+                    deadline=time.time() + c.timeout if c.timeout > 0 else None,
+                    context_param=task.context_param,
+                    max_result_size=self.cfg.jobs.max_result_size,
+                    max_log_size=self.cfg.jobs.max_log_size,
+                    max_error_size=self.cfg.jobs.max_error_size)))
             except Exception:  # one item's trouble must not strand the rest of the claim
                 log.exception("could not start item %s of job %s; it goes back to the queue",
                               c.index, c.job_id)
@@ -317,6 +330,23 @@ class Dispatcher:
                 self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim,
                                                       charge=False), c.job_id, c.task, 0.0))
                 self._wake.set()
+        if batch and self.executor is not None:
+            try:
+                futs = self.executor.submit_batch([u for _, u in batch])
+            except Exception as e:
+                log.warning("executor refused %d item(s): %s", len(batch), e)
+                for c, _ in batch:
+                    self.pacer.ended(c.task)
+                    self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim,
+                                                          charge=False), c.job_id, c.task, 0.0))
+                self._wake.set()
+                futs = []
+            now = time.monotonic()
+            for (c, unit), fut in zip(batch, futs, strict=False):
+                self._inflight[fut] = unit
+                self._submitted[fut] = now
+                self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
+                fut.add_done_callback(self._on_done)
         return flush
 
     def _refresh_view(self) -> None:
@@ -369,12 +399,11 @@ class Dispatcher:
         self._wake.set()
 
     def _capacity(self) -> int:
-        """Items to keep claimed: max_workers, plus a claim-ahead while items are short."""
-        avg = self._avg_duration
-        if (self.executor is not None and self.executor.kind == "thread"
-                and avg is not None and avg < _SHORT_ITEM):
-            return self.max_workers + max(_CLAIM_AHEAD, self.max_workers)
-        return self.max_workers
+        """Items to keep claimed: as many as the executor wants in flight (max_workers for
+        long items, batches' worth while items are short)."""
+        if self.executor is None:
+            return self.max_workers
+        return max(1, self.executor.capacity(self._avg_duration))
 
     def _ended(self, unit: WorkUnit, fut: Future[Outcome], took: float) -> _Ended:
         seq, idx, claim = unit.job_seq, unit.index, unit.claim

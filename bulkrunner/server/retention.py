@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from bulkrunner.config import RetentionConfig
+from bulkrunner.errors import StoreUnwritable
 from bulkrunner.models import FINISHED_STATES
 from bulkrunner.store import Store
 
@@ -88,6 +89,8 @@ class Pruner:
         while not self._stop.is_set():
             try:
                 self.run()
+            except StoreUnwritable as e:  # disk full or locked: no traceback for it
+                log.warning("retention: pruning failed (%s); trying again later", e.message)
             except Exception:  # background code logs and carries on
                 log.exception("retention: pruning failed; trying again later")
             else:

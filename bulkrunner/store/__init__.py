@@ -178,7 +178,8 @@ class Store:
         return Job(id=new.id, task=new.task, params=new.params, state=State.QUEUED,
                    priority=new.priority, created_at=now, counts=counts,
                    max_attempts=new.max_attempts, timeout=new.timeout, key=new.key,
-                   submitted_by=new.submitted_by, schedule=new.schedule,
+                   run_after=new.run_after, submitted_by=new.submitted_by,
+                   schedule=new.schedule,
                    notify=jobs.new_notify(new.notify_url)), True
 
     def resolve_id(self, ident: str) -> int:

@@ -188,6 +188,11 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
                                    task=task, params=params, timeout=timeout))
                 updates.append((claim + 1, started, seq, idx))
                 got[seq] += 1
+        # Moved before the next round reads: it must not find these items queued again.
+        c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
+                      "progress = NULL, message = NULL, worker = NULL "
+                      "WHERE job_seq = ? AND idx = ?", updates)
+        updates.clear()
         short = False
         for seq, n in steps:
             took(seq, n, got[seq])
@@ -197,7 +202,4 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
                 tx.move(seq, "queued", "running", got[seq])
         if not short:
             break
-    c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
-                  "progress = NULL, message = NULL, worker = NULL "
-                  "WHERE job_seq = ? AND idx = ?", updates)
     return out

@@ -24,6 +24,7 @@ kept in :attr:`Writer.faults` until a write succeeds again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sqlite3
 import threading
@@ -193,7 +194,7 @@ class Writer:
                 with self._pending_lock:
                     waiting, self._pending = self._pending, []
                 for o in waiting:
-                    o.value, o.error, o.changes, o.done = None, fault, [], True
+                    o.value, o.error, o.changes, o.done = None, copy.copy(fault), [], True
                 batch += waiting
             for o in batch:
                 o.gate.release()
@@ -234,7 +235,9 @@ class Writer:
             self.queued = queued_before
             fault = self.faults.failed(e)
             for op in batch:
-                op.value, op.error, op.changes = None, fault or e, []
+                # Each caller raises its own copy: one instance raised in several threads
+                # would carry their tracebacks mixed together.
+                op.value, op.error, op.changes = None, copy.copy(fault) if fault else e, []
                 op.done = True
             return fault
         if faulty:
