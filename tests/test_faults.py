@@ -576,15 +576,17 @@ def test_schemathesis_finds_no_server_error(serve: Any, tmp_path: Path) -> None:
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
     cfg = toml_config(tmp_path, executor="thread", max_workers=2, tasks=SAFE_TASKS)
     s = serve(cfg)
-    # Random ids only ever reach the 404 of cancel and retry: point those two at a real job
-    # (a bulk of short sleeps), so cancel and retry run their state changes over and over.
-    # The barrage above covers odd ids.
+    # Random ids only ever reach the 404 of the job actions: point them at a real job (a
+    # bulk of short sleeps), so cancel, retry, pause and resume run their state changes over
+    # and over. The barrage above covers odd ids.
     with Client(s.url) as c:
         job_id = c.submit("sleep", {"seconds": 0.2}, items=[{} for _ in range(20)])["id"]
     st_config = tmp_path / "schemathesis.toml"
     st_config.write_text("".join(
-        f'[[operations]]\ninclude-name = "POST /api/v1/jobs/{{id}}/{verb}"\n'
-        f'parameters = {{ "path.id" = "{job_id}" }}\n' for verb in ("cancel", "retry")))
+        f'[[operations]]\ninclude-name = "{op} /api/v1/jobs/{{id}}/{verb}"\n'
+        f'parameters = {{ "path.id" = "{job_id}" }}\n'
+        for op, verb in (("POST", "cancel"), ("POST", "retry"), ("POST", "pause"),
+                         ("POST", "resume"), ("GET", "pace"))))
     cmd = [st, "--config-file", str(st_config), "run", f"{s.url}/openapi.json",
            "--checks", "not_a_server_error",
            "--phases", "examples,coverage,fuzzing", "--max-examples", "30", "--seed", "4",

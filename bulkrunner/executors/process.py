@@ -1,10 +1,20 @@
-"""A crash-isolated process pool.
+"""A crash-isolated process pool, fed in batches while items are short.
 
 Unlike the stdlib ``ProcessPoolExecutor``, where one dead worker breaks every future in the
-pool, each worker here runs one item at a time over its own pipe, so the supervisor always
-knows which item a worker holds. A worker that dies (``os._exit``, a signal, out of memory)
-fails only its own item, with the exit code or signal in the error; it is replaced and the
-others carry on. Timeouts and cancels kill exactly the worker that runs the item.
+pool, each worker here has its own pipe and the supervisor always knows which item a
+worker runs. A worker that dies (``os._exit``, a signal, out of memory) fails only the
+item it was running, with the exit code or signal in the error; it is replaced, and the
+items queued behind it go to the other workers without spending an attempt. Timeouts and
+cancels kill exactly the worker that runs the item.
+
+While items are short (see :mod:`bulkrunner.executors.batching`) a worker gets a batch of
+units in one message, and a second one queued behind it; it sends each outcome back as
+the unit ends. Long items go one per message, to an idle worker only. Each worker shares
+three numbers with the supervisor (under a lock of theirs): how many units it has started,
+and a range of units taken back. The worker counts a unit started before running it, and
+skips units in the range, so the supervisor can take back any unit not yet started, to
+run it elsewhere (the dispatcher's cancel of an item claimed ahead, an abort, a batch stuck
+behind a long item), and knows after a crash which unit was running.
 
 Workers start from a ``forkserver`` (``spawn`` where that is missing): forking the threaded
 server process itself is unsafe.
@@ -15,18 +25,24 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures._base import PENDING
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import bulkrunner.runtime.capture as capture
 from bulkrunner.errors import ExecutorLost, WorkerDied
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_item
+from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_batch
 
 log = logging.getLogger("bulkrunner.executors.process")
 
@@ -34,9 +50,20 @@ log = logging.getLogger("bulkrunner.executors.process")
 # the next try, doubling up to the cap: such causes pass in seconds, not microseconds.
 _SPAWN_RETRY_FIRST = 0.1
 _SPAWN_RETRY_MAX = 5.0
+POLICY = BatchPolicy(window=0.004, max_batch=256, short=0.005, cap=4096)
+#: Bytes a batch may have to be queued on a busy worker's pipe: it must fit in the socket
+#: buffer, or the send would block the supervisor until the worker finishes its item.
+_PIPELINE_BYTES = 64 * 1024
+#: A unit that has run this long while others wait behind it on its worker hands them to
+#: other workers (at least; or 20 times the average item).
+_STUCK = 0.02
+# The shared numbers of a worker: units started, and the range [lo, hi) taken back.
+_STARTED, _LO, _HI = 0, 1, 2
+_READ = 1 << 16
 
 
-def _worker_main(conn: Connection) -> None:
+# ---------------------------------------------------------------------- in the worker
+def _worker_main(conn: Connection, ctl: Any, lock: Any) -> None:
     # Ctrl-C reaches the whole process group; the server decides what stops, not the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -44,21 +71,33 @@ def _worker_main(conn: Connection) -> None:
     # One item at a time here: whatever any thread prints or logs belongs to it.
     capture.install(process_wide=True)
     logging.getLogger().setLevel(logging.INFO)
-    lock = report.lock
+    send_lock = report.lock
 
     while True:
         try:
-            unit = conn.recv()
+            msg = conn.recv()
         except (EOFError, OSError):
             return
-        if unit is None:
+        if msg is None:
             return
-        outcome = run_item(unit, report)
-        with lock:
-            try:
-                conn.send(("done", outcome))
-            except (OSError, EOFError):
-                return
+        first, units = msg
+
+        def begin(i: int, first: int = first) -> bool:
+            o = first + i
+            with lock:
+                if ctl[_LO] <= o < ctl[_HI]:
+                    return False  # taken back: it runs elsewhere
+                ctl[_STARTED] = o + 1
+            return True
+
+        def done(i: int, outcome: Outcome, seconds: float, first: int = first) -> None:
+            with send_lock:
+                conn.send(("done", first + i, outcome, seconds))
+
+        try:
+            run_batch(units, report, begin=begin, done=done)
+        except (OSError, EOFError):
+            return  # the server went away
 
 
 class _PipeReporter:
@@ -77,15 +116,51 @@ class _PipeReporter:
             self.conn.send(("log", key, claim, text))
 
 
-class _Worker:
-    __slots__ = ("aborted", "conn", "future", "proc", "unit")
+# ---------------------------------------------------------------------- in the server
+class _UnitFuture(Future[Outcome]):
+    """A unit's future; ``cancel()`` takes the unit back while no worker has started it."""
 
-    def __init__(self, proc: Any, conn: Connection) -> None:
+    def __init__(self, pool: ProcessExecutor, unit: WorkUnit) -> None:
+        super().__init__()
+        self.pool = pool
+        self.unit = unit
+        self.worker: _Worker | None = None   # the worker it was handed to, if any
+        self.ordinal = -1                    # its number on that worker
+        self.gone = False                    # taken out of the pending queue
+
+    def cancel(self) -> bool:
+        with self.pool._lock:
+            if self._state != PENDING:
+                return super().cancel()
+            if not self.pool._take_back(self):
+                return False  # a worker has started it
+            return super().cancel()
+
+
+class _Worker:
+    __slots__ = ("aborted", "buf", "conn", "ctl", "held", "held_from", "lock", "next",
+                 "proc", "queue", "started_at", "started_seen")
+
+    def __init__(self, proc: Any, conn: Connection, ctl: Any, lock: Any) -> None:
         self.proc = proc
         self.conn = conn
-        self.unit: WorkUnit | None = None
-        self.future: Future[Outcome] | None = None
-        self.aborted = False
+        self.ctl = ctl
+        self.lock = lock
+        self.queue: deque[_UnitFuture] = deque()  # handed over, no outcome yet, in order
+        self.next = 0                             # the ordinal of the next unit sent
+        self.aborted: set[int] = set()            # ordinals killed by abort
+        self.buf = bytearray()
+        self.held: bytes | None = None            # a batch waiting for the worker to idle
+        self.held_from = 0
+        self.started_seen = 0                     # the started count last seen
+        self.started_at = 0.0                     # when it was first seen
+
+    @property
+    def unit(self) -> WorkUnit | None:
+        """The unit this worker runs now, if any (the first handed over, once started)."""
+        if self.queue and self.queue[0].ordinal < self.ctl[_STARTED]:
+            return self.queue[0].unit
+        return None
 
 
 def describe_exit(code: int | None) -> str:
@@ -111,15 +186,19 @@ class ProcessExecutor:
                  preload: list[str] | None = None) -> None:
         self.max_workers = max_workers
         self._reporter = reporter
+        self._sink = getattr(reporter, "log", None)
         methods = mp.get_all_start_methods()
         self._ctx: Any = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
             self._ctx.set_forkserver_preload(["bulkrunner.runtime", *(preload or [])])
-        self._lock = threading.Lock()
+        # Re-entrant: a future cancelled under it runs its callbacks, which may submit.
+        self._lock = threading.RLock()
         self._workers: list[_Worker] = []
-        self._pending: deque[tuple[WorkUnit, Future[Outcome]]] = deque()
+        self._pending: deque[_UnitFuture] = deque()
+        self._units: dict[int, _UnitFuture] = {}  # id(unit) -> its future, until it ends
         self._stopping = False
         self.rebuilds = 0
+        self.pace = Pace(max_workers, POLICY)
         self._spawn_error: str | None = None  # why the last worker start failed, if it did
         self._spawn_delay = _SPAWN_RETRY_FIRST
         self._spawn_at = 0.0  # time.monotonic() before which no worker is started
@@ -133,28 +212,42 @@ class ProcessExecutor:
     # ------------------------------------------------------------------ public
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
         """Queue the attempt for a worker process; the future gives its Outcome."""
-        fut: Future[Outcome] = Future()
+        return self.submit_batch([unit])[0]
+
+    def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
+        """Queue the attempts for the worker processes (in batches while items are
+        short); one future per unit."""
+        futs = [_UnitFuture(self, u) for u in units]
         with self._lock:
             if self._stopping:
-                fut.set_exception(ExecutorLost("the process pool is shutting down"))
-                return fut
-            self._pending.append((unit, fut))
+                for f in futs:
+                    f.set_exception(ExecutorLost("the process pool is shutting down"))
+                return list(futs)
+            self._pending.extend(futs)
+            for f in futs:
+                self._units[id(f.unit)] = f
         self._wake()
-        return fut
+        return list(futs)
+
+    def capacity(self, avg_duration: float | None) -> int:
+        """Items to keep in flight: ``max_workers`` for long items, batches for short."""
+        return self.pace.capacity(avg_duration)
 
     def abort(self, unit: WorkUnit) -> None:
         """Drop the attempt if it has not started, else kill its worker process."""
         with self._lock:
-            for i, (u, f) in enumerate(self._pending):
-                if u is unit:
-                    del self._pending[i]
-                    f.set_exception(ExecutorLost("aborted before it started"))
-                    return
-            for w in self._workers:
-                if w.unit is unit:
-                    w.aborted = True
-                    _kill(w)
-                    return
+            fut = self._units.get(id(unit))
+            if fut is None or fut.done():
+                return
+            w = fut.worker
+            if w is None or self._revoke(w, fut.ordinal, fut):
+                self._units.pop(id(unit), None)
+                if w is None:
+                    fut.gone = True
+                fut.set_exception(ExecutorLost("aborted before it started"))
+                return
+            w.aborted.add(fut.ordinal)
+            _kill(w)
 
     def health(self) -> tuple[bool, str]:
         """(ok, detail). Not ok while the supervisor is gone, or while no worker is alive
@@ -178,20 +271,58 @@ class ProcessExecutor:
         """Fail what has not started and stop every worker process."""
         with self._lock:
             self._stopping = True
-            pending = list(self._pending)
+            pending = [f for f in self._pending if not f.gone]
             self._pending.clear()
             for w in self._workers:
                 _kill(w)
-        for _, f in pending:
-            f.set_exception(ExecutorLost("the process pool shut down"))
+        for f in pending:
+            _settle(f, ExecutorLost("the process pool shut down"))
         self._wake()
         self._thread.join(timeout=10)
         for w in self._workers:
             w.proc.join(timeout=5)
-            if w.future is not None and not w.future.done():
-                w.future.set_exception(ExecutorLost("the process pool shut down"))
+            for f in w.queue:
+                _settle(f, ExecutorLost("the process pool shut down"))
         self._wake_r.close()
         self._wake_w.close()
+
+    # ------------------------------------------------------------------ taking back
+    def _take_back(self, fut: _UnitFuture) -> bool:
+        """Take a unit that no worker has started out of the pool (the lock is held):
+        True when it will not run here."""
+        if id(fut.unit) not in self._units:
+            return False
+        if fut.worker is None:
+            fut.gone = True
+        elif not self._revoke(fut.worker, fut.ordinal, fut):
+            return False
+        del self._units[id(fut.unit)]
+        return True
+
+    def _revoke(self, w: _Worker, ordinal: int, fut: _UnitFuture | None) -> bool:
+        """Take back unit ``ordinal`` of worker ``w`` and every unit after it, unless the
+        worker has started it (the lock is held). Those after it go back to the front of
+        the pending queue, in order; ``fut``, the one asked for, does not."""
+        if not w.lock.acquire(timeout=0.1):  # a worker killed inside it leaves it held
+            return False
+        try:
+            started, lo, hi = w.ctl[_STARTED], w.ctl[_LO], w.ctl[_HI]
+            if started > ordinal:
+                return False
+            # The range grows over one still ahead of the worker: what it holds stays out.
+            w.ctl[_LO] = min(lo, ordinal) if hi > started else ordinal
+            w.ctl[_HI] = w.next
+            cut = w.ctl[_LO]
+        finally:
+            w.lock.release()
+        back = [f for f in w.queue if f.ordinal >= cut]
+        while w.queue and w.queue[-1].ordinal >= cut:
+            w.queue.pop()
+        again = [f for f in back if f is not fut]
+        for f in again:
+            f.worker, f.ordinal = None, -1
+        self._pending.extendleft(reversed(again))
+        return True
 
     # ------------------------------------------------------------------ supervisor
     def _wake(self) -> None:
@@ -202,8 +333,10 @@ class ProcessExecutor:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
+        ctl = self._ctx.RawArray("q", 3)
+        lock = self._ctx.Lock()
         try:
-            proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True,
+            proc = self._ctx.Process(target=_worker_main, args=(child, ctl, lock), daemon=True,
                                      name="bulkrunner-worker")
             proc.start()
         except BaseException:
@@ -211,7 +344,7 @@ class ProcessExecutor:
             child.close()
             raise
         child.close()
-        return _Worker(proc, parent)
+        return _Worker(proc, parent, ctl, lock)
 
     def _replenish(self) -> None:
         """Start workers until there are ``max_workers``, unless backing off after a failure.
@@ -263,32 +396,29 @@ class ProcessExecutor:
             ended = (list(self._workers) if self._stopping
                      and not any(w.proc.is_alive() for w in self._workers) else None)
         if ended is not None:
-            for w in ended:  # each says, once, that the item it held ended with the pool
+            for w in ended:  # each says, once, that the items it held ended with the pool
                 self._bury(w)
             return False
+        now = time.monotonic()
         with self._lock:
             timeout = 1.0
             if not self._stopping:
                 if len(self._workers) < self.max_workers:
                     # Wake for the next try to start a worker (backing off after a failure).
-                    timeout = min(timeout, max(0.0, self._spawn_at - time.monotonic()))
-                for w in self._workers:
-                    if w.unit is None and self._pending:
-                        unit, fut = self._pending.popleft()
-                        if not fut.set_running_or_notify_cancel():
-                            continue
-                        try:
-                            w.conn.send(unit)
-                        except (OSError, ValueError) as e:
-                            fut.set_exception(ExecutorLost(f"could not send the item: {e}"))
-                            continue
-                        w.unit, w.future, w.aborted = unit, fut, False
+                    timeout = min(timeout, max(0.0, self._spawn_at - now))
+                if self._watch(now):
+                    timeout = min(timeout, _STUCK / 2)
+                sends = self._assign()
+            else:
+                sends = []
             objs: list[Any] = [self._wake_r]
             by_obj: dict[Any, _Worker] = {}
             for w in self._workers:
                 objs += [w.conn, w.proc.sentinel]
                 by_obj[w.conn] = w
                 by_obj[w.proc.sentinel] = w
+        for w, first, units, busy in sends:
+            self._send(w, first, units, busy)
         ready = wait(objs, timeout=timeout)
         dead: set[_Worker] = set()
         for obj in ready:
@@ -305,61 +435,257 @@ class ProcessExecutor:
             else:
                 dead.add(w)
         for w in dead:
+            self._read(w, set())  # what it sent before it died: outcomes of finished units
             self._bury(w)
         return True
 
+    def _watch(self, now: float) -> bool:
+        """Mark the futures of units the workers have started as running, and take the
+        units queued behind a unit that has run too long to other workers (the lock is
+        held). True while a worker holds more than one unit (look again soon)."""
+        look = False
+        avg = self.pace.average or 0.0
+        for w in self._workers:
+            if not w.queue:
+                continue
+            started = w.ctl[_STARTED]
+            if started != w.started_seen:
+                w.started_seen, w.started_at = started, now
+            for f in w.queue:
+                if f.ordinal >= started:
+                    break
+                if f._state == PENDING:
+                    f.set_running_or_notify_cancel()
+            if len(w.queue) > 1:
+                look = True
+                head = w.queue[0]
+                if (head.ordinal < started and now - w.started_at > max(_STUCK, 20 * avg)
+                        and self._revoke(w, head.ordinal + 1, None)):
+                    self.pace.reset()  # a long item came along: one per message for now
+        return look
+
+    def _assign(self) -> list[tuple[_Worker, int, list[WorkUnit], bool]]:
+        """Hand pending units to workers that may take more (the lock is held): an idle
+        worker, or while items are short one with at most a batch left. Returns the
+        messages to send."""
+        while self._pending and self._pending[0].gone:
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        size, depth = self.pace.batch(), self.pace.depth()
+        free = [w for w in self._workers if w.held is None and w.proc.is_alive()
+                and (not w.queue or (depth > 1 and len(w.queue) <= size))]
+        if not free:
+            return []
+        free.sort(key=lambda w: len(w.queue))
+        sizes = split(len(self._pending), len(free), size)
+        out = []
+        for w, n in zip(free, sizes, strict=False):
+            units: list[WorkUnit] = []
+            first = w.next
+            busy = bool(w.queue)
+            while len(units) < n and self._pending:
+                f = self._pending.popleft()
+                if f.gone:
+                    continue
+                f.worker, f.ordinal = w, w.next
+                w.next += 1
+                w.queue.append(f)
+                units.append(f.unit)
+            if units:
+                out.append((w, first, units, busy))
+        return out
+
+    def _send(self, w: _Worker, first: int, units: list[WorkUnit], busy: bool) -> None:
+        try:
+            data = bytes(ForkingPickler.dumps((first, units)))
+        except Exception as e:  # a unit that cannot be pickled: fail those, not the pool
+            self._unsendable(w, first, len(units), e)
+            return
+        if busy and len(data) > _PIPELINE_BYTES:
+            with self._lock:
+                w.held, w.held_from = data, first  # sent once the worker is idle
+            return
+        self._send_bytes(w, data)
+
+    def _send_bytes(self, w: _Worker, data: bytes) -> None:
+        try:
+            w.conn.send_bytes(data)
+        except (OSError, ValueError):
+            pass  # the worker died: its sentinel says so, and _bury hands its units on
+
+    def _unsendable(self, w: _Worker, first: int, n: int, e: Exception) -> None:
+        with self._lock:
+            lost = [f for f in w.queue if first <= f.ordinal < first + n]
+            for f in lost:  # the worker never sees these numbers: nothing else changes
+                w.queue.remove(f)
+                self._units.pop(id(f.unit), None)
+        for f in lost:
+            _settle(f, ExecutorLost(f"could not send the item: {e}"))
+
     def _read(self, w: _Worker, dead: set[_Worker]) -> None:
+        """Read what the worker sent (many messages a read) and act on it."""
+        fd = w.conn.fileno()
         try:
             while w.conn.poll():
-                msg = w.conn.recv()
-                if msg[0] == "progress":
-                    if self._reporter is not None:
-                        try:
-                            self._reporter(msg[1], msg[2], msg[3])
-                        except Exception:
-                            log.exception("progress reporter failed")
-                elif msg[0] == "log":
-                    sink = getattr(self._reporter, "log", None)
-                    if sink is not None:
-                        try:
-                            sink(msg[1], msg[2], msg[3])
-                        except Exception:
-                            log.exception("log sink failed")
-                elif msg[0] == "done":
-                    fut, w.unit, w.future = w.future, None, None
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg[1])
-        except (EOFError, OSError):
+                chunk = os.read(fd, _READ)
+                if not chunk:
+                    dead.add(w)
+                    break
+                w.buf += chunk
+                if len(chunk) < _READ:
+                    break
+        except (OSError, ValueError):
             dead.add(w)
+        msgs = _frames(w.buf)
+        if not msgs:
+            return
+        outcomes: dict[int, _UnitFuture] = {}
+        seconds, n = 0.0, 0
+        with self._lock:
+            for m in msgs:
+                if m[0] == "done":
+                    f = _pop_ordinal(w, m[1])
+                    if f is not None:
+                        self._units.pop(id(f.unit), None)
+                        if f._state == PENDING:
+                            f.set_running_or_notify_cancel()
+                        outcomes[m[1]] = f
+                    seconds += m[3]
+                    n += 1
+            if w.held is not None and (not w.queue or w.queue[0].ordinal >= w.held_from):
+                held, w.held = w.held, None
+            else:
+                held = None
+        if held is not None:
+            self._send_bytes(w, held)
+        if n:
+            self.pace.observe(seconds, n)
+        for m in msgs:
+            kind = m[0]
+            if kind == "done":
+                f = outcomes.get(m[1])
+                if f is not None:
+                    _settle(f, m[2])
+            elif kind == "progress":
+                if self._reporter is not None:
+                    try:
+                        self._reporter(m[1], m[2], m[3])
+                    except Exception:
+                        log.exception("progress reporter failed")
+            elif kind == "log" and self._sink is not None:
+                try:
+                    self._sink(m[1], m[2], m[3])
+                except Exception:
+                    log.exception("log sink failed")
 
     def _bury(self, w: _Worker) -> None:
         w.proc.join(timeout=5)
+        code = w.proc.exitcode
         with self._lock:
             if w in self._workers:
                 self._workers.remove(w)
             if not self._stopping:
                 self.rebuilds += 1
+            started = w.ctl[_STARTED]
+            running = started - 1  # the unit it was on, if it still has no outcome
+            settle: list[tuple[_UnitFuture, BaseException]] = []
+            again: list[_UnitFuture] = []
+            culprit: _UnitFuture | None = None
+            for f in w.queue:
+                if f.ordinal == running:
+                    culprit = f
+                    if f.ordinal in w.aborted:
+                        settle.append((f, ExecutorLost(
+                            "the worker was stopped (cancel or timeout)")))
+                    elif self._stopping:
+                        settle.append((f, ExecutorLost("the process pool shut down")))
+                    elif w.aborted:
+                        again.append(f)  # killed to stop another unit: not its fault
+                    else:
+                        settle.append((f, WorkerDied(
+                            f"the worker process (pid {w.proc.pid}) running this item died "
+                            f"with {describe_exit(code)}")))
+                elif self._stopping:
+                    settle.append((f, ExecutorLost("the process pool shut down")))
+                elif f.ordinal > running:
+                    again.append(f)  # never started: it runs on another worker
+                else:
+                    settle.append((f, ExecutorLost("its outcome was lost with its worker")))
+            w.queue.clear()
+            for f, _ in settle:
+                self._units.pop(id(f.unit), None)
+            for f in again:
+                f.worker, f.ordinal = None, -1
+            self._pending.extendleft(reversed(again))
         w.conn.close()
-        fut = w.future
-        if fut is not None and not fut.done():
-            if w.aborted:
-                fut.set_exception(ExecutorLost("the worker was stopped (cancel or timeout)"))
-            elif self._stopping:
-                fut.set_exception(ExecutorLost("the process pool shut down"))
-            else:
-                fut.set_exception(WorkerDied(
-                    f"the worker process (pid {w.proc.pid}) running this item died with "
-                    f"{describe_exit(w.proc.exitcode)}"))
-        if w.unit is None:
+        for f, e in settle:
+            _settle(f, e)
+        if again:
+            self._wake()
+        if culprit is None:
             return
-        if self._stopping and not w.aborted:
+        unit = culprit.unit
+        if self._stopping and running not in w.aborted:
             # shutdown() killed it: the server is stopping, the worker did not crash.
             log.info("stopping: worker pid %s ended with the server while running item %s "
                      "of job %s (the item goes back to the queue)",
-                     w.proc.pid, w.unit.index, w.unit.job_id)
+                     w.proc.pid, unit.index, unit.job_id)
         else:
-            log.warning("worker pid %s died with %s while running item %s of job %s",
-                        w.proc.pid, describe_exit(w.proc.exitcode), w.unit.index, w.unit.job_id)
+            log.warning("worker pid %s died with %s while running item %s of job %s%s",
+                        w.proc.pid, describe_exit(code), unit.index, unit.job_id,
+                        f" ({len(again)} item(s) queued behind it go to other workers)"
+                        if again else "")
+
+
+def _pop_ordinal(w: _Worker, ordinal: int) -> _UnitFuture | None:
+    """The unit ``ordinal`` out of ``w``'s queue (outcomes come in order: the head)."""
+    q = w.queue
+    if q and q[0].ordinal == ordinal:
+        return q.popleft()
+    for f in q:
+        if f.ordinal == ordinal:
+            q.remove(f)
+            return f
+    return None
+
+
+def _frames(buf: bytearray) -> list[Any]:
+    """The complete messages at the start of ``buf`` (in ``Connection.send``'s framing: a
+    4-byte big-endian length, or -1 and an 8-byte one), removed from it."""
+    out: list[Any] = []
+    pos, end = 0, len(buf)
+    view = memoryview(buf)
+    try:
+        while end - pos >= 4:
+            (n,) = struct.unpack_from("!i", buf, pos)
+            head = 4
+            if n == -1:
+                if end - pos < 12:
+                    break
+                (n,) = struct.unpack_from("!Q", buf, pos + 4)
+                head = 12
+            if end - pos < head + n:
+                break
+            out.append(pickle.loads(view[pos + head:pos + head + n]))
+            pos += head + n
+    finally:
+        view.release()
+    if pos:
+        del buf[:pos]
+    return out
+
+
+def _settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
+    if fut.done():
+        return
+    try:
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+    except Exception:  # settled meanwhile (cancelled): nothing to tell
+        pass
 
 
 def _kill(w: _Worker) -> None:

@@ -326,6 +326,9 @@ def _schemas() -> dict[str, Any]:
             "store": {"type": "object", "description": "whether the database can be written"},
             "queued": {"type": "integer"}, "inflight": {"type": "integer"},
             "max_workers": {"type": "integer"},
+            "dispatching": {"type": "boolean", "description": "whether this process runs "
+                            "items: false for a standby while another process sharing the "
+                            "database holds the dispatcher lease"},
             "workers": {"type": "integer", "description": "workers ready to run items"}}},
         "Prune": {"type": "object", "required": ["dry_run", "jobs", "items"], "properties": {
             "dry_run": {"type": "boolean"},

@@ -171,10 +171,14 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
             break
         seqs = [seq for seq, _ in steps]
         marks = ",".join("?" * len(seqs))
+        # The policy's view may be a few seconds old when another process sharing the
+        # database paused a job or a task: the database has the last word.
         paused = {r[0] for r in c.execute(
             f"SELECT seq FROM jobs WHERE paused = 1 AND seq IN ({marks})", seqs)}
+        held = {r[0] for r in c.execute("SELECT name FROM task_flags WHERE paused = 1")}
         info = jobs.get(c, seqs)
-        live = [(seq, n) for seq, n in steps if seq in info and seq not in paused]
+        live = [(seq, n) for seq, n in steps
+                if seq in info and seq not in paused and info[seq][1] not in held]
         got: dict[int, int] = dict.fromkeys(seqs, 0)
         for i in range(0, len(live), _STEPS_PER_QUERY):
             chunk = live[i:i + _STEPS_PER_QUERY]
