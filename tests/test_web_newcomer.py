@@ -251,4 +251,4 @@ def test_key_value_lines_and_failures_escape_hostile_text(
     out.encode("utf-8")  # a lone surrogate a task returned is shown escaped, not a 500
     assert "<dt>a\\ud800:</dt> <dd><code class=\"cell\">b\\udfff</code></dd>" in out
     assert "<dt>&lt;x&gt;:</dt>" in out and "&lt;z&gt;" in out and "<z>" not in out
-    assert "<strong>T\\ud800&lt;</strong>: &lt;m&gt;" in out and "<m>" not in out
+    assert "<strong>T\\ud800&lt;</strong>: <bdi>&lt;m&gt;</bdi>" in out and "<m>" not in out

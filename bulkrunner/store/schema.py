@@ -120,9 +120,10 @@ def _v5(c: sqlite3.Connection) -> None:
     # is due, and while one is in flight, the end of its lease (a process that died
     # mid-attempt leaves the row to be tried again once it passes). body is the exact bytes
     # sent, fixed at the first attempt, so every retry carries the same signature. The
-    # rows go with their job (retention). Schedules: when this database first saw each
-    # (fire times before it are never caught up) and the latest fire time it submitted,
-    # so a restart neither fires twice nor misses its catch-up.
+    # rows go with their job (retention). Schedules: since when each has been enabled
+    # (first_seen: fire times before it are never caught up), whether it was enabled at
+    # the last start, and the latest fire time it submitted, so a restart neither fires
+    # twice nor misses its catch-up.
     _script(c, """
     CREATE TABLE outbox (
         id INTEGER PRIMARY KEY,
@@ -143,6 +144,7 @@ def _v5(c: sqlite3.Connection) -> None:
     CREATE TABLE schedule_runs (
         name TEXT PRIMARY KEY,
         first_seen REAL NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
         last_fire REAL,
         last_job TEXT
     ) WITHOUT ROWID;

@@ -228,8 +228,8 @@ class Writer:
                 conn.execute("COMMIT")
         except BaseException as e:
             if conn.in_transaction:
-                # SQLite may have rolled back already (a full disk, an I/O error); a
-                # rollback that fails leaves nothing of the batch either.
+                # SQLite may have rolled back already on a full disk or an I/O error;
+                # the batch's error is the one to report, not the rollback's.
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             self.queued = queued_before
