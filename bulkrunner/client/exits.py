@@ -72,28 +72,42 @@ def translate(e: BulkrunnerError) -> CliError:
 
 
 _PARAM_FIELD = re.compile(r"params\.(?P<name>[^.\[\]]+)")
+#: A field of an uploaded file's item, as the server names it: ``row 3 (item 1), url``.
+_FILE_FIELD = re.compile(r"(?:row|line|item) \d+(?: \(item \d+\))?, (?P<name>.+)")
 
 
 def param_hints(e: ApiError, specs: Callable[[], dict[str, ParamSpec]]) -> list[str]:
     """For a 422 that says a job-level param is required or missing (``params.url:
     required param is missing``), the line that tells how to give it:
-    ``hint: give it with --param url=<str>``, the type from the task's ``specs()``. No hint
-    for a param the listing does not show, or when the listing cannot be had."""
+    ``hint: give it with --param url=<str>``, the type from the task's ``specs()``; for an
+    item of an items file that lacks it (``row 2 (item 0), url: …``), once per param, how to
+    give it there or to every item. No hint for a param the listing does not show, or when
+    the listing cannot be had."""
     fields = e.details.get("fields") if isinstance(e.details, dict) else None
     if not isinstance(fields, dict):
         return []
     hints: list[str] = []
+    seen: set[str] = set()
     for field, problem in fields.items():
         m = _PARAM_FIELD.fullmatch(str(field))
+        in_file = m is None and (m := _FILE_FIELD.fullmatch(str(field))) is not None
         text = str(problem).lower()
         if m is None or ("required" not in text and "missing" not in text):
             continue
         name = m.group("name")
+        if name in seen:
+            continue
+        seen.add(name)
         try:
             spec = specs().get(name)
         except Exception:  # the task listing is only for the hint: none, if it fails
             return []
-        if spec is not None:  # a param the task takes (and whose type is known)
+        if spec is None:  # a param the task does not take (or whose type is unknown)
+            continue
+        if in_file:
+            hints.append(f"hint: give {name} in a column (or key) of the items file, or to "
+                         f"every item with --param {name}=<{spec.type}>")
+        else:
             hints.append(f"hint: give it with --param {name}=<{spec.type}>")
     return hints
 

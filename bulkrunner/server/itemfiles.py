@@ -1,10 +1,13 @@
 """Read an uploaded items file (CSV, TSV, JSON Lines or a JSON array) into item dicts.
 
 CSV and TSV cells are text, so each is coerced by the task's type hint
-(``ParamSpec.from_text``); JSON values are taken as they are. Rows are numbered as a
-spreadsheet numbers them: the CSV header is row 1, and in JSON Lines row N is line N. In a
-JSON array (the shape most tools export) item N is the array's Nth element, counted from 1.
-A bad row or item is an :class:`InvalidSubmission` naming it and the field.
+(``ParamSpec.from_text``); JSON values are taken as they are.
+
+A bad row or item is an :class:`InvalidSubmission` naming where it is twice over: as the
+file counts (a CSV row as a spreadsheet numbers it, the header being row 1; a JSON Lines
+line as an editor does) and as the item it makes, by its index from 0, as the API, the
+CLI and the page number items: ``row 3 (item 1), n``. In a JSON array (the shape most tools
+export) the element's position is its item index: ``item 1, n``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from bulkrunner.errors import InvalidSubmission
 from bulkrunner.server.tasks import Task
@@ -25,8 +28,31 @@ class ParsedItems(NamedTuple):
 
     items: list[dict[str, Any]]
     rows: list[int]
-    #: "row" (a CSV, TSV or JSON Lines row) or "item" (an element of a JSON array).
+    #: "row" (a CSV or TSV row), "line" (a JSON Lines line) or "item" (an element of a
+    #: JSON array, or the one object of a file holding one).
     unit: str = "row"
+
+
+def location(unit: str, row: int | None, index: int | None) -> str:
+    """Where an item is, as error messages name it: ``row 3 (item 1)`` (a file's row or
+    line, from 1, and the item's index, from 0), ``row 1`` (a CSV header: no item),
+    ``item 1`` (an element of a JSON array, whose position is its index)."""
+    if unit == "item" or row is None:
+        return f"item {index}"
+    return f"{unit} {row}" if index is None else f"{unit} {row} (item {index})"
+
+
+def field(where: str, name: str) -> str:
+    """The field ``name`` of the item or row ``where``: ``row 3 (item 1), n``."""
+    return f"{where}, {name}"
+
+
+def _raise(bad: dict[str, str], first: tuple[int | None, int | None]) -> NoReturn:
+    """Refuse the file: ``bad`` names each problem; ``first`` is (row, index) of the first
+    one, for the answer's ``details`` (either may be None)."""
+    row, index = first
+    extra = {k: v for k, v in (("row", row), ("index", index)) if v is not None}
+    raise InvalidSubmission(bad, **extra)
 
 
 def detect_format(filename: str | None, content_type: str | None, data: bytes) -> str:
@@ -66,7 +92,7 @@ def parse_items(data: bytes, fmt: str, task: Task) -> ParsedItems:
         return ParsedItems(*_parse_csv(text, task, "\t" if fmt == "tsv" else ","))
     if fmt == "json":
         return _parse_json(text)
-    return ParsedItems(*_parse_jsonl(text))
+    return ParsedItems(*_parse_jsonl(text), "line")
 
 
 def _parse_json(text: str) -> ParsedItems:
@@ -78,45 +104,54 @@ def _parse_json(text: str) -> ParsedItems:
     except ValueError as e:
         if text.lstrip()[:1] == "[":
             raise InvalidSubmission({"items": f"is not a valid JSON array ({e})"}) from None
-        return ParsedItems(*_parse_jsonl(text))  # several lines of one object each
+        return ParsedItems(*_parse_jsonl(text), "line")  # several lines of one object each
     if isinstance(value, dict):
-        return ParsedItems([value], [1])
+        return ParsedItems([value], [1], "item")
     if not isinstance(value, list):
         raise InvalidSubmission({"items": "a .json file holds an array of objects, one per "
                                           "item (or JSON Lines: one object per line)"})
     items, rows, bad = [], [], {}
-    for n, element in enumerate(value, start=1):
+    first: tuple[int | None, int | None] = (None, None)
+    for n, element in enumerate(value):
         if isinstance(element, dict):
             items.append(element)
-            rows.append(n)
+            rows.append(n + 1)
         else:
-            bad[f"item {n}"] = "must be a JSON object of param names to values"
+            bad[location("item", None, n)] = "must be a JSON object of param names to values"
+            if first[1] is None:
+                first = (None, n)
             if len(bad) >= _MAX_ERRORS:
                 break
     if bad:
-        raise InvalidSubmission(bad, item=_first_row(bad))
+        _raise(bad, first)
     return ParsedItems(items, rows, "item")
 
 
 def _parse_jsonl(text: str) -> tuple[list[dict[str, Any]], list[int]]:
     items, rows, bad = [], [], {}
+    first: tuple[int | None, int | None] = (None, None)
+    index = 0  # of the item the line makes: one per line that is not blank
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = location("line", n, index)
+        index += 1
         try:
             value = json.loads(line)
         except (ValueError, RecursionError) as e:
-            bad[f"row {n}"] = f"is not valid JSON ({e})"
+            bad[where] = f"is not valid JSON ({e})"
         else:
             if isinstance(value, dict):
                 items.append(value)
                 rows.append(n)
             else:
-                bad[f"row {n}"] = "must be a JSON object of param names to values"
+                bad[where] = "must be a JSON object of param names to values"
+        if bad and first[0] is None:
+            first = (n, index - 1)
         if len(bad) >= _MAX_ERRORS:
             break
     if bad:
-        raise InvalidSubmission(bad, row=_first_row(bad))
+        _raise(bad, first)
     return items, rows
 
 
@@ -131,6 +166,7 @@ def _parse_csv(text: str, task: Task, delimiter: str = ","
                                           "params"}) from None
     except csv.Error as e:
         raise InvalidSubmission({"row 1": f"is not valid {kind} ({e})"}, row=1) from None
+    # The header is row 1 and makes no item: its problems name the row alone.
     header = [h.strip() for h in header]
     specs = {p.name: p for p in task.params}
     problems = {}
@@ -138,21 +174,27 @@ def _parse_csv(text: str, task: Task, delimiter: str = ","
         if not h:
             problems["row 1"] = "has an empty column name; every column names a param"
         elif h not in specs and not task.accepts_any:
-            problems[f"row 1.{h}"] = (f"unknown param; {task.name} takes "
-                                      f"{', '.join(specs) or 'no params'}")
+            problems[field("row 1", h)] = (f"unknown param; {task.name} takes "
+                                           f"{', '.join(specs) or 'no params'}")
     if len(set(header)) != len(header):
         problems["row 1"] = "names a column twice"
     if problems:
         raise InvalidSubmission(problems, row=1)
     items, rows, bad = [], [], {}
+    first: tuple[int | None, int | None] = (None, None)
     n = 1
+    index = 0  # of the item the row makes: one per row that is not blank
     try:
         for record in reader:
             n += 1
             if not any(c.strip() for c in record):
                 continue
+            where = location("row", n, index)
+            index += 1
             if len(record) != len(header):
-                bad[f"row {n}"] = f"has {len(record)} cells; the header has {len(header)}"
+                bad[where] = f"has {len(record)} cells; the header has {len(header)}"
+                if first[0] is None:
+                    first = (n, index - 1)
                 continue
             item: dict[str, Any] = {}
             for name, cell in zip(header, record, strict=True):
@@ -165,7 +207,9 @@ def _parse_csv(text: str, task: Task, delimiter: str = ","
                 try:
                     item[name] = spec.from_text(cell)
                 except ValueError as e:
-                    bad[f"row {n}.{name}"] = str(e)
+                    bad[field(where, name)] = str(e)
+                    if first[0] is None:
+                        first = (n, index - 1)
             items.append(item)
             rows.append(n)
             if len(bad) >= _MAX_ERRORS:
@@ -173,11 +217,9 @@ def _parse_csv(text: str, task: Task, delimiter: str = ","
     except csv.Error as e:
         # Raised while reading the record after row n (a cell over the field size limit,
         # a stray quote), before the loop counted it.
-        bad[f"row {n + 1}"] = f"is not valid {kind} ({e})"
+        bad[location("row", n + 1, index)] = f"is not valid {kind} ({e})"
+        if first[0] is None:
+            first = (n + 1, index)
     if bad:
-        raise InvalidSubmission(bad, row=_first_row(bad))
+        _raise(bad, first)
     return items, rows
-
-
-def _first_row(bad: dict[str, str]) -> int:
-    return min(int(k.split()[1].split(".")[0]) for k in bad)

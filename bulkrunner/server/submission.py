@@ -18,6 +18,7 @@ from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.errors import InvalidSubmission
+from bulkrunner.server.itemfiles import location
 from bulkrunner.server.notify import notify_url_problem, task_notify_url
 from bulkrunner.server.tasks import Registry, Task
 from bulkrunner.store import NewJob
@@ -42,7 +43,8 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
     the token that submitted it).
 
     ``items`` (with where they are in their file, ``rows`` numbered in ``unit``s, for
-    messages) come from an uploaded file, and replace ``body["items"]``.
+    messages) come from an uploaded file, and replace ``body["items"]``. A bad item of a
+    file is named both ways, ``row 3 (item 1), n``; one of the body, ``items[1].n``.
     """
     if not isinstance(body, dict):
         raise InvalidSubmission({"body": "must be a JSON object like "
@@ -124,13 +126,16 @@ def _check_params(cfg: Config, task: Task, params: dict[str, Any],
         return text, [None]
     out: list[str | None] = []
     bad: dict[str, str] = {}
-    first_row: int | None = None
+    first: int | None = None
+    # Fields of a body's items are JSON paths (items[1].n); a file's are where the item
+    # is in the file and its index (row 3 (item 1), n), as itemfiles names them.
+    sep = "." if rows is None else ", "
     for i, item in enumerate(items):
-        label = f"items[{i}]" if rows is None else f"{unit} {rows[i]}"
+        label = f"items[{i}]" if rows is None else location(unit, rows[i], i)
         if not isinstance(item, dict):
             bad[label] = "must be an object of param names to values"
         else:
-            bad.update(task.check(item, prefix=label, given=params))
+            bad.update(task.check(item, prefix=label, given=params, sep=sep))
             if not bad:
                 item_text = _strict_dumps(item) if item else None
                 if item and item_text is None:
@@ -138,18 +143,17 @@ def _check_params(cfg: Config, task: Task, params: dict[str, Any],
                 elif item_text is not None and len(item_text) > max_size:
                     bad[label] = f"more than jobs.max_param_size ({max_size} bytes) of JSON"
                 elif item_text is not None:
-                    bad.update(_surrogates(item, item_text, label))
+                    bad.update(_surrogates(item, item_text, label,
+                                           ": " if rows is None else sep))
                 out.append(item_text)
-        if bad and first_row is None:
-            first_row = rows[i] if rows is not None else i
+        if bad and first is None:
+            first = i
         if len(bad) >= _MAX_ITEM_ERRORS:
             break
     if bad:
-        if rows is not None and unit == "item":
-            raise InvalidSubmission(bad, item=first_row)
-        if rows is not None:
-            raise InvalidSubmission(bad, row=first_row)
-        raise InvalidSubmission(bad, index=first_row)
+        if rows is not None and unit != "item" and first is not None:
+            raise InvalidSubmission(bad, row=rows[first], index=first)
+        raise InvalidSubmission(bad, index=first)
     return text, out
 
 
@@ -162,7 +166,8 @@ def _strict_dumps(value: Any) -> str | None:
         return None
 
 
-def _surrogates(value: dict[str, Any], text: str, prefix: str) -> dict[str, str]:
+def _surrogates(value: dict[str, Any], text: str, prefix: str,
+                sep: str = ": ") -> dict[str, str]:
     """The fields of ``value`` whose names or strings hold an unpaired surrogate.
 
     ``text`` is ``value`` as ASCII JSON, where every surrogate shows as a ``\\udXXX``
@@ -170,7 +175,7 @@ def _surrogates(value: dict[str, Any], text: str, prefix: str) -> dict[str, str]
     """
     if "\\ud" not in text:
         return {}
-    return {f"{prefix}.{k}" if prefix == "params" else f"{prefix}: {k}": _SURROGATE
+    return {f"{prefix}.{k}" if prefix == "params" else f"{prefix}{sep}{k}": _SURROGATE
             for k, v in value.items() if not is_unicode(k) or _holds_surrogate(v)}
 
 

@@ -55,8 +55,10 @@ class Task:
         return {p.name: p for p in self.params}
 
     def check(self, params: Mapping[str, Any], *, prefix: str = "params",
-              complete: bool = True, given: Collection[str] = ()) -> dict[str, str]:
-        """Field -> problem for ``params``; empty when they fit the signature.
+              complete: bool = True, given: Collection[str] = (),
+              sep: str = ".") -> dict[str, str]:
+        """Field -> problem for ``params``; empty when they fit the signature. Fields are
+        named ``prefix``, ``sep`` and the param's name (``params.n``, ``items[3].n``).
 
         With ``complete=False`` missing required params are not reported (the job-level
         params of a bulk, which items complete); names in ``given`` count as present (an
@@ -68,17 +70,17 @@ class Task:
             spec = known.get(name)
             if spec is None:
                 if not self.accepts_any:
-                    problems[f"{prefix}.{name}"] = (
+                    problems[f"{prefix}{sep}{name}"] = (
                         f"unknown param; {self.name} takes "
                         f"{', '.join(known) or 'no params'}")
                 continue
             problem = spec.check(value)
             if problem:
-                problems[f"{prefix}.{name}"] = problem
+                problems[f"{prefix}{sep}{name}"] = problem
         if complete:
             for spec in self.params:
                 if spec.required and spec.name not in params and spec.name not in given:
-                    problems[f"{prefix}.{spec.name}"] = "required param is missing"
+                    problems[f"{prefix}{sep}{spec.name}"] = "required param is missing"
         return problems
 
 

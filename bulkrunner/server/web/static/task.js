@@ -79,11 +79,15 @@
       formError.hidden = false;
     }
 
-    /** Put each `error.details.fields` entry beside the field it names. */
+    /**
+     * Put each `error.details.fields` entry beside the field it names. A problem of the
+     * items file is shown as the server names it ("row 3 (item 1), n: …"), as the CLI
+     * prints it.
+     */
     function showFieldErrors(fields) {
       for (const [name, message] of Object.entries(fields)) {
         const param = /^params\.(.+)$/.exec(name);
-        const row = /^(row \d+|items\[\d+\])(?:\.(.+))?$/.exec(name);
+        const row = /^(?:(?:row|line|item) \d+|items\[\d+\])(?:$|[ ,.:])/.test(name);
         if (param && markField(`p-${param[1]}`, `err-p-${param[1]}`, message)) continue;
         if (param && markField("opt-extra", "err-opt-extra", `${param[1]}: ${message}`)) {
           document.getElementById("advanced").open = true;
@@ -93,7 +97,7 @@
           document.getElementById("advanced").open = true;
           continue;
         }
-        if (row) { markItems(row[2] ? `${row[1]}, ${row[2]}` : row[1], message); continue; }
+        if (row) { markItems(name, message); continue; }
         if (name === "items") { markItems("", message); continue; }
         showGeneral(`${name}: ${message}`);
       }
