@@ -632,13 +632,13 @@ def test_csv_upload_coerces_by_type_hint(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(("data", "row", "field"), [
-    ("n,ratio,flag\n1,0.5,true\n2,zero,false\n", 3, "row 3.ratio"),
-    ("n,ratio,flag\n1,0.5,true\n2,0.5,true\n3.5,1,true\n", 4, "row 4.n"),
-    ("n,ratio,flag\n1,0.5,maybe\n", 2, "row 2.flag"),
-    ("n,ratio,flag,mode\n1,0.5,true,medium\n", 2, "row 2.mode"),
-    ("n,ratio,flag\n1,0.5,true\n2,0.5\n", 3, "row 3"),
-    ("n,ratio,flag,bogus\n1,0.5,true,x\n", 1, "row 1.bogus"),
-    ("n,ratio\n1,0.5\n", 2, "row 2.flag"),
+    ("n,ratio,flag\n1,0.5,true\n2,zero,false\n", 3, "row 3 (item 1), ratio"),
+    ("n,ratio,flag\n1,0.5,true\n2,0.5,true\n3.5,1,true\n", 4, "row 4 (item 2), n"),
+    ("n,ratio,flag\n1,0.5,maybe\n", 2, "row 2 (item 0), flag"),
+    ("n,ratio,flag,mode\n1,0.5,true,medium\n", 2, "row 2 (item 0), mode"),
+    ("n,ratio,flag\n1,0.5,true\n2,0.5\n", 3, "row 3 (item 1)"),
+    ("n,ratio,flag,bogus\n1,0.5,true,x\n", 1, "row 1, bogus"),
+    ("n,ratio\n1,0.5\n", 2, "row 2 (item 0), flag"),
 ])
 def test_csv_bad_row_is_422_naming_row_and_field(client: FlaskClient, data: str, row: int,
                                                  field: str) -> None:
@@ -663,9 +663,9 @@ def test_jsonl_upload_with_job_params(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(("data", "field"), [
-    (b'{"a": 1}\n{"a": \n', "row 2"),
-    (b'{"a": 1}\n[1, 2]\n', "row 2"),
-    (b'{"a": 1}\n{"a": "x"}\n', "row 2.a"),
+    (b'{"a": 1}\n{"a": \n', "line 2 (item 1)"),
+    (b'{"a": 1}\n[1, 2]\n', "line 2 (item 1)"),
+    (b'{"a": 1}\n{"a": "x"}\n', "line 2 (item 1), a"),
 ])
 def test_jsonl_bad_row_is_422(client: FlaskClient, data: bytes, field: str) -> None:
     err = assert_error(multipart(client, data, "items.jsonl", task="add"), 422,

@@ -50,7 +50,8 @@ def test_tsv_is_split_on_tabs() -> None:
 def test_a_bad_tsv_row_is_named() -> None:
     with pytest.raises(InvalidSubmission) as e:
         parse("n\tratio\tflag\n1\t0.5\ttrue\n2\tzero\tfalse\n", "x.tsv")
-    assert "row 3.ratio" in e.value.fields and e.value.details["row"] == 3
+    assert "row 3 (item 1), ratio" in e.value.fields and e.value.details["row"] == 3
+    assert e.value.details["index"] == 1
 
 
 def test_a_json_array_of_objects() -> None:
@@ -60,10 +61,11 @@ def test_a_json_array_of_objects() -> None:
 
 
 def test_a_json_array_names_the_bad_element_by_its_position() -> None:
+    # The third element is item 2: its position from 0, the item index everywhere.
     with pytest.raises(InvalidSubmission) as e:
         parse('[{"a": 1}, {"a": 2},\n 7]', "x.json", ADD)
-    assert e.value.fields == {"item 3": "must be a JSON object of param names to values"}
-    assert e.value.details["item"] == 3 and "row" not in e.value.details
+    assert e.value.fields == {"item 2": "must be a JSON object of param names to values"}
+    assert e.value.details["index"] == 2 and "row" not in e.value.details
 
 
 @pytest.mark.parametrize(("data", "items"), [
@@ -88,7 +90,7 @@ def test_a_bad_json_file(data: str, words: str) -> None:
 def test_json_lines_files_stay_json_lines() -> None:
     with pytest.raises(InvalidSubmission) as e:
         parse('[{"a": 1}]\n', "x.jsonl", ADD)
-    assert "row 1" in e.value.fields
+    assert "line 1 (item 0)" in e.value.fields
 
 
 # --------------------------------------------------------------------------- the API
@@ -125,8 +127,8 @@ def test_upload_json_array_with_a_bad_item_is_422_naming_it(client: FlaskClient)
     r = upload(client, '[{"a": 1}, {"a": 2}, {"a": "x"}]', "export.json", task="add")
     assert r.status_code == 422
     err = r.get_json()["error"]
-    assert "item 3.a" in err["details"]["fields"] and err["details"]["item"] == 3
-    assert err["message"].startswith("item 3.a: ")
+    assert "item 2, a" in err["details"]["fields"] and err["details"]["index"] == 2
+    assert err["message"].startswith("item 2, a: ")
     r = upload(client, "[]", "export.json", task="add")
     assert r.status_code == 422
     assert r.get_json()["error"]["details"]["fields"] == {"items": "the file holds no items"}

@@ -232,16 +232,16 @@ OVERSIZED = "a,b\n1,2\n3,4\n5,6\n7," + "9" * 140_000 + "\n8,9\n"  # row 5's cell
 def test_an_oversized_csv_cell_is_named_by_its_own_row() -> None:
     with pytest.raises(InvalidSubmission) as e:
         parse_items(OVERSIZED.encode(), "csv", ADD)
-    assert list(e.value.fields) == ["row 5"] and e.value.details["row"] == 5
-    assert "field larger than field limit" in e.value.fields["row 5"]
+    assert list(e.value.fields) == ["row 5 (item 3)"] and e.value.details["row"] == 5
+    assert "field larger than field limit" in e.value.fields["row 5 (item 3)"]
 
 
 def test_an_oversized_csv_cell_upload_is_422_naming_row_5(client: FlaskClient) -> None:
     form = {"items": (io.BytesIO(OVERSIZED.encode()), "items.csv"), "task": "add"}
     err = _assert_error(client.post(JOBS, data=form, content_type="multipart/form-data"),
                         422, "invalid_submission")
-    assert "row 5" in err["details"]["fields"] and err["details"]["row"] == 5
-    assert "row 4" not in err["details"]["fields"]
+    assert "row 5 (item 3)" in err["details"]["fields"] and err["details"]["row"] == 5
+    assert not any(k.startswith("row 4") for k in err["details"]["fields"])
 
 
 # --------------------------------------------------------------------------- pass-through output
