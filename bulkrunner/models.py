@@ -95,6 +95,43 @@ class Item:
         }
 
 
+def attempts_in_all(item: dict[str, Any]) -> int:
+    """The attempts an item (as the API shows it) has made across retries, its running one
+    included.
+
+    ``attempts`` counts the attempts of the current try only (a retry starts it again, so
+    ``max_attempts`` applies anew); ``errors`` keeps every failed attempt's error across
+    retries (the last 20), each with its ``attempt`` number in its own try. The current
+    try's failures are the last of them; before those, each try's count is the ``attempt``
+    of its last error. Tries whose errors fell out of the kept history are not counted.
+    """
+    attempts = int(item.get("attempts") or 0)
+    state = item.get("state")
+    errors = item.get("errors") or []
+    mine = attempts - (1 if state == "succeeded" else 0)  # this try's failed attempts
+    earlier = errors[:max(len(errors) - mine, 0)]
+    total, last = 0, 0
+    for e in earlier:
+        n = e.get("attempt") if isinstance(e, dict) else None
+        if not isinstance(n, int):
+            continue
+        if n <= last:  # a new try began: the one before made `last` attempts
+            total += last
+        last = n
+    return total + last + attempts + (1 if state == "running" else 0)
+
+
+def attempts_text(item: dict[str, Any]) -> str:
+    """An item's attempts as the CLI and the page show them: ``2``; a running item as on
+    its next attempt, ``2 (running)``; with the total across retries where it differs,
+    ``1 (3 in all)``, ``2 (running; 4 in all)``."""
+    running = item.get("state") == "running"
+    n = int(item.get("attempts") or 0) + (1 if running else 0)
+    total = attempts_in_all(item)
+    notes = (["running"] if running else []) + ([f"{total} in all"] if total != n else [])
+    return f"{n} ({'; '.join(notes)})" if notes else str(n)
+
+
 @dataclass
 class Job:
     """One submission of a task, with the counts of its items."""

@@ -39,6 +39,16 @@ def test_detect_format(filename: str | None, content_type: str | None, data: byt
     assert detect_format(filename, content_type, data) == fmt
 
 
+def test_an_empty_choice_cell_is_not_given() -> None:
+    # mode is a Literal and color an Enum, neither with "" among its choices: an empty cell
+    # leaves them to their defaults, as for numbers; a plain str cell keeps "".
+    parsed = parse("n,ratio,flag,name,mode,color\n1,0.5,true,,,\n2,1,false,b,slow,green\n",
+                   "x.csv")
+    assert parsed.items == [{"n": 1, "ratio": 0.5, "flag": True, "name": ""},
+                            {"n": 2, "ratio": 1.0, "flag": False, "name": "b", "mode": "slow",
+                             "color": "green"}]
+
+
 def test_tsv_is_split_on_tabs() -> None:
     # Commas inside cells are text in a TSV file, not separators.
     parsed = parse("n\tratio\tflag\tname\n1\t0.5\ttrue\ta, b\n2\t2\tfalse\tc\n", "x.tsv")

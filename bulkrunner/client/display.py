@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bulkrunner.models import FINISHED
+from bulkrunner.models import FINISHED, attempts_text
 
 STATE_MARK = {"queued": "…", "running": "▸", "succeeded": "✓", "failed": "✗",
               "cancelled": "⊘", "paused": "‖"}
@@ -171,13 +171,14 @@ def _outcome(item: dict[str, Any]) -> str:
 
 
 def items_table(items: list[dict[str, Any]], width: int | None = None) -> str:
-    """Items (as the API shows them) as a table: index, state, attempts, params, and the
-    result or error, params and result as compact JSON, cut to fit ``width`` columns (by
-    default the terminal's)."""
+    """Items (as the API shows them) as a table: index, state, attempts (as
+    :func:`~bulkrunner.models.attempts_text` words them), params, and the result or error,
+    params and result as compact JSON, cut to fit ``width`` columns (by default the
+    terminal's)."""
     if not items:
         return "no items"
     cols = width or shutil.get_terminal_size((100, 20)).columns
-    rows = [(str(i.get("index")), clean(str(i.get("state"))), str(i.get("attempts")),
+    rows = [(str(i.get("index")), clean(str(i.get("state"))), attempts_text(i),
              clean(_compact(i.get("params"))),
              clean(_outcome(i)).replace("\n", "\\n").replace("\t", " ")) for i in items]
     head = ("INDEX", "STATE", "ATTEMPTS", "PARAMS", "RESULT / ERROR")

@@ -167,7 +167,7 @@ def results(obj: Ctx, ident: str, fmt: str, state: str | None, output: str | Non
              epilog="\b\nExample:\n  bulkrunner logs 3f2a --item 7 --follow")
 @click.argument("ident", metavar="ID")
 @click.option("--item", "index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Which item of the job.")
+              help="Which item of the job, by its index from 0 (as `items` shows it).")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the item finishes.")
 @global_options
 @pass_ctx

@@ -13,10 +13,14 @@ addresses and requires every peer, this server's own client included, to present
 certificate. An external scheduler is secured by Dask's own configuration
 (``distributed.comm.tls.*``, which ``Client`` reads): see docs/dask.md.
 
-The queue stays in SQLite: the dispatcher hands this executor at most ``max_workers`` items
-at a time, and each becomes one Dask task running :func:`run_on_worker`. The Dask future
-is bridged to a plain ``concurrent.futures.Future`` so the dispatcher cannot tell executors
-apart:
+The queue stays in SQLite: the dispatcher hands this executor the items it has room for.
+Long items, and items with a short timeout, become one Dask task each
+(:func:`~bulkrunner.executors.dask_worker.run_on_worker`); while items are short, a batch
+of them becomes one task (:func:`~bulkrunner.executors.dask_worker.run_batch_on_worker`),
+since every Dask task costs the scheduler about a millisecond. Each unit still has its own
+future, progress, log and cancel flag. The Dask futures are bridged to plain
+``concurrent.futures.Future`` objects (marked running once handed to Dask: Dask cannot be
+asked to give a task back) so the dispatcher cannot tell executors apart:
 
 - the task's own errors are data in the :class:`Outcome`, as everywhere;
 - a worker that died on the item every time Dask re-ran it (``KilledWorker``) is
@@ -25,6 +29,13 @@ apart:
   it is re-queued without spending one. :meth:`DaskExecutor.health` is False until the
   client is connected to a scheduler with workers again, so the dispatcher claims nothing
   meanwhile; a background thread reconnects.
+- a batch whose worker died is run again by Dask (at least once); one that killed every
+  worker it ran on (``KilledWorker``) is split into one task per unit, without spending an
+  attempt, so that only the unit that kills its worker ends :class:`WorkerDied`;
+- a unit of a batch that is aborted (cancel, timeout), or a batch that has run far longer
+  than its items should take (one of them is stuck), has the units not yet started taken
+  back from the worker (:func:`~bulkrunner.executors.dask_worker.take_back`, through
+  ``Client.run``) and handed to Dask again, so nobody waits behind a stuck item.
 
 Progress reports and captured output travel worker -> scheduler -> server as Dask events
 on a topic private to this server; cooperative cancel is a ``distributed.Event`` per
@@ -39,106 +50,52 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
-from distributed import Client, Event, KilledWorker, LocalCluster, get_worker
+from distributed import Client, Event, KilledWorker, LocalCluster
 from distributed.security import Security
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit, error_dict, run_item
+from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.executors.dask_worker import (
+    cancel_event_name,
+    run_batch_on_worker,
+    run_on_worker,
+    take_back,
+)
+from bulkrunner.executors.futures import unit_futures
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit, error_dict
 
 log = logging.getLogger("bulkrunner.dask")
 
 CONNECT_TIMEOUT = 10.0   # seconds for one attempt to reach the scheduler
 CLOSE_TIMEOUT = 10.0     # seconds for closing the client or the local cluster
 _WATCH_INTERVAL = 1.0    # seconds between looks at the connection and the worker count
-_PROGRESS_INTERVAL = 0.2  # a worker sends an item's progress at most this often
-_FLAG_POLL = 0.1         # a task's cancel check asks the scheduler at most this often
 _EVENT_TTL = 600.0       # seconds before a cancel Event that was set is cleared again
 
 _Ident = tuple[tuple[int, int], int]
 
-
-def cancel_event_name(unit: WorkUnit) -> str:
-    """Name of the ``distributed.Event`` that cancels this attempt of this item."""
-    return f"bulkrunner-cancel-{unit.job_id}-{unit.index}-{unit.claim}"
-
-
-# ---------------------------------------------------------------------- on the worker
-class _RemoteFlag(threading.Event):
-    """The item's cancel flag as seen on a Dask worker.
-
-    :class:`Context` only calls ``is_set()``; here that asks the scheduler for the
-    attempt's ``distributed.Event``, at most every ``_FLAG_POLL`` seconds (a check costs a
-    round trip, about 0.4 ms on loopback), and nothing at all for tasks that never check.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self._name = name
-        self._event: Event | None = None
-        self._next = 0.0
-
-    def is_set(self) -> bool:
-        if super().is_set():
-            return True
-        now = time.monotonic()
-        if now >= self._next:
-            self._next = now + _FLAG_POLL
-            try:
-                if self._event is None:
-                    self._event = Event(self._name)
-                if self._event.is_set():
-                    self.set()
-            except Exception as e:  # a scheduler hiccup must not fail the task
-                log.debug("cancel check for %s failed: %r", self._name, e)
-        return super().is_set()
-
-
-class _WorkerReports:
-    """The reporter on a Dask worker: progress and captured output go to the server as Dask
-    events on its topic, through the scheduler (which keeps the last 1,000 per topic).
-
-    Progress is throttled to one event per ``_PROGRESS_INTERVAL`` (plus the final 100 %):
-    a report dropped by the throttle is superseded by the next one, and the outcome sets
-    the final progress anyway. Output arrives in chunks of at most 16 KB (see
-    :mod:`bulkrunner.runtime.capture`), each sent before the task's result, so an item's log is
-    complete when its outcome is recorded.
-    """
-
-    def __init__(self, worker: Any, topic: str) -> None:
-        self._worker = worker
-        self._topic = topic
-        self._next = 0.0
-
-    def __call__(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
-        now = time.monotonic()
-        if now < self._next and frac != 1.0:
-            return
-        self._next = now + _PROGRESS_INTERVAL
-        self._worker.log_event(self._topic, ["progress", key[0], key[1], frac, msg])
-
-    def log(self, key: tuple[int, int], claim: int, text: str) -> None:
-        self._worker.log_event(self._topic, ["log", key[0], key[1], claim, text])
-
-
-def run_on_worker(unit: WorkUnit, topic: str) -> Outcome:
-    """Run one attempt on a Dask worker; the outcome names the worker's address.
-
-    Module-level so it pickles by reference: ``bulkrunner`` and the task's module must be
-    importable on every worker.
-    """
-    worker = get_worker()
-    out = run_item(unit, _WorkerReports(worker, topic), _RemoteFlag(cancel_event_name(unit)))
-    return dataclasses.replace(out, worker=worker.address)
+#: Batches: a Dask task costs the scheduler about a millisecond, so a batch holds up to
+#: 10 ms of work, and each worker has a second one waiting on the scheduler. Nothing
+#: handed to Dask is given back by the dispatcher, so the recent rate sets no bound.
+POLICY = BatchPolicy(window=0.01, max_batch=500, short=0.005, queue=None, cap=8192)
+#: Units with a timeout shorter than this go one per task: a stuck neighbour could keep
+#: them waiting for about _STUCK before they are taken back.
+_BATCH_TIMEOUT_MIN = 10.0
+#: A batch still running after this long (or 20 times what its items should take) has the
+#: units it has not started taken back and handed out again.
+_STUCK = 1.0
 
 
 # ---------------------------------------------------------------------- on the server
@@ -148,15 +105,28 @@ class _Inflight:
     future: Future[Outcome]
     dask_future: Any
     client: Client
+    batch: _Batch | None = None  # the batch it travels in now, if any
+    index: int = 0               # its place in that batch
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    key: str
+    items: list[_Inflight]
+    dask_future: Any
+    client: Client
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    taking_back: bool = False
 
 
 class DaskExecutor:
-    """Runs items as tasks on a Dask cluster; at most ``max_workers`` in flight.
+    """Runs items as tasks on a Dask cluster.
 
-    ``max_workers`` bounds how many items this server has handed to Dask at once, not the
-    cluster's size. Set it to the cluster's total threads, or somewhat above: items beyond
-    the free threads wait on the scheduler, which hides the scheduler's round trip (10-25 ms
-    per item on a loaded 2-CPU machine) at the cost of claiming them early.
+    For long items ``max_workers`` bounds how many this server has handed to Dask at once,
+    not the cluster's size. Set it to the cluster's total threads, or somewhat above: items
+    beyond the free threads wait on the scheduler, which hides the scheduler's round trip
+    (10-25 ms per item on a loaded 2-CPU machine) at the cost of claiming them early.
+    Short items go in batches, ``max_workers`` times two batches at most.
     """
 
     kind = "dask"
@@ -172,6 +142,10 @@ class DaskExecutor:
         self._topic = f"bulkrunner-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
         self._lock = threading.Lock()
         self._items: dict[_Ident, _Inflight] = {}
+        self._batches: dict[str, _Batch] = {}
+        self.pace = Pace(self.max_workers, POLICY)
+        self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
+                            for n in itertools.count())
         self._client: Client | None = None
         self._cluster: LocalCluster | None = None
         # The local cluster's TLS credentials; None for an external scheduler, where
@@ -214,26 +188,80 @@ class DaskExecutor:
     # ------------------------------------------------------------------ protocol
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
         """Hand one attempt to Dask; the future settles with its Outcome or an error."""
-        fut: Future[Outcome] = Future()
+        return self.submit_batch([unit])[0]
+
+    def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
+        """Hand the attempts to Dask: one task each for long items (or short timeouts),
+        batches of them while items are short. One future per unit."""
+        futs: list[Future[Outcome]] = list(unit_futures(len(units)))
+        for fut in futs:
+            fut.set_running_or_notify_cancel()  # handed to Dask: it cannot be taken back
         with self._lock:
             client = self._client
-            if self._stopping:
-                fut.set_exception(ExecutorLost("the Dask executor is shutting down"))
-                return fut
-            if client is None or client.status != "running":
-                fut.set_exception(ExecutorLost(self._unreachable("not connected")))
-                return fut
-            # The unit is one positional argument: Client.submit keeps keyword arguments
-            # such as priority or key for itself. pure=False: equal units are not merged.
-            dfut = client.submit(run_on_worker, unit, self._topic, pure=False,
-                                 key=f"bulkrunner-{unit.task}-{unit.job_id}-{unit.index}"
-                                     f"-{unit.claim}")
-            ident = (unit.key, unit.claim)
-            self._items[ident] = _Inflight(unit, fut, dfut, client)
-        # Waits on the client's event loop without blocking it (no thread per item).
+            why = ("the Dask executor is shutting down" if self._stopping else
+                   self._unreachable("not connected")
+                   if client is None or client.status != "running" else None)
+            if why is not None:
+                for f in futs:
+                    f.set_exception(ExecutorLost(why))
+                return futs
+            assert client is not None
+            items = [_Inflight(u, f, None, client) for u, f in zip(units, futs, strict=True)]
+            for it in items:
+                self._items[(it.unit.key, it.unit.claim)] = it
+        self._dispatch(items, client)
+        return futs
+
+    def capacity(self, avg_duration: float | None) -> int:
+        """Items to keep in flight: ``max_workers`` for long items, batches for short."""
+        return self.pace.capacity(avg_duration)
+
+    def _dispatch(self, items: list[_Inflight], client: Client,
+                  single: bool = False) -> None:
+        """Submit the items to Dask: in batches while items are short (``single``: one
+        task each), each unit with a timeout under _BATCH_TIMEOUT_MIN on its own."""
+        size = 1 if single else self.pace.batch()
+        alone = [it for it in items if size == 1 or 0 < it.unit.timeout < _BATCH_TIMEOUT_MIN]
+        together = [it for it in items if not (size == 1 or
+                                               0 < it.unit.timeout < _BATCH_TIMEOUT_MIN)]
         loop: Any = client.loop  # a tornado IOLoop over an asyncio loop, in its own thread
-        asyncio.run_coroutine_threadsafe(self._collect(ident, client, dfut), loop.asyncio_loop)
-        return fut
+        sent: set[int] = set()
+        try:
+            for it in alone:
+                u = it.unit
+                # The unit is one positional argument: Client.submit keeps keyword
+                # arguments such as priority or key for itself. pure=False: equal units
+                # are not merged.
+                it.batch, it.client = None, client
+                it.dask_future = client.submit(
+                    run_on_worker, u, self._topic, pure=False,
+                    key=f"bulkrunner-{u.task}-{u.job_id}-{u.index}-{u.claim}")
+                sent.add(id(it))
+                # Waits on the client's event loop without blocking it (no thread per
+                # item).
+                asyncio.run_coroutine_threadsafe(
+                    self._collect((u.key, u.claim), client, it.dask_future),
+                    loop.asyncio_loop)
+            start = 0
+            for n in split(len(together), self.max_workers, size):
+                chunk = together[start:start + n]
+                start += n
+                key = next(self._batch_keys)
+                dfut = client.submit(run_batch_on_worker, [it.unit for it in chunk],
+                                     self._topic, key, pure=False, key=key)
+                batch = _Batch(key, chunk, dfut, client)
+                for i, it in enumerate(chunk):
+                    it.batch, it.index, it.dask_future, it.client = batch, i, dfut, client
+                    sent.add(id(it))
+                with self._lock:
+                    self._batches[key] = batch
+                asyncio.run_coroutine_threadsafe(self._collect_batch(batch),
+                                                 loop.asyncio_loop)
+        except Exception as e:  # the client closed meanwhile: not the items' fault
+            lost = ExecutorLost(f"could not hand the item to Dask: {e}")
+            for it in items:
+                if id(it) not in sent:
+                    self._finish((it.unit.key, it.unit.claim), lost)
 
     def abort(self, unit: WorkUnit) -> None:
         """Cancel the attempt: free its slot now, set its cancel Event, cancel the task.
@@ -247,6 +275,8 @@ class DaskExecutor:
         it.future.set_exception(ExecutorLost("the attempt was stopped (cancel or timeout)"))
         try:
             self._aux.submit(self._abort_remote, it)
+            if it.batch is not None:  # the units behind it go elsewhere, unless started
+                self._aux.submit(self._take_back, it.batch, it.index)
         except RuntimeError:  # shut down meanwhile
             pass
 
@@ -268,6 +298,7 @@ class DaskExecutor:
             self._stopping = True
             items = list(self._items.values())
             self._items.clear()
+            self._batches.clear()
         self._stop.set()
         for it in items:
             _settle(it.future, ExecutorLost("the Dask executor shut down"))
@@ -284,7 +315,8 @@ class DaskExecutor:
     async def _collect(self, ident: _Ident, client: Client, dfut: Any) -> None:
         result: Outcome | BaseException
         try:
-            result = await client.gather(dfut, asynchronous=True)
+            result, seconds = await client.gather(dfut, asynchronous=True)
+            self.pace.observe(seconds)
         except asyncio.CancelledError:  # the client's loop is closing
             self._finish(ident, ExecutorLost("the Dask client closed"))
             raise
@@ -315,11 +347,120 @@ class DaskExecutor:
         with self._lock:
             return self._items.pop(ident, None)
 
+    async def _collect_batch(self, batch: _Batch) -> None:
+        try:
+            got = await batch.client.gather(batch.dask_future, asynchronous=True)
+        except asyncio.CancelledError:  # the client's loop is closing
+            self._end_batch(batch, ExecutorLost("the Dask client closed"))
+            raise
+        except KilledWorker:
+            # Every worker it ran on died, and nothing says which unit killed them: run
+            # each on its own (no attempt spent), so Dask finds the one that does.
+            mine = self._end_batch(batch, None)
+            if mine:
+                log.warning("a batch of %d items killed every Dask worker it ran on; "
+                            "running them one per task to find the item that does",
+                            len(mine))
+                self.pace.reset()
+                try:
+                    self._aux.submit(self._dispatch, mine, batch.client, True)
+                except RuntimeError:  # shut down meanwhile
+                    for it in mine:
+                        self._finish((it.unit.key, it.unit.claim),
+                                     ExecutorLost("the Dask executor shut down"))
+            return
+        except CancelledError as e:
+            self._end_batch(batch, ExecutorLost(f"Dask cancelled the task: {e}"))
+            return
+        except BaseException as e:  # Dask failing around the items (see _collect)
+            err = error_dict(e)
+            err["message"] = f"Dask could not run the item: {err['message']}"
+            self._end_batch(batch, Outcome(ok=False, error=err))
+            return
+        _, outcomes, seconds, ran = got
+        if ran:
+            self.pace.observe(seconds, ran)
+        with self._lock:
+            self._batches.pop(batch.key, None)
+        for it, out in zip(batch.items, outcomes, strict=True):
+            if it.batch is batch:  # else taken back and handed out again
+                self._finish((it.unit.key, it.unit.claim), ExecutorLost(
+                    "taken back from its batch") if out is None else out)
+
+    def _end_batch(self, batch: _Batch, result: Outcome | BaseException | None
+                   ) -> list[_Inflight]:
+        """The batch is over: settle its units still in it with ``result``, or with None
+        return them (still in flight) to be handed out again."""
+        with self._lock:
+            self._batches.pop(batch.key, None)
+            mine = [it for it in batch.items if it.batch is batch
+                    and self._items.get((it.unit.key, it.unit.claim)) is it]
+        if result is not None:
+            for it in mine:
+                self._finish((it.unit.key, it.unit.claim), result)
+            return []
+        return mine
+
+    def _take_back(self, batch: _Batch, start: int) -> None:
+        """Take the units of ``batch`` from ``start`` on that no worker has started yet and
+        hand them to Dask again (runs on the aux thread: it waits on the workers)."""
+        with self._lock:
+            if batch.key not in self._batches or batch.taking_back:
+                return
+            batch.taking_back = True
+        try:
+            answers = batch.client.run(take_back, batch.key, start, on_error="return")
+        except Exception as e:
+            log.info("could not take back the rest of a batch from Dask: %r", e)
+            batch.taking_back = False
+            return
+        seen = [a for a in answers.values() if isinstance(a, tuple) and len(a) == 3]
+        running = [a for a in seen if a[0] == "running"]
+        ended: list[tuple[int, Outcome]] = []
+        if running:
+            cut = min(a[1] for a in running)
+            for a in running:
+                ended += a[2]
+        elif any(a[0] == "ended" for a in seen):
+            cut = len(batch.items)  # it ended: its result tells every unit
+        else:
+            cut = start  # not started anywhere yet: skipped wherever it starts
+        with self._lock:
+            batch.taking_back = False
+            live = batch.key in self._batches
+            moved = [it for it in batch.items[cut:] if live and it.batch is batch
+                     and self._items.get((it.unit.key, it.unit.claim)) is it]
+            for it in moved:
+                it.batch = None
+        for i, out in ended:  # those that ended need not wait for the batch's end
+            it = batch.items[i]
+            if it.batch is batch:
+                self._finish((it.unit.key, it.unit.claim), out)
+        if moved:
+            log.info("took %d item(s) not yet started back from a Dask batch, to run "
+                     "elsewhere", len(moved))
+            self._dispatch(moved, batch.client)
+
+    def _stuck(self) -> None:
+        """Take back what waits behind a batch that runs far longer than it should."""
+        avg = self.pace.average or 0.0
+        now = time.monotonic()
+        with self._lock:
+            late = [b for b in self._batches.values() if not b.taking_back
+                    and now - b.submitted > max(_STUCK, 20 * avg * len(b.items))]
+        for b in late:
+            self.pace.reset()
+            try:
+                self._aux.submit(self._take_back, b, 0)
+            except RuntimeError:
+                return
+
     def _abort_remote(self, it: _Inflight) -> None:
         try:
             Event(cancel_event_name(it.unit), client=it.client).set()
             self._set_events.append((time.monotonic(), cancel_event_name(it.unit)))
-            it.dask_future.cancel()
+            if it.batch is None:
+                it.dask_future.cancel()
         except Exception as e:
             log.info("could not cancel item %s of job %s on Dask: %r",
                      it.unit.index, it.unit.job_id, e)
@@ -363,6 +504,8 @@ class DaskExecutor:
             lost = [i for i in self._items.values() if i.client is client]
             for i in lost:
                 self._items.pop((i.unit.key, i.unit.claim), None)
+            for key in [k for k, b in self._batches.items() if b.client is client]:
+                del self._batches[key]
         for i in lost:
             _settle(i.future, ExecutorLost("lost with the Dask client"))
         if client is not None:
@@ -387,6 +530,7 @@ class DaskExecutor:
                         continue
                 self._refresh()
                 self._clear_old_events()
+                self._stuck()
             except Exception:  # background code logs and carries on
                 log.exception("Dask watcher error")
 

@@ -28,7 +28,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -36,13 +35,20 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import PENDING
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-import bulkrunner.runtime.capture as capture
 from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.executors.batching import BatchPolicy, Pace, split
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_batch
+from bulkrunner.executors.futures import UnitFuture
+from bulkrunner.executors.process_worker import (
+    HI,
+    LO,
+    PROTOCOL,
+    STARTED,
+    read_frames,
+    worker_main,
+)
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
 log = logging.getLogger("bulkrunner.executors.process")
 
@@ -57,71 +63,16 @@ _PIPELINE_BYTES = 64 * 1024
 #: A unit that has run this long while others wait behind it on its worker hands them to
 #: other workers (at least; or 20 times the average item).
 _STUCK = 0.02
-# The shared numbers of a worker: units started, and the range [lo, hi) taken back.
-_STARTED, _LO, _HI = 0, 1, 2
 _READ = 1 << 16
 
 
-# ---------------------------------------------------------------------- in the worker
-def _worker_main(conn: Connection, ctl: Any, lock: Any) -> None:
-    # Ctrl-C reaches the whole process group; the server decides what stops, not the worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    report = _PipeReporter(conn)
-    # One item at a time here: whatever any thread prints or logs belongs to it.
-    capture.install(process_wide=True)
-    logging.getLogger().setLevel(logging.INFO)
-    send_lock = report.lock
-
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        first, units = msg
-
-        def begin(i: int, first: int = first) -> bool:
-            o = first + i
-            with lock:
-                if ctl[_LO] <= o < ctl[_HI]:
-                    return False  # taken back: it runs elsewhere
-                ctl[_STARTED] = o + 1
-            return True
-
-        def done(i: int, outcome: Outcome, seconds: float, first: int = first) -> None:
-            with send_lock:
-                conn.send(("done", first + i, outcome, seconds))
-
-        try:
-            run_batch(units, report, begin=begin, done=done)
-        except (OSError, EOFError):
-            return  # the server went away
-
-
-class _PipeReporter:
-    """Sends progress and captured output of the running item up the pipe, in order."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
-
-    def __call__(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
-        with self.lock:
-            self.conn.send(("progress", key, frac, msg))
-
-    def log(self, key: tuple[int, int], claim: int, text: str) -> None:
-        with self.lock:
-            self.conn.send(("log", key, claim, text))
-
-
 # ---------------------------------------------------------------------- in the server
-class _UnitFuture(Future[Outcome]):
+class _UnitFuture(UnitFuture):
     """A unit's future; ``cancel()`` takes the unit back while no worker has started it."""
 
-    def __init__(self, pool: ProcessExecutor, unit: WorkUnit) -> None:
-        super().__init__()
+    def __init__(self, pool: ProcessExecutor, unit: WorkUnit,
+                 condition: threading.Condition) -> None:
+        super().__init__(condition)
         self.pool = pool
         self.unit = unit
         self.worker: _Worker | None = None   # the worker it was handed to, if any
@@ -158,7 +109,7 @@ class _Worker:
     @property
     def unit(self) -> WorkUnit | None:
         """The unit this worker runs now, if any (the first handed over, once started)."""
-        if self.queue and self.queue[0].ordinal < self.ctl[_STARTED]:
+        if self.queue and self.queue[0].ordinal < self.ctl[STARTED]:
             return self.queue[0].unit
         return None
 
@@ -190,7 +141,8 @@ class ProcessExecutor:
         methods = mp.get_all_start_methods()
         self._ctx: Any = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self._ctx.set_forkserver_preload(["bulkrunner.runtime", *(preload or [])])
+            self._ctx.set_forkserver_preload(["bulkrunner.executors.process_worker",
+                                              *(preload or [])])
         # Re-entrant: a future cancelled under it runs its callbacks, which may submit.
         self._lock = threading.RLock()
         self._workers: list[_Worker] = []
@@ -217,7 +169,8 @@ class ProcessExecutor:
     def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
         """Queue the attempts for the worker processes (in batches while items are
         short); one future per unit."""
-        futs = [_UnitFuture(self, u) for u in units]
+        cond = threading.Condition()  # one for the hand-over (see executors.futures)
+        futs = [_UnitFuture(self, u, cond) for u in units]
         with self._lock:
             if self._stopping:
                 for f in futs:
@@ -306,13 +259,13 @@ class ProcessExecutor:
         if not w.lock.acquire(timeout=0.1):  # a worker killed inside it leaves it held
             return False
         try:
-            started, lo, hi = w.ctl[_STARTED], w.ctl[_LO], w.ctl[_HI]
+            started, lo, hi = w.ctl[STARTED], w.ctl[LO], w.ctl[HI]
             if started > ordinal:
                 return False
             # The range grows over one still ahead of the worker: what it holds stays out.
-            w.ctl[_LO] = min(lo, ordinal) if hi > started else ordinal
-            w.ctl[_HI] = w.next
-            cut = w.ctl[_LO]
+            w.ctl[LO] = min(lo, ordinal) if hi > started else ordinal
+            w.ctl[HI] = w.next
+            cut = w.ctl[LO]
         finally:
             w.lock.release()
         back = [f for f in w.queue if f.ordinal >= cut]
@@ -336,7 +289,7 @@ class ProcessExecutor:
         ctl = self._ctx.RawArray("q", 3)
         lock = self._ctx.Lock()
         try:
-            proc = self._ctx.Process(target=_worker_main, args=(child, ctl, lock), daemon=True,
+            proc = self._ctx.Process(target=worker_main, args=(child, ctl, lock), daemon=True,
                                      name="bulkrunner-worker")
             proc.start()
         except BaseException:
@@ -448,7 +401,7 @@ class ProcessExecutor:
         for w in self._workers:
             if not w.queue:
                 continue
-            started = w.ctl[_STARTED]
+            started = w.ctl[STARTED]
             if started != w.started_seen:
                 w.started_seen, w.started_at = started, now
             for f in w.queue:
@@ -473,7 +426,8 @@ class ProcessExecutor:
         if not self._pending:
             return []
         size, depth = self.pace.batch(), self.pace.depth()
-        free = [w for w in self._workers if w.held is None and w.proc.is_alive()
+        # A dead worker is seen by its sentinel, and _bury hands on what it was given.
+        free = [w for w in self._workers if w.held is None
                 and (not w.queue or (depth > 1 and len(w.queue) <= size))]
         if not free:
             return []
@@ -498,7 +452,7 @@ class ProcessExecutor:
 
     def _send(self, w: _Worker, first: int, units: list[WorkUnit], busy: bool) -> None:
         try:
-            data = bytes(ForkingPickler.dumps((first, units)))
+            data = pickle.dumps((first, units), PROTOCOL)
         except Exception as e:  # a unit that cannot be pickled: fail those, not the pool
             self._unsendable(w, first, len(units), e)
             return
@@ -537,7 +491,7 @@ class ProcessExecutor:
                     break
         except (OSError, ValueError):
             dead.add(w)
-        msgs = _frames(w.buf)
+        msgs = read_frames(w.buf)
         if not msgs:
             return
         outcomes: dict[int, _UnitFuture] = {}
@@ -587,7 +541,7 @@ class ProcessExecutor:
                 self._workers.remove(w)
             if not self._stopping:
                 self.rebuilds += 1
-            started = w.ctl[_STARTED]
+            started = w.ctl[STARTED]
             running = started - 1  # the unit it was on, if it still has no outcome
             settle: list[tuple[_UnitFuture, BaseException]] = []
             again: list[_UnitFuture] = []
@@ -648,32 +602,6 @@ def _pop_ordinal(w: _Worker, ordinal: int) -> _UnitFuture | None:
             q.remove(f)
             return f
     return None
-
-
-def _frames(buf: bytearray) -> list[Any]:
-    """The complete messages at the start of ``buf`` (in ``Connection.send``'s framing: a
-    4-byte big-endian length, or -1 and an 8-byte one), removed from it."""
-    out: list[Any] = []
-    pos, end = 0, len(buf)
-    view = memoryview(buf)
-    try:
-        while end - pos >= 4:
-            (n,) = struct.unpack_from("!i", buf, pos)
-            head = 4
-            if n == -1:
-                if end - pos < 12:
-                    break
-                (n,) = struct.unpack_from("!Q", buf, pos + 4)
-                head = 12
-            if end - pos < head + n:
-                break
-            out.append(pickle.loads(view[pos + head:pos + head + n]))
-            pos += head + n
-    finally:
-        view.release()
-    if pos:
-        del buf[:pos]
-    return out
 
 
 def _settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:

@@ -8,6 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from bulkrunner.errors import ExecutorLost
 from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.executors.futures import unit_futures
 from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit, run_batch
 
 #: Threads share one interpreter lock, so what is in flight is sized against one core:
@@ -69,7 +70,7 @@ class ThreadExecutor:
 
     def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
         """Hand the units to the pool, in batches while items are short."""
-        futs: list[Future[Outcome]] = [Future() for _ in units]
+        futs: list[Future[Outcome]] = list(unit_futures(len(units)))
         flags = [_Flag() for _ in units]
         for u, flag, f in zip(units, flags, futs, strict=True):
             self._units[(u.key, u.claim)] = (flag, f)
@@ -96,7 +97,7 @@ class ThreadExecutor:
              flags: Sequence[_Flag]) -> None:
         """Run one batch on this pool thread, settling each unit's future as it ends."""
         drop = self._units.pop
-        observe = self.pace.observe
+        spent = [0.0, 0]  # run time and count not yet told to the pace (told in bunches)
 
         def begin(i: int) -> bool:
             if futs[i].set_running_or_notify_cancel():
@@ -108,7 +109,11 @@ class ThreadExecutor:
         def done(i: int, out: Outcome, seconds: float) -> None:
             u = units[i]
             drop((u.key, u.claim), None)
-            observe(seconds)
+            spent[0] += seconds
+            spent[1] += 1
+            if spent[1] >= 32 or seconds > POLICY.window:
+                self.pace.observe(spent[0], int(spent[1]))
+                spent[0], spent[1] = 0.0, 0
             futs[i].set_result(out)
 
         def failed(i: int, e: BaseException) -> None:
@@ -118,6 +123,8 @@ class ThreadExecutor:
 
         run_batch(units, self._reporter, flags=flags, begin=begin, done=done,
                   failed=failed, around=self._item_context)
+        if spent[1]:
+            self.pace.observe(spent[0], int(spent[1]))
 
     def abort(self, unit: WorkUnit) -> None:
         """Set the attempt's cooperative flag (a thread cannot be killed)."""

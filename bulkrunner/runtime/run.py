@@ -53,6 +53,14 @@ class WorkUnit:
         """Identifies the item within the server (job sequence number, item index)."""
         return (self.job_seq, self.index)
 
+    def __reduce__(self) -> tuple[type[WorkUnit], tuple[Any, ...]]:
+        # Pickled as its fields in a tuple: a tenth of the default's cost (its state dict
+        # and copyreg), which counts when a batch of hundreds crosses a pipe.
+        return (WorkUnit, (self.job_id, self.job_seq, self.index, self.claim, self.task,
+                           self.target, self.params, self.timeout, self.deadline,
+                           self.context_param, self.max_result_size, self.max_log_size,
+                           self.max_error_size))
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -64,6 +72,10 @@ class Outcome:
     error: dict[str, Any] | None = None
     worker: str | None = None
     retryable: bool = True
+
+    def __reduce__(self) -> tuple[type[Outcome], tuple[Any, ...]]:
+        # As its fields in a tuple (see WorkUnit.__reduce__): one crosses a pipe per item.
+        return (Outcome, (self.ok, self.result, self.error, self.worker, self.retryable))
 
 
 @functools.lru_cache(maxsize=256)
@@ -161,7 +173,7 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
         return Outcome(ok=False, worker=worker_name(), retryable=False, error={
             "type": "Cancelled", "message": "the item was cancelled before it started",
             "traceback": ""})
-    ctx = Context(unit, reporter, cancel)
+    ctx = Context(unit, reporter, cancel if cancel is not None else _NEVER)
     sink: capture.LogSink | None = getattr(reporter, "log", None)
     item_log = capture.begin(unit.key, unit.claim, sink, unit.max_log_size) \
         if sink is not None and unit.max_log_size > 0 else None
@@ -177,7 +189,7 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
         with around() if around is not None else contextlib.nullcontext():
             value = fn(**kwargs)
             try:
-                text = json.dumps(value, allow_nan=False, default=_json_default)
+                text = _ENCODER.encode(value)
             except (TypeError, ValueError) as e:
                 return Outcome(ok=False, worker=worker_name(), retryable=False, error=cap_error({
                     "type": "ResultNotSerializable", "message": safe_text(
@@ -258,3 +270,19 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "__fspath__"):
         return os.fspath(o)
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+#: Encodes results: one encoder for all (``json.dumps`` with options builds one per call).
+_ENCODER = json.JSONEncoder(allow_nan=False, default=_json_default)
+
+
+class _Never(threading.Event):
+    """The cancel flag of an item run without one (a process worker kills instead): never
+    set, so one serves every item and none has to build an Event of its own."""
+
+    def set(self) -> None:
+        raise RuntimeError("this flag is shared by every item run without one")
+
+
+_NEVER = _Never()
+

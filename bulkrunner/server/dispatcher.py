@@ -342,10 +342,12 @@ class Dispatcher:
                 self._wake.set()
                 futs = []
             now = time.monotonic()
+            tell = self.events.wants(Started)  # nobody may listen: then build no events
             for (c, unit), fut in zip(batch, futs, strict=False):
                 self._inflight[fut] = unit
                 self._submitted[fut] = now
-                self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
+                if tell:
+                    self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
                 fut.add_done_callback(self._on_done)
         return flush
 

@@ -51,8 +51,9 @@ def _raise(bad: dict[str, str], first: tuple[int | None, int | None]) -> NoRetur
     """Refuse the file: ``bad`` names each problem; ``first`` is (row, index) of the first
     one, for the answer's ``details`` (either may be None)."""
     row, index = first
-    extra = {k: v for k, v in (("row", row), ("index", index)) if v is not None}
-    raise InvalidSubmission(bad, **extra)
+    extra: dict[str, Any] = {k: v for k, v in (("row", row), ("index", index))
+                             if v is not None}
+    raise InvalidSubmission(bad, None, **extra)
 
 
 def detect_format(filename: str | None, content_type: str | None, data: bytes) -> str:
@@ -202,8 +203,12 @@ def _parse_csv(text: str, task: Task, delimiter: str = ","
                 if spec is None:
                     item[name] = cell
                     continue
-                if cell == "" and spec.type != "str":
-                    continue  # an empty cell means "not given": the default or job param
+                if cell == "" and (spec.type != "str" or (spec.choices is not None
+                                                          and "" not in spec.choices)):
+                    # An empty cell means "not given": the default or job param applies.
+                    # A plain str param takes "" as its value; a Literal or Enum only
+                    # when "" is one of its choices.
+                    continue
                 try:
                     item[name] = spec.from_text(cell)
                 except ValueError as e:

@@ -29,6 +29,7 @@ from bulkrunner.server.scheduler import Scheduler
 from bulkrunner.server.tasks import Registry
 from bulkrunner.server.throughput import Throughput
 from bulkrunner.store import Store
+from bulkrunner.store.writer import SLICE_ITEMS
 
 
 class Service:
@@ -161,7 +162,12 @@ class Service:
         job, created = self.store.insert_job(new, max_queued=self.cfg.jobs.max_queued)
         if created:
             self.events.emit(Submitted(job))
-            self.dispatcher.wake()
+            if len(new.items) > SLICE_ITEMS:
+                # Written in slices, it got its number before jobs submitted meanwhile:
+                # the dispatcher reads all waiting jobs again, not only newer ones.
+                self.dispatcher.refresh()
+            else:
+                self.dispatcher.wake()
         return job, created
 
     def submit_upload(self, form: Mapping[str, str], data: bytes, filename: str | None,

@@ -20,7 +20,7 @@ def _claim(tx: Tx, n: int) -> list[Claimed]:
     rows = c.execute(
         "SELECT i.job_seq, i.idx, i.params, i.claim, j.id, j.task, j.params, j.timeout "
         "FROM items i JOIN jobs j ON j.seq = i.job_seq "
-        "WHERE i.state = 'queued' AND i.not_before <= ? "
+        "WHERE i.state = 'queued' AND i.not_before <= ? AND j.doomed = 0 "
         "ORDER BY i.priority DESC, i.job_seq, i.idx LIMIT ?", (tx.now, n)).fetchall()
     if not rows:
         return []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import sqlite3
 import threading
@@ -32,13 +33,30 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from bulkrunner.errors import DatabaseLocked, KeyConflict, QueueFull, StoreUnwritable
+from bulkrunner.errors import (
+    DatabaseLocked,
+    KeyConflict,
+    QueueFull,
+    StoreUnwritable,
+    Unavailable,
+)
 from bulkrunner.models import STATES
 from bulkrunner.store.faults import BUSY_TIMEOUT_MS, WAL_SIZE_LIMIT, Faults, unwritable
 from bulkrunner.store.records import JobChange, NewJob, Tx, _apply_counts, _zero_counts
 
 T = TypeVar("T")
 _MAX_BATCH = 512
+#: Items of a new job written in one transaction at most. A bigger job goes in slices of
+#: this many, each its own commit (about 10 ms of the writer), so that other writes (a
+#: one-item submission, a dispatcher turn) wait for one slice, not for the whole bulk.
+SLICE_ITEMS = 4000
+#: The job row of a bulk whose items are still being written in slices: hidden from every
+#: read (``doomed = 2``, as reads show only ``doomed = 0``), its counters zero, in a state
+#: of its own. It becomes a queued job in the last slice's commit. One left behind by a
+#: crash is handed to retention's deleter (``doomed = 1``) once it is this many seconds
+#: old (another process sharing the database may still be writing a younger one).
+INSERTING = "inserting"
+_STALE_INSERT = 60.0
 #: Items waiting, from the job counters (the index of jobs with queued items).
 QUEUED_TOTAL = "SELECT COALESCE(SUM(n_queued), 0) FROM jobs WHERE n_queued > 0"
 _ONE_ITEM = "[null]"
@@ -104,9 +122,10 @@ class Writer:
         self._pending_lock = threading.Lock()
         self._sync = ""
         self.closed = False
-        #: Items waiting in the queue.
-        self.queued: int = conn.execute(
-            "SELECT COUNT(*) FROM items WHERE state = 'queued'").fetchone()[0]
+        _drop_stale_inserts(conn)
+        #: Items waiting in the queue (from the job counters: a bulk still being written
+        #: has none yet).
+        self.queued: int = conn.execute(QUEUED_TOTAL).fetchone()[0]
         self._task_counts: dict[str, dict[str, int]] | None = None
         self._counts_lock = threading.Lock()
 
@@ -132,14 +151,75 @@ class Writer:
         gives the original job's number and ``created=False``. Raises QueueFull past
         ``max_queued`` items waiting, KeyConflict for a key used with another body.
         """
+        if len(new.items) > SLICE_ITEMS:
+            return self._insert_sliced(new, max_queued)
         op = self._run(_Op(None, True, (new, max_queued)))
         return op.value  # type: ignore[no-any-return]
+
+    def _insert_sliced(self, new: NewJob, max_queued: int | None) -> tuple[int, bool, float]:
+        """A big job in slices of SLICE_ITEMS items, each its own commit: first the hidden
+        job row with the first slice, then the others, and in the last commit (at
+        ``synchronous=FULL``, which makes the earlier ones durable too) the job becomes
+        visible and queued, its key taken. Until then no read sees it and nothing claims
+        it; on failure it goes to retention's deleter, and what a crash leaves is handed
+        there at a later start."""
+        n = len(new.items)
+
+        def first(tx: Tx) -> int:
+            if new.key is not None:
+                found = _keyed_original(tx, new)
+                if found is not None:
+                    return -found  # an idempotent replay: nothing to write
+            if max_queued is not None and self.queued + n > max_queued:
+                raise _queue_full(self.queued, max_queued)
+            row = tx.conn.execute(
+                "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
+                "created_at, run_after, submitted_by, schedule, notify_url, doomed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 2) RETURNING seq",
+                (new.id, new.task, new.params_text, new.priority, new.max_attempts,
+                 new.timeout, INSERTING, tx.now, new.run_after, new.submitted_by,
+                 new.schedule, new.notify_url)).fetchone()
+            _insert_items(tx, int(row[0]), new, 0)
+            return int(row[0])
+
+        seq = self.write(first)
+        if seq < 0:
+            return -seq, False, time.time()
+        starts = range(0, n, SLICE_ITEMS)  # the first went with the job row
+        try:
+            for start in starts[1:-1]:
+                self.write(functools.partial(_insert_items, seq=seq, new=new, start=start))
+
+            def finish(tx: Tx) -> tuple[int, bool, float]:
+                _insert_items(tx, seq, new, starts[-1])
+                if new.key is not None:
+                    found = _keyed_original(tx, new)
+                    if found is not None:  # the same key went in meanwhile: that job it is
+                        _give_up_insert(tx, seq)
+                        return found, False, tx.now
+                shown = tx.conn.execute(
+                    "UPDATE jobs SET doomed = 0, state = 'queued', n_queued = ?, key = ?, "
+                    "body_hash = ?, created_at = ? WHERE seq = ? AND doomed = 2",
+                    (n, new.key, new.body_hash, tx.now, seq)).rowcount
+                if not shown:  # taken for a crash's leftover by another process
+                    raise Unavailable("the submission took too long to write and was "
+                                      "dropped; submit it again", retry_after=1)
+                tx.queued_delta += n
+                tx.by_task[new.task]["queued"] += n
+                return seq, True, tx.now
+
+            return self.write(finish, durable=True)
+        except BaseException:
+            with contextlib.suppress(Exception):  # else a later start hands it over
+                self.write(lambda tx: _give_up_insert(tx, seq))
+            raise
 
     def recount(self) -> None:
         """Count ``queued`` again from the job rows, and the counts by task at their next
         read: other processes that share the database change them too. Done inside a
         write, so no commit of this process comes between the count and the figure."""
         def count(tx: Tx) -> None:
+            _drop_stale_inserts(tx.conn)
             self.queued = int(tx.conn.execute(QUEUED_TOTAL).fetchone()[0])
             with self._counts_lock:
                 self._task_counts = None
@@ -377,6 +457,38 @@ def _insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
     tx.queued_delta += n
     tx.by_task[new.task]["queued"] += n
     return 0, True, tx.now  # the sequence number is not needed for a new job
+
+
+def _keyed_original(tx: Tx, new: NewJob) -> int | None:
+    """The sequence number of the visible job holding ``new``'s key, if any (KeyConflict
+    when its body differs)."""
+    row = tx.conn.execute("SELECT seq, body_hash FROM jobs WHERE key = ?",
+                          (new.key,)).fetchone()
+    if row is None:
+        return None
+    if row[1] != new.body_hash:
+        raise KeyConflict(f"the idempotency key {new.key!r} was used before with a "
+                          "different submission; use a new key", {"key": new.key})
+    return int(row[0])
+
+
+def _insert_items(tx: Tx, seq: int, new: NewJob, start: int) -> None:
+    """One slice of a big job's items, from index ``start``."""
+    part = list(new.items[start:start + SLICE_ITEMS])
+    tx.conn.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
+                    "SELECT ?, key + ?, value, 'queued', ? FROM json_each(?)",
+                    (seq, start, new.priority, json.dumps(part)))
+
+
+def _give_up_insert(tx: Tx, seq: int) -> None:
+    """Hand a hidden, half-written job to retention's deleter."""
+    tx.conn.execute("UPDATE jobs SET doomed = 1 WHERE seq = ? AND doomed = 2", (seq,))
+
+
+def _drop_stale_inserts(conn: sqlite3.Connection) -> None:
+    """Hand the hidden jobs that a crash left half-written to retention's deleter."""
+    conn.execute("UPDATE jobs SET doomed = 1 WHERE state = ? AND doomed = 2 "
+                 "AND created_at < ?", (INSERTING, time.time() - _STALE_INSERT))
 
 
 def _items_json(new: NewJob) -> str:

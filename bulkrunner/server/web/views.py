@@ -19,7 +19,7 @@ from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
 from bulkrunner import __version__, errors
-from bulkrunner.models import STATES
+from bulkrunner.models import STATES, attempts_text
 from bulkrunner.runtime import safe_text
 from bulkrunner.server.http import local_name
 from bulkrunner.server.service import Service, service_of
@@ -40,6 +40,8 @@ bp = Blueprint("web", __name__, template_folder="templates", static_folder="stat
 
 JOBS_PAGE = 20
 ITEMS_PAGE = 50
+#: Items a page on a phone's narrow screen (the page asks for these many there).
+ITEMS_PAGE_NARROW = 20
 _PUBLIC = frozenset({"web.login", "web.static"})
 
 
@@ -213,6 +215,7 @@ def job(ident: str) -> BaseResponse | str | tuple[str, int]:
     items, nxt = svc.items(found.id, state=state or None, limit=ITEMS_PAGE, after=after)
     return render_template("job.html", job=found.to_dict(), items=[i.to_dict() for i in items],
                            next=nxt, state=state, after=after, page_size=ITEMS_PAGE,
+                           narrow_page_size=ITEMS_PAGE_NARROW,
                            waiting_words=WAITING_WORDS)
 
 
@@ -264,6 +267,9 @@ def json_text(value: Any, limit: int = 10_000, indent: int | None = 2) -> str:
                                                            ensure_ascii=False)
     text = safe_text(text)
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+bp.app_template_filter("attempts_text")(attempts_text)  # "2 (running; 4 in all)"
 
 
 @bp.app_template_filter("percent")

@@ -6,6 +6,10 @@
   const { api, getBytes, el, jsonText, keyValues, badge, progress, timeEl, errorBlock, syncRows, poll,
           query, root, STATES, FINISHED } = window.bulkrunner;
   const REFRESH_MS = 1000;
+  const prefix = root;  // the URL prefix (in the page's handler `root` is its element)
+  // A phone's narrow screen, where each item is a card (the style sheet's breakpoint):
+  // fewer items a page there, so a page is not a long scroll.
+  const NARROW = window.matchMedia("(max-width: 640px)");
   const PACE_MS = 2000;
   const SVG = "http://www.w3.org/2000/svg";
 
@@ -71,6 +75,34 @@
     return worker ? el("code", { class: "cell" }, worker) : el("span", { class: "muted" }, "—");
   }
 
+  /**
+   * An item's attempts across retries, its running one included (as the server's
+   * models.attempts_in_all counts them): `attempts` is the current try's only, and each
+   * earlier try's count is the `attempt` of its last error in `errors`.
+   */
+  function attemptsInAll(it) {
+    const attempts = it.attempts || 0;
+    const errors = it.errors || [];
+    const mine = attempts - (it.state === "succeeded" ? 1 : 0);  // this try's failures
+    let total = 0, last = 0;
+    for (const e of errors.slice(0, Math.max(errors.length - mine, 0))) {
+      const n = e && e.attempt;
+      if (!Number.isInteger(n)) continue;
+      if (n <= last) total += last;  // a new try began
+      last = n;
+    }
+    return total + last + attempts + (it.state === "running" ? 1 : 0);
+  }
+
+  /** "2", "2 (running)", "1 (3 in all)": as the CLI's `items` words them. */
+  function attemptsText(it) {
+    const running = it.state === "running";
+    const n = (it.attempts || 0) + (running ? 1 : 0);
+    const total = attemptsInAll(it);
+    const notes = [...(running ? ["running"] : []), ...(total !== n ? [`${total} in all`] : [])];
+    return notes.length ? `${n} (${notes.join("; ")})` : String(n);
+  }
+
   function byteCount(n) {
     if (n < 1024) return n === 1 ? "1 byte" : `${n} bytes`;
     return `${(n / 1024).toFixed(1)} KiB`;
@@ -85,7 +117,7 @@
     return el("tr", {},
       el("td", { "data-label": "#" }, it.index),
       el("td", { "data-label": "State" }, badge(it.state)),
-      el("td", { "data-label": "Attempts" }, it.attempts),
+      el("td", { "data-label": "Attempts" }, attemptsText(it)),
       el("td", { "data-label": "Worker", class: "worker" }, workerCell(it.worker)),
       el("td", { "data-label": "Params" }, keyValues(it.params)),
       el("td", { "data-label": "Result", class: "outcome" }, outcome),
@@ -216,7 +248,9 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     const root = document.getElementById("job");
-    const { id, state, after, limit } = root.dataset;
+    const { id, state, after } = root.dataset;
+    const limit = NARROW.matches && root.dataset.narrowLimit ? root.dataset.narrowLimit
+      : root.dataset.limit;
     const field = (name) => root.querySelector(`[data-field="${name}"]`);
     const cancelBtn = document.getElementById("cancel");
     const retryBtn = document.getElementById("retry");
@@ -234,6 +268,15 @@
     const failuresBox = document.getElementById("failures");
     let lastState = null;
     logViewer(id, tbody);
+
+    // The server drew a wide screen's page of items: on a narrow one keep the first
+    // `limit` rows, and the next page goes on after the last of them.
+    const keep = Number.parseInt(limit, 10);
+    if (tbody.rows.length > keep) {
+      while (tbody.rows.length > keep) tbody.rows[keep].remove();
+      next.hidden = false;
+      next.href = `${prefix}/jobs/${id}` + query({ state, after: tbody.rows[keep - 1].dataset.key });
+    }
 
     document.getElementById("items-state").addEventListener("change", (e) => {
       e.target.form.requestSubmit();
@@ -294,7 +337,7 @@
         empty.hidden = items.data.items.length > 0;
         next.hidden = items.data.next === null;
         if (items.data.next !== null) {
-          next.href = `${root}/jobs/${id}` + query({ state, after: items.data.next });
+          next.href = `${prefix}/jobs/${id}` + query({ state, after: items.data.next });
         }
       }
       if (!j.ok) return true;
