@@ -248,8 +248,11 @@ def test_cancel_then_cancel_again(client: FlaskClient) -> None:
 
 def test_cancel_of_queued_bulk_and_of_a_succeeded_job(client: FlaskClient) -> None:
     blocker = submit(client, "slow", {"seconds": 30}, items=[{}, {}])  # fills both workers
+    # Both blockers must hold their workers first: with fair share the bulk, never served,
+    # would take the second worker before the blocker's second item.
+    wait_for(lambda: get_job(client, blocker["id"])["items"]["running"] == 2, 20,
+             "the blocker's two items never both ran")
     bulk = submit(client, "noop", items=[{} for _ in range(50)])
-    wait_state(client, blocker["id"], "running")
     cancelled = client.post(f"{JOBS}/{bulk['id']}/cancel").get_json()
     assert cancelled["state"] == "cancelled"
     assert cancelled["items"]["cancelled"] == 50 and cancelled["items"]["succeeded"] == 0

@@ -143,6 +143,10 @@ class DaskExecutor:
         self._lock = threading.Lock()
         self._items: dict[_Ident, _Inflight] = {}
         self._batches: dict[str, _Batch] = {}
+        #: Units of batches that killed every worker they ran on, run one at a time: a
+        #: unit queued on the worker that the culprit kills would be charged too.
+        self._probes: deque[_Inflight] = deque()
+        self._probe: _Inflight | None = None
         self.pace = Pace(self.max_workers, POLICY)
         self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
                             for n in itertools.count())
@@ -319,6 +323,9 @@ class DaskExecutor:
             self.pace.observe(seconds)
         except asyncio.CancelledError:  # the client's loop is closing
             self._finish(ident, ExecutorLost("the Dask client closed"))
+            probe = self._probe
+            if probe is not None and (probe.unit.key, probe.unit.claim) == ident:
+                self._probe_ended(probe)
             raise
         except KilledWorker as e:
             result = WorkerDied(_killed_message(e))
@@ -335,7 +342,10 @@ class DaskExecutor:
             err = error_dict(e)
             err["message"] = f"Dask could not run the item: {err['message']}"
             result = Outcome(ok=False, error=err)
+        probe = self._probe
         self._finish(ident, result)
+        if probe is not None and (probe.unit.key, probe.unit.claim) == ident:
+            self._probe_ended(probe)
 
     def _finish(self, ident: _Ident, result: Outcome | BaseException) -> None:
         it = self._pop(ident)
@@ -359,15 +369,13 @@ class DaskExecutor:
             mine = self._end_batch(batch, None)
             if mine:
                 log.warning("a batch of %d items killed every Dask worker it ran on; "
-                            "running them one per task to find the item that does",
-                            len(mine))
-                self.pace.reset()
-                try:
-                    self._aux.submit(self._dispatch, mine, batch.client, True)
-                except RuntimeError:  # shut down meanwhile
+                            "running them one per task, one at a time, to find the item "
+                            "that does", len(mine))
+                with self._lock:
                     for it in mine:
-                        self._finish((it.unit.key, it.unit.claim),
-                                     ExecutorLost("the Dask executor shut down"))
+                        it.batch = None
+                    self._probes.extend(mine)
+                self._next_probe()
             return
         except CancelledError as e:
             self._end_batch(batch, ExecutorLost(f"Dask cancelled the task: {e}"))
@@ -386,6 +394,35 @@ class DaskExecutor:
             if it.batch is batch:  # else taken back and handed out again
                 self._finish((it.unit.key, it.unit.claim), ExecutorLost(
                     "taken back from its batch") if out is None else out)
+
+    def _next_probe(self) -> None:
+        """Hand Dask the next unit to run alone, once the one before has ended."""
+        with self._lock:
+            if self._probe is not None:
+                return
+            while self._probes:
+                it = self._probes.popleft()
+                if self._items.get((it.unit.key, it.unit.claim)) is it:  # not aborted
+                    self._probe = it
+                    break
+            else:
+                return
+            client = self._client
+        if client is None:
+            self._finish((it.unit.key, it.unit.claim), ExecutorLost("lost with the Dask client"))
+            self._probe_ended(it)
+            return
+        try:
+            self._aux.submit(self._dispatch, [it], client, True)
+        except RuntimeError:  # shut down meanwhile
+            self._finish((it.unit.key, it.unit.claim), ExecutorLost("the Dask executor shut down"))
+
+    def _probe_ended(self, it: _Inflight | None) -> None:
+        with self._lock:
+            if it is None or self._probe is not it:
+                return
+            self._probe = None
+        self._next_probe()
 
     def _end_batch(self, batch: _Batch, result: Outcome | BaseException | None
                    ) -> list[_Inflight]:

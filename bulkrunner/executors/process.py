@@ -22,10 +22,12 @@ server process itself is unsafe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import selectors
 import signal
 import socket
 import threading
@@ -34,7 +36,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import PENDING
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from bulkrunner.errors import ExecutorLost, WorkerDied
@@ -156,6 +158,10 @@ class ProcessExecutor:
         self._spawn_at = 0.0  # time.monotonic() before which no worker is started
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # Kept across steps (the supervisor's alone): each worker's pipe and sentinel are
+        # registered once, not once a step.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._supervise, name="bulkrunner-procpool",
                                         daemon=True)
         self._thread.start()
@@ -208,7 +214,9 @@ class ProcessExecutor:
         if not self._thread.is_alive():
             return False, "the process pool supervisor stopped"
         with self._lock:
-            n = sum(1 for w in self._workers if w.proc.is_alive())
+            # The supervisor takes a dead worker off the list within moments (its
+            # sentinel); asking each process would cost a system call per turn.
+            n = len(self._workers)
             error = self._spawn_error
         if error is not None and n == 0:
             return False, f"cannot start worker processes: {error}"
@@ -236,6 +244,7 @@ class ProcessExecutor:
             w.proc.join(timeout=5)
             for f in w.queue:
                 _settle(f, ExecutorLost("the process pool shut down"))
+        self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -315,6 +324,8 @@ class ProcessExecutor:
             except Exception as e:
                 self._spawn_failed(e)
                 return
+            self._selector.register(w.conn, selectors.EVENT_READ, (w, True))
+            self._selector.register(w.proc.sentinel, selectors.EVENT_READ, (w, False))
             with self._lock:
                 self._workers.append(w)
                 self._spawn_error = None
@@ -364,26 +375,19 @@ class ProcessExecutor:
                 sends = self._assign()
             else:
                 sends = []
-            objs: list[Any] = [self._wake_r]
-            by_obj: dict[Any, _Worker] = {}
-            for w in self._workers:
-                objs += [w.conn, w.proc.sentinel]
-                by_obj[w.conn] = w
-                by_obj[w.proc.sentinel] = w
         for w, first, units, busy in sends:
             self._send(w, first, units, busy)
-        ready = wait(objs, timeout=timeout)
         dead: set[_Worker] = set()
-        for obj in ready:
-            if obj is self._wake_r:
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
                 try:
                     while self._wake_r.recv(4096):
                         pass
                 except (BlockingIOError, OSError):
                     pass
                 continue
-            w = by_obj[obj]
-            if obj is w.conn:
+            w, is_pipe = key.data
+            if is_pipe:
                 self._read(w, dead)
             else:
                 dead.add(w)
@@ -534,6 +538,9 @@ class ProcessExecutor:
                     log.exception("log sink failed")
 
     def _bury(self, w: _Worker) -> None:
+        for obj in (w.conn, w.proc.sentinel):
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(obj)
         w.proc.join(timeout=5)
         code = w.proc.exitcode
         with self._lock:

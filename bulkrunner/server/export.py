@@ -20,12 +20,25 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def jsonl_lines(items: Iterator[Item]) -> Iterator[str]:
-    """One JSON object per item and line: index, params, state, attempts, result, error.
+    """One JSON object per item and line: index, params, state, attempts, result, error,
+    the lines yielded about a :data:`CHUNK` at a time (a write per line would cost the
+    server more than the line).
 
     The values are the stored ones, never altered (no defaults, no formula escaping)."""
-    return (json.dumps({"index": it.index, "params": it.params, "state": it.state.value,
-                        "attempts": it.attempts, "result": it.result,
-                        "error": it.error}) + "\n" for it in items)
+    dumps = json.dumps
+    lines: list[str] = []
+    size = 0
+    for it in items:
+        line = dumps({"index": it.index, "params": it.params, "state": it.state.value,
+                      "attempts": it.attempts, "result": it.result, "error": it.error}) + "\n"
+        lines.append(line)
+        size += len(line)
+        if size >= CHUNK:
+            yield "".join(lines)
+            lines.clear()
+            size = 0
+    if lines:
+        yield "".join(lines)
 
 
 def csv_cell(v: Any) -> str:

@@ -449,9 +449,11 @@ def _serve(cfg: Config, log_level: str) -> int:
             "the config, or "
             "$BULKRUNNER_TOKEN, or serve on 127.0.0.1", file=cfg.source, key="server.token")
 
+    from bulkrunner.server import memory
     from bulkrunner.server.app import create_app
     from bulkrunner.server.service import Service
 
+    memory.limit_arenas()  # before the request and item threads start (see memory)
     for token_file in token_files(cfg.server):
         for warning in file_mode_warnings(token_file=token_file):
             log.warning("%s", warning)

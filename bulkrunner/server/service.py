@@ -18,7 +18,7 @@ from bulkrunner.errors import ConfigError, InvalidSubmission, ShuttingDown, Stor
 from bulkrunner.executors import make_executor
 from bulkrunner.models import Item, Job, iso
 from bulkrunner.runtime import ItemContext
-from bulkrunner.server import export, joblog, submission
+from bulkrunner.server import export, joblog, memory, submission
 from bulkrunner.server.dispatcher import Dispatcher
 from bulkrunner.server.events import EventBus, Submitted
 from bulkrunner.server.itemfiles import detect_format, parse_items
@@ -166,6 +166,7 @@ class Service:
                 # Written in slices, it got its number before jobs submitted meanwhile:
                 # the dispatcher reads all waiting jobs again, not only newer ones.
                 self.dispatcher.refresh()
+                memory.trim_soon()  # what parsing it took goes back to the system
             else:
                 self.dispatcher.wake()
         return job, created
