@@ -82,7 +82,9 @@ def job_from_row(conn: sqlite3.Connection, row: Any, *, traceback: bool = True) 
     running_progress = 0.0
     if counts["running"]:
         running_progress = conn.execute(
-            "SELECT COALESCE(SUM(progress), 0) FROM items "
+            # Named: without statistics SQLite picks the primary key and reads every item
+            # of the job (40 ms for 300,000), where the partial index holds only running ones.
+            "SELECT COALESCE(SUM(progress), 0) FROM items INDEXED BY items_running "
             "WHERE job_seq = ? AND state = 'running'", (row[0],)).fetchone()[0]
     job = Job(id=row[1], task=row[2], params=json.loads(row[3]), priority=row[4],
               max_attempts=row[5], timeout=row[6], key=row[7], state=State(row[8]),
@@ -222,13 +224,15 @@ def cancel(tx: Tx, seq: int, ident: str) -> list[tuple[int, int, int]]:
         raise JobFinished(f"the job has already finished ({state}); nothing to cancel",
                           {"state": state})
     running = [(seq, r[0], r[1]) for r in c.execute(
-        "SELECT idx, claim FROM items WHERE job_seq = ? AND state = 'running'",
+        "SELECT idx, claim FROM items INDEXED BY items_running "
+        "WHERE job_seq = ? AND state = 'running'",
         (seq,))]
     err = json.dumps({"type": "Cancelled", "message": "cancelled by request",
                       "traceback": ""})
     n_q = c.execute("UPDATE items SET state = 'cancelled', finished_at = ? "
                     "WHERE job_seq = ? AND state = 'queued'", (tx.now, seq)).rowcount
-    n_r = c.execute("UPDATE items SET state = 'cancelled', finished_at = ?, error = ? "
+    n_r = c.execute("UPDATE items INDEXED BY items_running "
+                    "SET state = 'cancelled', finished_at = ?, error = ? "
                     "WHERE job_seq = ? AND state = 'running'",
                     (tx.now, err, seq)).rowcount
     tx.move(seq, "queued", "cancelled", n_q)
