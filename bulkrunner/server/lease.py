@@ -184,6 +184,8 @@ class Leadership:
                     self._changes.put(self._on_gain)
                 if self._on_tick is not None:
                     self._on_tick()
+            except StoreUnwritable:
+                pass  # said once by the dispatcher and /healthz; the next tick tries again
             except Exception:  # background code logs and carries on
                 log.exception("dispatcher lease: unexpected error; trying again")
 
