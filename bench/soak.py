@@ -12,12 +12,17 @@ write-ahead log from being checkpointed, as a slow export client would.
 First the same mix runs flat out for ``--probe`` seconds (closed loop): that is the
 capacity; the soak then runs at half of it (or at ``--rate`` operations a second).
 
+Half of the capacity must also be work the server keeps up with, or the soak measures a
+growing backlog (a bigger database, a longer queue) and not drift: the mix's sleepers take
+half a second (cancelled ones less), about a third of the four workers, and the queue depth
+is sampled throughout. After the probe the backlog it left is drained before the soak.
+
 Every ``--every`` seconds (a minute by default; a sixth of the run when it is shorter than
 six minutes) it samples the server: resident memory (VmRSS), open files (/proc/PID/fd),
-threads, the ``-wal`` and database file sizes, and from the clients the submit p50 / p99
-and errors of that window. At the end: the table, start against end (the goal is flat
-within 10 %), and with matplotlib (``pip install 'bulkrunner[plot]'``) a PNG of each
-figure over time.
+threads, the ``-wal`` and database file sizes, the queue depth (``/metrics``), and from
+the clients the submit p50 / p99 and errors of that window. At the end: the table, start
+against end (the goal is flat within 10 %), whether the queue stayed flat, and with
+matplotlib (``pip install 'bulkrunner[plot]'``) a PNG of each figure over time.
 
 Usage: ``python bench/soak.py [--minutes 30] [--rate OPS] [--clients 3] [--probe 20]
 [--every 60] [--plot soak.png]``. The full run is ``python bench/soak.py`` (about 31
@@ -33,10 +38,12 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +64,7 @@ JOBS = "/api/v1/jobs"
 MIX = {"submit": 40, "get": 18, "list": 6, "items": 6, "health": 5, "metrics": 3,
        "bulk": 2, "export": 3, "fail": 3, "retry": 3, "sleeper": 2, "cancel": 2,
        "pause": 2}
+SLEEPER_SECONDS = 0.5  # 2 % of the ops: about 1.2 of the 4 workers at 120 ops/s
 SLOW_EXPORT_ITEMS = 5000
 SLOW_READ = (8192, 0.025)  # bytes per read, seconds between reads
 SLOW_EVERY = 20.0          # seconds between two slow exports
@@ -146,7 +154,8 @@ def do(op: str, conn: Conn, r: Recent, rng: random.Random) -> int:
             r.failed.append((time.monotonic(), i))
         return st
     if op == "sleeper":
-        st, data = conn.call("POST", JOBS, {"task": "sleep", "params": {"seconds": 2}})
+        st, data = conn.call("POST", JOBS, {"task": "sleep",
+                                            "params": {"seconds": SLEEPER_SECONDS}})
         if (i := _id(st, data)) is not None:
             r.sleepers.append(i)
         return st
@@ -254,6 +263,7 @@ class Sample:
     submit_p50: float
     submit_p99: float
     slow_exports: int
+    queued: int
 
 
 def pct(values: list[float], q: float) -> float:
@@ -263,8 +273,34 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
+def _metrics(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""
+
+
+def queue_depth(url: str) -> int:
+    """Items waiting to run, from the server's ``/metrics`` (-1 when it does not answer)."""
+    m = re.search(r"^bulkrunner_queue_depth (\S+)$", _metrics(url), re.M)
+    return int(float(m.group(1))) if m else -1
+
+
+def item_totals(url: str) -> tuple[int, int]:
+    """(items stored that have finished, items stored not yet finished), from ``/metrics``."""
+    done = left = 0
+    for state, n in re.findall(r'^bulkrunner_items\{state="(\w+)",task="[^"]*"\} (\S+)$',
+                               _metrics(url), re.M):
+        if state in ("succeeded", "failed", "cancelled"):
+            done += int(float(n))
+        else:
+            left += int(float(n))
+    return done, left
+
+
 def take(pid: int, db: Path, t0: float, window: list[tuple[float, str, float, int]],
-         cpu_before: float, seconds: float) -> Sample:
+         cpu_before: float, seconds: float, url: str) -> Sample:
     def size(p: Path) -> float:
         try:
             return p.stat().st_size / 2**20
@@ -279,17 +315,18 @@ def take(pid: int, db: Path, t0: float, window: list[tuple[float, str, float, in
         cpu=(proc_cpu_seconds(pid) - cpu_before) / seconds * 100, ops=len(window),
         errors=sum(1 for *_, st in window if st == 0 or st >= 500),
         submit_p50=pct(submits, 50), submit_p99=pct(submits, 99),
-        slow_exports=sum(1 for _, op, _, _ in window if op == "slow_export"))
+        slow_exports=sum(1 for _, op, _, _ in window if op == "slow_export"),
+        queued=queue_depth(url))
 
 
 def row(s: Sample) -> list[str]:
     return [f"{s.minute:.1f}", f"{s.rss_mb:.1f}", str(s.fds), str(s.threads),
             f"{s.wal_mb:.2f}", f"{s.db_mb:.1f}", f"{s.cpu:.0f}", str(s.ops), str(s.errors),
-            f"{s.submit_p50:.2f}", f"{s.submit_p99:.2f}", str(s.slow_exports)]
+            f"{s.submit_p50:.2f}", f"{s.submit_p99:.2f}", str(s.slow_exports), str(s.queued)]
 
 
 HEADERS = ["min", "RSS MB", "fds", "threads", "WAL MB", "db MB", "CPU %", "ops", "errors",
-           "submit p50 ms", "submit p99 ms", "slow exports"]
+           "submit p50 ms", "submit p99 ms", "slow exports", "queued"]
 
 
 def drain(out: Any, into: list[Any]) -> None:
@@ -310,8 +347,8 @@ def plot(samples: list[Sample], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figs = [("rss_mb", "RSS (MB)"), ("fds", "open files"), ("wal_mb", "WAL (MB)"),
-            ("submit_p99", "submit p99 (ms)")]
-    fig, axes = plt.subplots(len(figs), 1, figsize=(8, 9), sharex=True)
+            ("submit_p99", "submit p99 (ms)"), ("queued", "queued items")]
+    fig, axes = plt.subplots(len(figs), 1, figsize=(8, 11), sharex=True)
     minutes = [s.minute for s in samples]
     for ax, (attr, label) in zip(axes, figs, strict=True):
         ax.plot(minutes, [getattr(s, attr) for s in samples], marker="o")
@@ -349,14 +386,30 @@ def main() -> int:
     try:
         rate = args.rate
         if not rate:
+            done0, left0 = item_totals(srv.url)
             procs, out = run_clients(srv.url, args.clients, 0.0, args.probe, slow=False)
             got: list[Any] = []
             for p in procs:
                 p.join(args.probe + 60)
             drain(out, got)
-            rate = len(got) / args.probe / 2
+            done1, left1 = item_totals(srv.url)
+            # Capacity is what the server gets done, not what it accepts: flat out, the
+            # requests outrun the workers, so the ops rate is scaled by the share of the
+            # items it brought that were also run meanwhile.
+            ran, grew = done1 - done0, max(0, left1 - left0)
+            share = ran / (ran + grew) if ran + grew else 1.0
+            ops = len(got) / args.probe
+            rate = ops * share / 2
             print(f"capacity (closed loop, {args.clients} clients, {args.probe:g} s): "
-                  f"{len(got) / args.probe:,.0f} ops/s; soaking at {rate:,.0f} ops/s")
+                  f"{ops:,.0f} ops/s accepted, {ran:,} items run and {grew:,} left queued "
+                  f"(share {share:.2f}): {ops * share:,.0f} ops/s; soaking at {rate:,.0f} "
+                  "ops/s")
+            # The probe left a backlog: drained first, so the soak starts from a steady state.
+            t = time.monotonic()
+            while (left := queue_depth(srv.url)) > 50 and time.monotonic() - t < 600:
+                time.sleep(1)
+            print(f"the probe's backlog drained in {time.monotonic() - t:.0f} s "
+                  f"({left} items left)")
         print(f"soak: {args.minutes:g} min at {rate:,.0f} ops/s, {args.clients} clients, "
               f"sample every {every:g} s; load {loadavg()}; server log {srv.log_path}")
         procs, out = run_clients(srv.url, args.clients, rate, total, slow=True)
@@ -370,7 +423,7 @@ def main() -> int:
             while time.monotonic() < end:
                 time.sleep(min(0.5, max(0.0, end - time.monotonic())))
                 drain(out, window)
-            s = take(srv.pid, db, t0, window, cpu, every)
+            s = take(srv.pid, db, t0, window, cpu, every, srv.url)
             cpu = proc_cpu_seconds(srv.pid)
             samples.append(s)
             print("  ".join(row(s)), flush=True)
@@ -386,10 +439,17 @@ def main() -> int:
             a, b = samples[0], samples[-1]
             print("\nstart -> end (goal: flat within 10 %):")
             for attr, label in (("rss_mb", "RSS MB"), ("fds", "open files"),
-                                ("wal_mb", "WAL MB"), ("submit_p99", "submit p99 ms")):
+                                ("wal_mb", "WAL MB"), ("submit_p99", "submit p99 ms"),
+                                ("queued", "queued items")):
                 x, y = getattr(a, attr), getattr(b, attr)
                 change = f"{(y - x) / x * 100:+.0f} %" if x else "-"
                 print(f"  {label:14} {x:8.2f} -> {y:8.2f}  ({change})")
+            # A queue that grows means more work came than the server did: then the other
+            # figures follow the backlog, and the rate should be lowered (--rate).
+            steady = b.queued <= max(200, 2 * a.queued)
+            print(f"  the load was {'sustainable' if steady else 'NOT sustainable'}: "
+                  f"queue {a.queued} -> {b.queued} items (max "
+                  f"{max(s.queued for s in samples)})")
             print(f"  WAL MB max     {max(s.wal_mb for s in samples):8.2f}; errors "
                   f"{sum(s.errors for s in samples)}; submit p99 median "
                   f"{statistics.median(s.submit_p99 for s in samples):.2f} ms")

@@ -111,6 +111,7 @@ class Leadership:
         self._thread: threading.Thread | None = None
         self._roles: threading.Thread | None = None
         self._warned = -_WARN_EVERY
+        self._renewed = time.monotonic()  # the last renewal or try that reached the table
         #: Who held the lease at the last look (this process's holder id when it leads).
         self.current: str | None = None
 
@@ -158,11 +159,17 @@ class Leadership:
                                                  holder_is_dead)
         except StoreUnwritable as e:
             now = time.monotonic()
+            # One renewal that waited out its busy timeout behind a long commit is no news
+            # while the lease has most of its time to run; one that keeps failing is.
+            if now - self._renewed < self.ttl / 2:
+                log.debug("%s; trying again", e.message)
+                return False
             if now - self._warned >= _WARN_EVERY:
                 self._warned = now
                 log.warning("%s; %s", e.message, "claims stop once the lease runs out, until "
                             "it is renewed" if self._leading else "trying again")
             return False
+        self._renewed = time.monotonic()
         self.current = current
         if held and not self._leading:
             self._leading = True
