@@ -14,7 +14,8 @@ Items per second are counted from the 202 to the job's ``finished_at`` (the serv
 clock, after its last outcome is committed). Before the timed bulks each server runs a
 short bulk of each kind, so pool start-up and first imports are not counted.
 
-Beside it, the library alone on the same functions, in this process: one item per call
+Beside it, the library alone on the same functions (the 50 ms CPU items too, every item
+handed over at once), in this process: one item per call
 (``ThreadPoolExecutor.map``, ``ProcessPoolExecutor.map(chunksize=1)``, Dask
 ``Client.map``), and in its best batched form (``chunksize`` for processes; for Dask a
 list-in, list-out task of a batch), batches holding about as much work as bulkrunner's.
@@ -172,14 +173,15 @@ def _timed(fn: Callable[[], object], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def library_threads(w: int, n: int, n_ms: int) -> dict[str, float]:
+def library_threads(w: int, n: int, n_ms: int, n_cpu: int) -> dict[str, float]:
     with ThreadPoolExecutor(w) as pool:
         list(pool.map(noop_i, range(100)))  # threads started
         return {"noop_one": _timed(lambda: list(pool.map(noop_i, range(n))), n),
-                "ms_one": _timed(lambda: list(pool.map(nap_ms, range(n_ms))), n_ms)}
+                "ms_one": _timed(lambda: list(pool.map(nap_ms, range(n_ms))), n_ms),
+                "cpu_one": _timed(lambda: list(pool.map(spin, range(n_cpu))), n_cpu)}
 
 
-def library_processes(w: int, n: int, n_ms: int) -> dict[str, float]:
+def library_processes(w: int, n: int, n_ms: int, n_cpu: int) -> dict[str, float]:
     ctx = get_context("forkserver")
     ms_chunk = max(1, int(0.004 / MS))  # about 4 ms of work a message, as bulkrunner
     with ProcessPoolExecutor(w, mp_context=ctx) as pool:
@@ -190,10 +192,11 @@ def library_processes(w: int, n: int, n_ms: int) -> dict[str, float]:
             "ms_one": _timed(lambda: list(pool.map(nap_ms, range(n_ms))), n_ms),
             "ms_batch": _timed(lambda: list(pool.map(nap_ms, range(n_ms),
                                                      chunksize=ms_chunk)), n_ms),
+            "cpu_one": _timed(lambda: list(pool.map(spin, range(n_cpu))), n_cpu),
         }
 
 
-def library_dask(w: int, n: int, n_ms: int) -> dict[str, float]:
+def library_dask(w: int, n: int, n_ms: int, n_cpu: int) -> dict[str, float]:
     from distributed import Client, LocalCluster
 
     def batched(client: Any, fn: Callable[[Sequence[int]], object], total: int,
@@ -214,6 +217,8 @@ def library_dask(w: int, n: int, n_ms: int) -> dict[str, float]:
             "ms_one": _timed(lambda: client.gather(client.map(nap_ms, range(n_ms),
                                                               pure=False)), n_ms),
             "ms_batch": _timed(lambda: batched(client, nap_chunk, n_ms, ms_size), n_ms),
+            "cpu_one": _timed(lambda: client.gather(client.map(spin, range(n_cpu),
+                                                               pure=False)), n_cpu),
         }
 
 
@@ -354,7 +359,7 @@ def main() -> int:
         for r in results:
             fn = libs.get(r.setup.executor)
             if fn is not None and not r.setup.external_workers:
-                r.lib = fn(w, args.noop, args.ms)
+                r.lib = fn(w, args.noop, args.ms, args.cpu)
                 print(f"{r.setup.label}, library alone: "
                       + ", ".join(f"{k} {v:,.0f}/s" for k, v in r.lib.items()), flush=True)
 
@@ -375,9 +380,12 @@ def main() -> int:
         def f(key: str, lib: dict[str, float] = lib) -> str:
             return f"{lib[key]:,.0f}" if key in lib else "-"
 
+        lib_cpu = (f"{lib['cpu_one']:.1f} ({lib['cpu_one'] / ideal:.2f})"
+                   if "cpu_one" in lib else "-")
+
         rows.append([s.label, f"{r.start_s:.1f}", f("noop_one"),
                      f("noop_batch"), spread(r.noop), f("ms_one"), f("ms_batch"),
-                     spread(r.ms), f"{cpu} ({ratio:.2f} of {ideal:.0f})",
+                     spread(r.ms), lib_cpu, f"{cpu} ({ratio:.2f} of {ideal:.0f})",
                      str(r.workers_seen)])
         target = TARGETS.get(s.executor)
         if target and not s.external_workers and r.noop:
@@ -388,7 +396,8 @@ def main() -> int:
                             f"{CPU_TARGET}: {'met' if ratio >= CPU_TARGET else 'NOT met'}")
     print_table(["executor", "start s", "lib no-op 1/msg", "lib no-op batched",
                  "bulkrunner no-op", "lib 1 ms 1/msg", "lib 1 ms batched", "bulkrunner 1 ms",
-                 "bulkrunner 50 ms CPU (of ideal)", "workers seen"], rows)
+                 "lib 50 ms CPU (of ideal)", "bulkrunner 50 ms CPU (of ideal)",
+                 "workers seen"], rows)
     print("(items/s; the ideal for 50 ms CPU items is cores / 0.05 s, one core for threads)")
     if not args.quick:
         for v in verdicts:

@@ -87,9 +87,12 @@ _EVENT_TTL = 600.0       # seconds before a cancel Event that was set is cleared
 _Ident = tuple[tuple[int, int], int]
 
 #: Batches: a Dask task costs the scheduler about a millisecond, so a batch holds up to
-#: 10 ms of work, and each worker has a second one waiting on the scheduler. Nothing
+#: 10 ms of work, and each worker has a second one waiting on the scheduler. Items up to
+#: 100 ms, one per task, also have a second one waiting: an item's way back through the
+#: scheduler and the dispatcher takes 10-25 ms, which a worker would spend idle (a third
+#: of a 50 ms item's time), and the one waiting waits at most one such item. Nothing
 #: handed to Dask is given back by the dispatcher, so the recent rate sets no bound.
-POLICY = BatchPolicy(window=0.01, max_batch=500, short=0.005, queue=None, cap=8192)
+POLICY = BatchPolicy(window=0.01, max_batch=500, short=0.1, queue=None, cap=8192)
 #: Units with a timeout shorter than this go one per task: a stuck neighbour could keep
 #: them waiting for about _STUCK before they are taken back.
 _BATCH_TIMEOUT_MIN = 10.0

@@ -26,7 +26,7 @@ from bulkrunner.server.events import EventBus, Finished, Recovered, Started
 from bulkrunner.server.pacing import Pacer
 from bulkrunner.server.policy import INTERRUPTIONS_ALLOWED, backoff_delay
 from bulkrunner.server.storewait import StoreWait
-from bulkrunner.server.tasks import Registry
+from bulkrunner.server.tasks import Registry, Task
 from bulkrunner.store import Claimed, Finish, Store
 
 log = logging.getLogger("bulkrunner.dispatcher")
@@ -250,6 +250,7 @@ class Dispatcher:
         """One turn; True when it wrote progress and output (so the flush timer restarts)."""
         self._give_back()
         ended, self._unrecorded = self._unrecorded, []
+        now = time.monotonic()  # once a turn: its ends are read within microseconds
         while True:
             try:
                 fut = self._done.get_nowait()
@@ -259,7 +260,7 @@ class Dispatcher:
             if unit is None:
                 continue
             self.pacer.ended(unit.task)
-            took = time.monotonic() - self._submitted.pop(fut, time.monotonic())
+            took = now - self._submitted.pop(fut, now)
             if not fut.cancelled():
                 avg = self._avg_duration
                 self._avg_duration = took if avg is None else 0.8 * avg + 0.2 * took
@@ -309,20 +310,25 @@ class Dispatcher:
         self.events.job_changes(turn.changes)
         # The turn's claims go to the executor in one call (it batches short items).
         batch: list[tuple[Claimed, WorkUnit]] = []
+        limits = self.cfg.jobs
+        wall = time.time()
+        tasks: dict[str, Task] = {}  # each task looked up once a turn
         for c in turn.claimed:
             try:
-                if c.task not in self.registry:
-                    self._submit(c)  # records it failed: its task left the config
-                    continue
-                task = self.registry.get(c.task)
+                task = tasks.get(c.task)
+                if task is None:
+                    if c.task not in self.registry:
+                        self._submit(c)  # records it failed: its task left the config
+                        continue
+                    task = tasks[c.task] = self.registry.get(c.task)
                 batch.append((c, WorkUnit(
                     job_id=c.job_id, job_seq=c.job_seq, index=c.index, claim=c.claim,
                     task=c.task, target=task.target, params=c.params, timeout=c.timeout,
-                    deadline=time.time() + c.timeout if c.timeout > 0 else None,
+                    deadline=wall + c.timeout if c.timeout > 0 else None,
                     context_param=task.context_param,
-                    max_result_size=self.cfg.jobs.max_result_size,
-                    max_log_size=self.cfg.jobs.max_log_size,
-                    max_error_size=self.cfg.jobs.max_error_size)))
+                    max_result_size=limits.max_result_size,
+                    max_log_size=limits.max_log_size,
+                    max_error_size=limits.max_error_size)))
             except Exception:  # one item's trouble must not strand the rest of the claim
                 log.exception("could not start item %s of job %s; it goes back to the queue",
                               c.index, c.job_id)
@@ -398,7 +404,8 @@ class Dispatcher:
     def _on_done(self, fut: Future[Outcome]) -> None:
         # Runs on a worker or executor thread: only hand over, never block.
         self._done.put(fut)
-        self._wake.set()
+        if not self._wake.is_set():  # set() takes a lock and wakes waiters: once will do
+            self._wake.set()
 
     def _capacity(self) -> int:
         """Items to keep claimed: as many as the executor wants in flight (max_workers for

@@ -60,6 +60,9 @@ class Metrics:
             "bulkrunner_webhook_attempts", "Webhook delivery attempts that ended, by outcome: "
             "delivered (a 2xx answer), retrying (tried again later) or failed (no attempts "
             "left)", ["outcome"], registry=r)
+        #: Each task's duration and attempt series, looked up once: ``labels()`` checks
+        #: and locks on every call, and every ended item counts in them.
+        self._per_task: dict[str, tuple[Histogram, Counter, Counter]] = {}
         service.events.subscribe(Submitted, self._submitted)
         service.events.subscribe(Finished, self._finished)
         service.events.subscribe(Notified, self._notified)
@@ -83,8 +86,14 @@ class Metrics:
             self.worker_deaths.labels(e.task).inc()
         if e.state == "stale" or not e.charged:
             return  # ignored by the store, or an innocent re-queued without an attempt
-        self.duration.labels(e.task).observe(e.duration)
-        self.attempts.labels(e.task, "succeeded" if e.ok else "failed").inc()
+        children = self._per_task.get(e.task)
+        if children is None:
+            children = self._per_task[e.task] = (
+                self.duration.labels(e.task), self.attempts.labels(e.task, "succeeded"),
+                self.attempts.labels(e.task, "failed"))
+        duration, succeeded, failed = children
+        duration.observe(e.duration)
+        (succeeded if e.ok else failed).inc()
         if not e.ok and e.state == "queued":
             self.retries.labels(e.task).inc()
         elif e.state == "failed":

@@ -119,6 +119,10 @@ def set_job_paused(tx: Tx, seq: int, ident: str, paused: bool) -> None:
 _NEXT = ("SELECT * FROM (SELECT job_seq, idx, params, claim FROM items INDEXED BY "
          "items_by_state WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
          "ORDER BY idx LIMIT ?)")
+_MOVE_SPAN = ("UPDATE items INDEXED BY items_by_state SET state = 'running', "
+              "claim = claim + 1, started_at = ?, progress = NULL, message = NULL, "
+              "worker = NULL WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
+              "AND idx BETWEEN ? AND ?")
 _STEPS_PER_QUERY = 32
 _JOB_CACHE = 4096
 
@@ -164,7 +168,6 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
     c = tx.conn
     jobs = jobs or JobInfo()
     out: list[Claimed] = []
-    updates: list[tuple[int, float, int, int]] = []
     for _ in range(4):  # a short plan is retried a few times, never looped on
         steps = plan()
         if not steps:
@@ -180,6 +183,8 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
         live = [(seq, n) for seq, n in steps
                 if seq in info and seq not in paused and info[seq][1] not in held]
         got: dict[int, int] = dict.fromkeys(seqs, 0)
+        spans: dict[int, list[int]] = {}  # job -> [first idx, last idx] claimed now
+        loads = json.loads
         for i in range(0, len(live), _STEPS_PER_QUERY):
             chunk = live[i:i + _STEPS_PER_QUERY]
             args: list[Any] = []
@@ -187,16 +192,24 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
                 args += (seq, started, n)
             for seq, idx, overlay, claim in c.execute(_next_items_sql(len(chunk)), args):
                 job_id, task, base, timeout = info[seq]
-                params = {**base, **json.loads(overlay)} if overlay else dict(base)
+                params = {**base, **loads(overlay)} if overlay else dict(base)
                 out.append(Claimed(job_id=job_id, job_seq=seq, index=idx, claim=claim + 1,
                                    task=task, params=params, timeout=timeout))
-                updates.append((claim + 1, started, seq, idx))
+                span = spans.get(seq)
+                if span is None:
+                    spans[seq] = [idx, idx]
+                else:
+                    span[1] = idx
                 got[seq] += 1
         # Moved before the next round reads: it must not find these items queued again.
-        c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
-                      "progress = NULL, message = NULL, worker = NULL "
-                      "WHERE job_seq = ? AND idx = ?", updates)
-        updates.clear()
+        # A job's claimable items between the first and the last taken are exactly those
+        # taken (its next ones in index order, read in this transaction), so one ranged
+        # UPDATE a job moves them, not one a row.
+        for seq, (first, last) in spans.items():
+            moved = c.execute(_MOVE_SPAN, (started, seq, started, first, last)).rowcount
+            if moved != got[seq]:  # an invariant: the transaction rolls back
+                raise RuntimeError(f"claim of job {seq}: {moved} items moved for "
+                                   f"{got[seq]} read")
         short = False
         for seq, n in steps:
             took(seq, n, got[seq])

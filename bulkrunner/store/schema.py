@@ -163,7 +163,15 @@ def _v6(c: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(c: sqlite3.Connection) -> None:
+    # Claims go job by job (jobs_waiting, then items_by_state within a job), so the index
+    # of every queued item in priority order is read by nothing; each item written,
+    # claimed or re-queued paid for keeping it.
+    _script(c, "DROP INDEX IF EXISTS items_queue;")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6,
+                                                          _v7]
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -18,10 +18,12 @@ _SUCCEED = ("UPDATE items SET state = 'succeeded', attempts = attempts + 1, resu
 def _claim(tx: Tx, n: int) -> list[Claimed]:
     c = tx.conn
     rows = c.execute(
+        # Job by job in claim order (jobs_waiting), then each job's items in index order.
         "SELECT i.job_seq, i.idx, i.params, i.claim, j.id, j.task, j.params, j.timeout "
-        "FROM items i JOIN jobs j ON j.seq = i.job_seq "
-        "WHERE i.state = 'queued' AND i.not_before <= ? AND j.doomed = 0 "
-        "ORDER BY i.priority DESC, i.job_seq, i.idx LIMIT ?", (tx.now, n)).fetchall()
+        "FROM jobs j INDEXED BY jobs_waiting "
+        "JOIN items i INDEXED BY items_by_state ON i.job_seq = j.seq AND i.state = 'queued' "
+        "WHERE j.n_queued > 0 AND j.doomed = 0 AND i.not_before <= ? "
+        "ORDER BY j.priority DESC, j.seq, i.idx LIMIT ?", (tx.now, n)).fetchall()
     if not rows:
         return []
     c.executemany("UPDATE items SET state = 'running', claim = ?, started_at = ?, "
@@ -41,6 +43,35 @@ def _claim(tx: Tx, n: int) -> list[Claimed]:
     return out
 
 
+#: Successes in a turn from which they are recorded in one executemany, not one by one.
+_BATCH_FROM = 8
+
+
+def _succeed_all(tx: Tx, finishes: Sequence[Finish]) -> bool:
+    """Record every success of ``finishes`` in one ``executemany``; True when each matched
+    its running item. When one did not (a stale outcome: cancelled, timed out, claimed
+    again), nothing of it stays, and the caller records them one by one instead."""
+    ok = [f for f in finishes if f.ok and f.charge]
+    if len(ok) < _BATCH_FROM:
+        return False
+    c = tx.conn
+    now = tx.now
+    c.execute("SAVEPOINT succeed_all")
+    n = c.executemany(_SUCCEED, [(f.result, f.worker, now, f.job_seq, f.index, f.claim)
+                                 for f in ok]).rowcount
+    if n != len(ok):
+        c.execute("ROLLBACK TO succeed_all")
+        c.execute("RELEASE succeed_all")
+        return False
+    c.execute("RELEASE succeed_all")
+    per_job: dict[int, int] = {}
+    for f in ok:
+        per_job[f.job_seq] = per_job.get(f.job_seq, 0) + 1
+    for seq, k in per_job.items():
+        tx.move(seq, "running", "succeeded", k)
+    return True
+
+
 def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
             outcome: list[str]) -> float | None:
     """Record ended attempts; ``outcome`` gets what each made of its item, in order.
@@ -49,7 +80,11 @@ def _finish(tx: Tx, finishes: Sequence[Finish], backoff: Callable[[int], float],
     """
     c = tx.conn
     due: float | None = None
+    batched = _succeed_all(tx, finishes)
     for f in finishes:
+        if f.ok and f.charge and batched:
+            outcome.append("succeeded")
+            continue
         if f.ok and f.charge:
             # The common case in one guarded UPDATE, no read first: a stale outcome (the
             # item was cancelled, timed out or claimed again) matches no row.
