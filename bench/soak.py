@@ -387,12 +387,19 @@ def main() -> int:
         rate = args.rate
         if not rate:
             done0, left0 = item_totals(srv.url)
+            end = time.monotonic() + args.probe
             procs, out = run_clients(srv.url, args.clients, 0.0, args.probe, slow=False)
             got: list[Any] = []
-            for p in procs:
-                p.join(args.probe + 60)
-            drain(out, got)
+            # Read the queue while the clients run: a process that has put more than the
+            # pipe holds does not exit until it is read.
+            while time.monotonic() < end:
+                drain(out, got)
+                time.sleep(0.2)
             done1, left1 = item_totals(srv.url)
+            while any(p.is_alive() for p in procs) and time.monotonic() < end + 60:
+                drain(out, got)
+                time.sleep(0.1)
+            drain(out, got)
             # Capacity is what the server gets done, not what it accepts: flat out, the
             # requests outrun the workers, so the ops rate is scaled by the share of the
             # items it brought that were also run meanwhile.
@@ -431,8 +438,10 @@ def main() -> int:
             if srv.proc is not None and srv.proc.poll() is not None:
                 print(f"the server exited ({srv.proc.returncode}):\n{srv.log()[-3000:]}")
                 return 1
-        for p in procs:
-            p.join(60)
+        stop = time.monotonic() + 60
+        while any(p.is_alive() for p in procs) and time.monotonic() < stop:
+            drain(out, [])  # their last batches, so that they can exit
+            time.sleep(0.1)
         print()
         print_table(HEADERS, [row(s) for s in samples])
         if len(samples) >= 2:
