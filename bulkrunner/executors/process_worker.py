@@ -57,8 +57,6 @@ def worker_main(conn: Connection, ctl: Any, lock: Any) -> None:
             return True
 
         def done(i: int, outcome: Outcome, seconds: float, first: int = first) -> None:
-            # Plain pickle: ForkingPickler's reducers (for descriptors) cost more than
-            # the message.
             data = pickle.dumps(("done", first + i, outcome, seconds), PROTOCOL)
             with send_lock:
                 conn.send_bytes(data)

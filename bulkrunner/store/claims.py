@@ -168,17 +168,17 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
     c = tx.conn
     jobs = jobs or JobInfo()
     out: list[Claimed] = []
+    # The policy's view may be a few seconds old when another process sharing the
+    # database paused a job or a task: the database has the last word.
+    held = {r[0] for r in c.execute("SELECT name FROM task_flags WHERE paused = 1")}
     for _ in range(4):  # a short plan is retried a few times, never looped on
         steps = plan()
         if not steps:
             break
         seqs = [seq for seq, _ in steps]
         marks = ",".join("?" * len(seqs))
-        # The policy's view may be a few seconds old when another process sharing the
-        # database paused a job or a task: the database has the last word.
         paused = {r[0] for r in c.execute(
             f"SELECT seq FROM jobs WHERE paused = 1 AND seq IN ({marks})", seqs)}
-        held = {r[0] for r in c.execute("SELECT name FROM task_flags WHERE paused = 1")}
         info = jobs.get(c, seqs)
         live = [(seq, n) for seq, n in steps
                 if seq in info and seq not in paused and info[seq][1] not in held]

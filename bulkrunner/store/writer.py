@@ -441,12 +441,9 @@ def _insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
     """A new job with an idempotency key: the original job when the key is known."""
     c = tx.conn
     assert new.key is not None
-    row = c.execute("SELECT seq, body_hash FROM jobs WHERE key = ?", (new.key,)).fetchone()
-    if row is not None:
-        if row[1] != new.body_hash:
-            raise KeyConflict(f"the idempotency key {new.key!r} was used before with a "
-                              "different submission; use a new key", {"key": new.key})
-        return int(row[0]), False, tx.now
+    found = _keyed_original(tx, new)
+    if found is not None:
+        return found, False, tx.now
     n = len(new.items)
     if max_queued is not None and queued + n > max_queued:
         raise _queue_full(queued, max_queued)
