@@ -326,9 +326,7 @@ class DaskExecutor:
             self.pace.observe(seconds)
         except asyncio.CancelledError:  # the client's loop is closing
             self._finish(ident, ExecutorLost("the Dask client closed"))
-            probe = self._probe
-            if probe is not None and (probe.unit.key, probe.unit.claim) == ident:
-                self._probe_ended(probe)
+            self._probe_ended(ident)
             raise
         except KilledWorker as e:
             result = WorkerDied(_killed_message(e))
@@ -345,10 +343,8 @@ class DaskExecutor:
             err = error_dict(e)
             err["message"] = f"Dask could not run the item: {err['message']}"
             result = Outcome(ok=False, error=err)
-        probe = self._probe
         self._finish(ident, result)
-        if probe is not None and (probe.unit.key, probe.unit.claim) == ident:
-            self._probe_ended(probe)
+        self._probe_ended(ident)
 
     def _finish(self, ident: _Ident, result: Outcome | BaseException) -> None:
         it = self._pop(ident)
@@ -413,16 +409,18 @@ class DaskExecutor:
             client = self._client
         if client is None:
             self._finish((it.unit.key, it.unit.claim), ExecutorLost("lost with the Dask client"))
-            self._probe_ended(it)
+            self._probe_ended((it.unit.key, it.unit.claim))
             return
         try:
             self._aux.submit(self._dispatch, [it], client, True)
         except RuntimeError:  # shut down meanwhile
             self._finish((it.unit.key, it.unit.claim), ExecutorLost("the Dask executor shut down"))
 
-    def _probe_ended(self, it: _Inflight | None) -> None:
+    def _probe_ended(self, ident: _Ident) -> None:
+        """The unit ``ident`` ended: when it was the one run alone, hand out the next."""
         with self._lock:
-            if it is None or self._probe is not it:
+            probe = self._probe
+            if probe is None or (probe.unit.key, probe.unit.claim) != ident:
                 return
             self._probe = None
         self._next_probe()
