@@ -32,14 +32,12 @@ from bulkrunner.store import Claimed, Finish, Store
 log = logging.getLogger("bulkrunner.dispatcher")
 
 _PROGRESS_FLUSH = 0.5      # seconds between progress writes while no item ends
-# Claim-ahead for very short items on the thread executor: each dispatcher turn is a
-# transaction, and with only max_workers items per turn the workers would wait on it. Only
-# while recent items took under _SHORT_ITEM seconds; and an item claimed ahead that has not
-# found a thread within _GIVE_BACK seconds (a long item came along) goes back to the queue
-# without spending an attempt, so "running" is never more than a few milliseconds untrue.
-_SHORT_ITEM = 0.005
-_CLAIM_AHEAD = 16
-_GIVE_BACK = 0.02
+# Items claimed ahead (the executor keeps more in flight than it has workers while items
+# are short, so that a worker never waits for the dispatcher's next turn) show as running
+# while they wait. One that has not found a worker within _GIVE_BACK seconds (a long item
+# came along) goes back to the queue without spending an attempt. Claim-ahead stops while
+# items take 100 ms or more, so twice that is as long as one should ever wait.
+_GIVE_BACK = 0.2
 _IDLE_POLL = 0.5           # seconds between looks at the queue when nothing wakes us
 # The claim policy's view of the waiting jobs is read whole from the store this often (and
 # when told of a pause, resume or retry), for what other processes sharing the database
