@@ -63,6 +63,8 @@ class Metrics:
         #: Each task's duration and attempt series, looked up once: ``labels()`` checks
         #: and locks on every call, and every ended item counts in them.
         self._per_task: dict[str, tuple[Histogram, Counter, Counter]] = {}
+        #: Each task's submission series, the same way (every 202 counts in them).
+        self._submits: dict[str, tuple[Counter, Counter]] = {}
         service.events.subscribe(Submitted, self._submitted)
         service.events.subscribe(Finished, self._finished)
         service.events.subscribe(Notified, self._notified)
@@ -73,8 +75,13 @@ class Metrics:
 
     # ------------------------------------------------------------------ listeners
     def _submitted(self, e: Submitted) -> None:
-        self.jobs_submitted.labels(e.job.task).inc()
-        self.items_submitted.labels(e.job.task).inc(e.job.total)
+        job = e.job
+        series = self._submits.get(job.task)
+        if series is None:
+            series = self._submits[job.task] = (self.jobs_submitted.labels(job.task),
+                                                 self.items_submitted.labels(job.task))
+        series[0].inc()
+        series[1].inc(job.total)
 
     def _notified(self, e: Notified) -> None:
         self.webhooks.labels(e.outcome).inc()

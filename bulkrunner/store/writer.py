@@ -59,27 +59,6 @@ INSERTING = "inserting"
 _STALE_INSERT = 60.0
 #: Items waiting, from the job counters (the index of jobs with queued items).
 QUEUED_TOTAL = "SELECT COALESCE(SUM(n_queued), 0) FROM jobs WHERE n_queued > 0"
-_ONE_ITEM = "[null]"
-#: A view to insert new jobs through: its trigger writes the job row and its items (a
-#: JSON array of each item's params as JSON text, or null), so a batch of submissions is
-#: one statement. Temporary: it lives in this connection only, never in the file.
-_NEW_JOBS = (
-    "CREATE TEMP VIEW IF NOT EXISTS new_jobs (id, task, params, priority, max_attempts, "
-    "timeout, created_at, items, key, body_hash, run_after, submitted_by, schedule, "
-    "notify_url) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    "NULL, NULL, NULL, NULL",
-    "CREATE TEMP TRIGGER IF NOT EXISTS new_jobs_insert INSTEAD OF INSERT ON new_jobs BEGIN "
-    "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
-    "created_at, n_queued, key, body_hash, run_after, submitted_by, schedule, notify_url) "
-    "VALUES (NEW.id, NEW.task, NEW.params, NEW.priority, NEW.max_attempts, NEW.timeout, "
-    "'queued', NEW.created_at, json_array_length(NEW.items), NEW.key, NEW.body_hash, "
-    "NEW.run_after, NEW.submitted_by, NEW.schedule, NEW.notify_url); "
-    "INSERT INTO items (job_seq, idx, params, state, priority) "
-    "SELECT (SELECT seq FROM jobs WHERE id = NEW.id), key, value, 'queued', NEW.priority "
-    "FROM json_each(NEW.items); END",
-)
-
-
 class _Op:
     """One write waiting for a leader: a function of the transaction, or a new job."""
 
@@ -109,8 +88,6 @@ class Writer:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        for sql in _NEW_JOBS:
-            conn.execute(sql)
         # Request threads lead commits: past this a submission answers 503, not a hang.
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -294,18 +271,13 @@ class Writer:
         changes_before = conn.total_changes if faulty else 0
         try:
             now = time.time()
-            if len(plain) == len(batch):
-                # Only new jobs: one statement in autocommit is the whole transaction,
-                # commit and fsync included, with the GIL given up once.
+            conn.execute("BEGIN IMMEDIATE")
+            if plain:
                 self._insert_plain(plain, now, deltas)
-            else:
-                conn.execute("BEGIN IMMEDIATE")
-                if plain:
-                    self._insert_plain(plain, now, deltas)
-                others = [o for o in batch if o.new is None or o.new[0].key is not None]
-                for op in others:
-                    self._one(op, now, deltas, alone=len(batch) == 1)
-                conn.execute("COMMIT")
+            others = [o for o in batch if o.new is None or o.new[0].key is not None]
+            for op in others:
+                self._one(op, now, deltas, alone=len(batch) == 1)
+            conn.execute("COMMIT")
         except BaseException as e:
             if conn.in_transaction:
                 # SQLite may have rolled back already on a full disk or an I/O error;
@@ -367,10 +339,8 @@ class Writer:
 
     def _insert_plain(self, ops: list[_Op], now: float,
                       deltas: list[dict[str, dict[str, int]]]) -> None:
-        """New jobs without a key, with all their items, in one statement (the ``new_jobs``
-        view's trigger inserts each job and its items). A job that would overfill the
+        """New jobs without a key, with all their items. A job that would overfill the
         queue gets QueueFull and is left out; the others go in."""
-        rows: list[list[Any]] = []
         by_task: dict[str, dict[str, int]] = {}
         for op in ops:
             assert op.new is not None
@@ -379,20 +349,12 @@ class Writer:
             if max_queued is not None and self.queued + n > max_queued:
                 op.error = _queue_full(self.queued, max_queued)
                 continue
-            rows.append([new.id, new.task, new.params_text, new.priority, new.max_attempts,
-                         new.timeout, _items_json(new), new.run_after, new.submitted_by,
-                         new.schedule, new.notify_url])
+            _insert_new(self._conn, new, now)
             self.queued += n
             by_task.setdefault(new.task, _zero_counts())["queued"] += n
             op.value = (0, True, now)  # the sequence number is not needed for a new job
-        if not rows:
-            return
-        self._conn.execute(
-            "INSERT INTO new_jobs SELECT value->>0, value->>1, value->>2, value->>3, "
-            "value->>4, value->>5, ?, value->>6, NULL, NULL, value->>7, value->>8, "
-            "value->>9, value->>10 FROM json_each(?)",
-            (now, json.dumps(rows)))
-        deltas.append(by_task)
+        if by_task:
+            deltas.append(by_task)
 
     # ------------------------------------------------------------------ counts by task
     def counts_by_task(self) -> dict[str, dict[str, int]]:
@@ -447,10 +409,7 @@ def _insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
     n = len(new.items)
     if max_queued is not None and queued + n > max_queued:
         raise _queue_full(queued, max_queued)
-    c.execute("INSERT INTO new_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-              (new.id, new.task, new.params_text, new.priority, new.max_attempts,
-               new.timeout, tx.now, _items_json(new), new.key, new.body_hash,
-               new.run_after, new.submitted_by, new.schedule, new.notify_url))
+    _insert_new(c, new, tx.now)
     tx.queued_delta += n
     tx.by_task[new.task]["queued"] += n
     return 0, True, tx.now  # the sequence number is not needed for a new job
@@ -488,12 +447,28 @@ def _drop_stale_inserts(conn: sqlite3.Connection) -> None:
                  "AND created_at < ?", (INSERTING, time.time() - _STALE_INSERT))
 
 
-def _items_json(new: NewJob) -> str:
-    """The items of a new job as the ``new_jobs`` view takes them: a JSON array of each
-    item's params as JSON text, or null for none."""
-    if len(new.items) == 1 and new.items[0] is None:
-        return _ONE_ITEM
-    return json.dumps(list(new.items))
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, created_at, "
+    "n_queued, key, body_hash, run_after, submitted_by, schedule, notify_url) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _insert_new(conn: sqlite3.Connection, new: NewJob, now: float) -> None:
+    """A new job, visible and queued, with all its items (a job of up to SLICE_ITEMS).
+
+    Plain statements: an INSTEAD OF trigger doing the same costs about twice their time
+    for a one-item job, which is most submissions."""
+    seq = conn.execute(_INSERT_JOB, (
+        new.id, new.task, new.params_text, new.priority, new.max_attempts, new.timeout, now,
+        len(new.items), new.key, new.body_hash, new.run_after, new.submitted_by,
+        new.schedule, new.notify_url)).lastrowid
+    if len(new.items) == 1:
+        conn.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
+                     "VALUES (?, 0, ?, 'queued', ?)", (seq, new.items[0], new.priority))
+    else:
+        conn.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
+                     "SELECT ?, key, value, 'queued', ? FROM json_each(?)",
+                     (seq, new.priority, json.dumps(list(new.items))))
 
 
 __all__ = ["Writer"]
