@@ -33,6 +33,18 @@ def test_fair_share_takes_turns_by_job_and_a_new_job_goes_first() -> None:
     assert _plan(p, 3) == [(1, 1), (2, 1), (3, 1)]
 
 
+def test_short_items_take_turns_a_batch_at_a_time() -> None:
+    p = Pacer()
+    p.quantum = 4  # the executor's batch while items are short
+    p.load([_w(1), _w(2), _w(3)], set(), 0)
+    assert _plan(p, 10) == [(1, 4), (2, 4), (3, 2)]
+    p.add([_w(4)], 0)
+    # The new job still goes first, a batch of it; then the job served longest ago.
+    assert _plan(p, 5) == [(4, 4), (1, 1)]
+    p.quantum = 1  # long items again: one each in turn
+    assert _plan(p, 3) == [(2, 1), (3, 1), (4, 1)]
+
+
 def test_a_job_alone_takes_every_slot_in_one_step() -> None:
     p = Pacer()
     p.load([_w(1)], set(), 0)

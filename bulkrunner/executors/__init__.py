@@ -57,6 +57,11 @@ class Executor(Protocol):
         to ``max_workers`` times a batch size or two for short ones; never less than 1."""
         ...
 
+    def batch_size(self) -> int:
+        """Items one message to a worker holds now: 1 for long items (or before any was
+        measured), more while items are short."""
+        ...
+
     def abort(self, unit: WorkUnit) -> None:
         """Stop an attempt (cancel or timeout): kill its worker, or set its flag."""
         ...

@@ -223,6 +223,10 @@ class DaskExecutor:
         """Items to keep in flight: ``max_workers`` for long items, batches for short."""
         return self.pace.capacity(avg_duration)
 
+    def batch_size(self) -> int:
+        """Items one message holds now: 1 for long items, more while items are short."""
+        return self.pace.batch()
+
     def _dispatch(self, items: list[_Inflight], client: Client,
                   single: bool = False) -> None:
         """Submit the items to Dask: in batches while items are short (``single``: one

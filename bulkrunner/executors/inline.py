@@ -45,6 +45,10 @@ class InlineExecutor:
         """``max_workers``: nothing is ever claimed ahead."""
         return self.max_workers
 
+    def batch_size(self) -> int:
+        """1: every item runs alone."""
+        return 1
+
     def abort(self, unit: WorkUnit) -> None:
         """Nothing runs any more by the time this can be called."""
 

@@ -192,6 +192,10 @@ class ProcessExecutor:
         """Items to keep in flight: ``max_workers`` for long items, batches for short."""
         return self.pace.capacity(avg_duration)
 
+    def batch_size(self) -> int:
+        """Items one message holds now: 1 for long items, more while items are short."""
+        return self.pace.batch()
+
     def abort(self, unit: WorkUnit) -> None:
         """Drop the attempt if it has not started, else kill its worker process."""
         with self._lock:

@@ -96,6 +96,10 @@ class ThreadExecutor:
         """Items to keep in flight: ``max_workers`` for long items, batches for short."""
         return self.pace.capacity(avg_duration)
 
+    def batch_size(self) -> int:
+        """Items one message holds now: 1 for long items, more while items are short."""
+        return self.pace.batch()
+
     def _run(self, units: Sequence[WorkUnit], futs: Sequence[Future[Outcome]],
              flags: Sequence[_Flag]) -> None:
         """Run one batch on this pool thread, settling each unit's future as it ends."""

@@ -279,6 +279,8 @@ class Dispatcher:
                 free = 0
             if free > 0:
                 self._refresh_view()
+                self.pacer.quantum = (1 if self._avg_duration is None
+                                      else self.executor.batch_size())
                 if not ended and not self.pacer.has_work(time.time()):
                     free = 0  # everything waiting is held back: no empty claim
         # An item's progress and output are complete once its end is recorded: they go in

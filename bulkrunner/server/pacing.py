@@ -106,6 +106,11 @@ class Pacer:
     def __init__(self, *, fair_share: bool = True,
                  limits: Mapping[str, tuple[int, Rate | None]] | None = None) -> None:
         self.fair_share = fair_share
+        #: Items a job takes in one fair-share turn while other jobs wait their turn: the
+        #: executor's batch, so short items are shared out a message at a time (a few
+        #: milliseconds of work) rather than one by one, which would cost a query and an
+        #: update per job for each item. 1 while items are long.
+        self.quantum = 1
         self._limits = dict(limits or {})
         self._jobs: dict[int, _Job] = {}
         self._tasks: dict[str, _Task] = {}
@@ -209,9 +214,10 @@ class Pacer:
                 break
             t, j = best
             room = min(self._budget, t.room(now))
-            # With fair share each pick is one item; only a job with no rival of its
-            # priority takes several at once.
-            n = room if not self.fair_share or not self._rival(j, t, now) else 1
+            # With fair share each pick is one quantum; only a job with no rival of its
+            # priority takes all it may at once.
+            n = room if not self.fair_share or not self._rival(j, t, now) else min(
+                room, self.quantum)
             self._budget -= n
             steps[j.seq] = steps.get(j.seq, 0) + n
             self._reserve(t, n, now)
