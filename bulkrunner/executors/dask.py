@@ -3,7 +3,8 @@
 Imported only when Dask is chosen (see :mod:`bulkrunner.executors`). With
 ``executor.address`` it connects to a running ``dask scheduler``; with an empty address it
 starts a :class:`distributed.LocalCluster` of ``max_workers`` worker processes (one thread
-each, on loopback), so Dask can be tried on one machine.
+each, on loopback), so Dask can be tried on one machine. Its scheduler runs in a process of
+its own (:mod:`~bulkrunner.executors.dask_cluster`), not in the server's.
 
 A Dask scheduler, its workers and nannies run whatever a connected client sends, and
 loopback is open to every user of the machine, so the local cluster speaks TLS with a key
@@ -62,12 +63,13 @@ from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
-from distributed import Client, Event, KilledWorker, LocalCluster
+from distributed import Client, Event, KilledWorker
 from distributed.security import Security
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
 from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.executors.dask_cluster import LocalClusterProcess
 from bulkrunner.executors.dask_worker import (
     cancel_event_name,
     run_batch_on_worker,
@@ -154,7 +156,7 @@ class DaskExecutor:
         self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
                             for n in itertools.count())
         self._client: Client | None = None
-        self._cluster: LocalCluster | None = None
+        self._cluster: LocalClusterProcess | None = None
         # The local cluster's TLS credentials; None for an external scheduler, where
         # Client takes them from Dask's config (distributed.comm.tls.*), if any.
         self._security: Security | None = None
@@ -169,17 +171,11 @@ class DaskExecutor:
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="bulkrunner-dask-abort")
         if not self.address:
             # A local cluster failing to start is a setup error: let `serve` report it.
-            # Processes, so CPU-bound items do not share the server's GIL (and
-            # processes=False with host= fails to start). The dashboard on a
-            # free loopback port: dashboard_address=None still binds the fixed :8787,
-            # which a second server would collide with. TLS with this run's own
-            # certificate (see the module docstring): with security= LocalCluster picks
-            # tls:// for the scheduler, the nannies and the workers by itself.
+            # Worker processes, so CPU-bound items do not share the server's GIL, and the
+            # scheduler in a process of its own for the same reason. TLS with this run's
+            # own certificate (see the module docstring).
             self._security = _temporary_security(cfg)
-            self._cluster = LocalCluster(
-                n_workers=self.max_workers, threads_per_worker=1, processes=True,
-                host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                security=self._security)
+            self._cluster = LocalClusterProcess(self.max_workers, self._security)
             self.address = self._cluster.scheduler_address
             log.info("started a local Dask cluster of %d worker processes at %s, TLS with "
                      "a certificate of this run only (dashboard %s)", self.max_workers,
@@ -525,8 +521,7 @@ class DaskExecutor:
     # ------------------------------------------------------------------ connection
     def _connect(self) -> bool:
         try:
-            target: Any = self._cluster if self._cluster is not None else self.address
-            client = Client(target, timeout=CONNECT_TIMEOUT, set_as_default=False,
+            client = Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False,
                             security=self._security)
         except Exception as e:
             self._state = (False, self._unreachable(str(e) or type(e).__name__))
