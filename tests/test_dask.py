@@ -490,3 +490,61 @@ def test_external_scheduler_with_tls_from_dask_config(tmp_path: Path,
     for how in ("scheduler-no-cert", "scheduler-own-cert"):
         result = attack_result(how, attack(how, address))
         assert "ran" not in result and re.search(ATTACKS[how], result["error"]), result
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for t in tasks:
+            try:
+                kids = Path(f"/proc/{p}/task/{t}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            for k in map(int, kids):
+                if k not in found:
+                    found.add(k)
+                    todo.append(k)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent has not reaped it yet
+
+
+@needs_dask
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_local_cluster_runs_apart_and_ends_with_a_killed_server(tmp_path: Path,
+                                                                serve: Serve) -> None:
+    # The scheduler and nannies run in a child process of the server (so the scheduler
+    # never waits for the server's threads), and nothing of the cluster outlives the
+    # server, not even after kill -9: the child sees its stdin close and stops the cluster.
+    server = serve(dask_config(tmp_path, "", max_workers=1))
+    with Client(server.url, timeout=30) as c:
+        wait_for(lambda: healthz(c)["status"] == "ok", 60, "local cluster never became healthy")
+        job = c.submit("add", {"a": 1}, items=[{"b": i} for i in range(5)])
+        assert wait_job(c, job["id"], 60)["state"] == "succeeded"
+    assert server.proc is not None
+    below = _descendants(server.proc.pid)
+    cmdlines = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                for p in below if _alive(p)}
+    assert any("bulkrunner.executors.dask_cluster" in cmd for cmd in cmdlines.values()), (
+        cmdlines)
+    assert len(cmdlines) >= 2, f"no worker process below the cluster's: {cmdlines}"
+
+    server.signal(signal.SIGKILL)
+    server.wait(10)
+    wait_for(lambda: not any(_alive(p) for p in cmdlines), 30,
+             f"cluster processes outlived the killed server: "
+             f"{[cmdlines[p] for p in cmdlines if _alive(p)]}")
