@@ -16,6 +16,7 @@ import pytest
 
 from bulkrunner.client import Client
 from bulkrunner.executors import WorkerDied
+from bulkrunner.executors.batching import BatchPolicy, Paces
 from bulkrunner.executors.process import ProcessExecutor
 from bulkrunner.runtime import Outcome, WorkUnit
 from tests.conftest import (
@@ -55,8 +56,8 @@ def _warm(pool: ProcessExecutor) -> None:
     futs = pool.submit_batch([_unit("maybe_die", i) for i in range(300)])
     _settled(futs)
     assert all(f.result().ok for f in futs)
-    assert pool.pace.batch() > 1, "the pool did not switch to batches for short items"
-    assert pool.capacity(0.001) > pool.max_workers
+    assert pool.paces.batch("t") > 1, "the pool did not switch to batches for short items"
+    assert pool.paces.limit("t") > pool.max_workers and pool.paces.cost("t") < 1
 
 
 @pytest.fixture
@@ -117,7 +118,8 @@ def test_long_items_go_one_per_message() -> None:
                           index=i, context_param="ctx") for i in range(4)]
         for u in long[:2]:  # measured as long: no batches, no more than one per worker
             assert p.submit(u).result(timeout=60).ok
-        assert p.pace.batch() == 1 and p.capacity(0.2) == p.max_workers
+        assert p.paces.batch("t") == 1 and p.paces.limit("t") == p.max_workers
+        assert p.paces.cost("t") == 1
         futs = p.submit_batch(long[2:])
         _settled(futs)
         assert all(f.result().ok for f in futs)
@@ -244,3 +246,17 @@ def test_dask_items_behind_a_stuck_one_run_elsewhere(serve: Serve, tmp_path: Pat
     counts = _runs(runs)
     assert all(counts[i] == 1 for i in range(400)), {i: n for i, n in counts.items() if n != 1}
     assert [it["state"] for it in items].count("succeeded") == 399
+
+
+def test_each_task_is_batched_by_its_own_run_times() -> None:
+    # The soak's finding: with one average per executor, a task of long items next to one
+    # of no-op items turned the no-op items' batching off.
+    paces = Paces(4, BatchPolicy(window=0.004, max_batch=256, short=0.005))
+    assert paces.cost("short") == 1 and paces.batch("short") == 1  # nothing measured yet
+    paces.observe("short", 0.01, 100)  # 0.1 ms an item
+    paces.observe("long", 1.5)
+    assert paces.batch("short") == 40 and paces.cost("short") == 1 / 80
+    assert paces.batch("long") == 1 and paces.cost("long") == 1
+    assert paces.limit("long") == 4 and paces.limit("short") > 4
+    paces.reset("short")  # an item claimed ahead waited too long: alone until measured
+    assert paces.cost("short") == 1 and paces.cost("long") == 1

@@ -35,14 +35,43 @@ def test_fair_share_takes_turns_by_job_and_a_new_job_goes_first() -> None:
 
 def test_short_items_take_turns_a_batch_at_a_time() -> None:
     p = Pacer()
-    p.quantum = 4  # the executor's batch while items are short
+    p.quantum = lambda task: 4  # the executor's batch while items are short
     p.load([_w(1), _w(2), _w(3)], set(), 0)
     assert _plan(p, 10) == [(1, 4), (2, 4), (3, 2)]
     p.add([_w(4)], 0)
     # The new job still goes first, a batch of it; then the job served longest ago.
     assert _plan(p, 5) == [(4, 4), (1, 1)]
-    p.quantum = 1  # long items again: one each in turn
+    p.quantum = lambda task: 1  # long items again: one each in turn
     assert _plan(p, 3) == [(2, 1), (3, 1), (4, 1)]
+
+
+def test_claims_fill_the_free_workers_at_each_tasks_cost() -> None:
+    p = Pacer()
+    # Long items take a whole worker each; short ones go 50 to a message, 2 messages to a
+    # worker, so an item takes a hundredth of one.
+    p.cost = lambda task: 1.0 if task == "long" else 0.01
+    p.quantum = lambda task: 1 if task == "long" else 50
+    p.limit = lambda task: 1 << 30
+    p.load([_w(1, "long"), _w(2, "short")], set(), 0)
+    p.slots = 1.5
+    assert _plan(p, 10_000) == [(1, 1), (2, 50)]  # a worker for one, half of one for 50
+    p.ended("long")
+    p.slots = 1.0
+    assert _plan(p, 10_000) == [(1, 1)]  # its turn again: the free worker is long's
+    p.slots = 0.5
+    assert _plan(p, 10_000) == [(2, 50)]
+    # What is in flight, at each task's cost: a worker's worth of each.
+    assert p.busy() == 1.0 + 100 * 0.01
+
+
+def test_an_item_that_takes_more_than_is_free_still_starts_when_a_worker_is_free() -> None:
+    p = Pacer()
+    p.cost = lambda task: 1.0 if task == "new" else 0.25
+    p.load([_w(1, "new"), _w(2, "short")], set(), 0)
+    p.slots = 0.25  # never a whole worker free: short items keep part of each
+    assert _plan(p, 100) == [(1, 1)]  # else the unmeasured task would wait for ever
+    p.slots = 0.0
+    assert _plan(p, 100) == []
 
 
 def test_a_job_alone_takes_every_slot_in_one_step() -> None:

@@ -3,7 +3,8 @@
 
 Every executor speaks the same small protocol: ``submit(unit) -> Future[Outcome]`` and
 ``submit_batch(units) -> [Future[Outcome], ...]`` (one future per unit, in order),
-``capacity(avg_duration)`` (how many items it wants in flight), ``abort(unit)`` (cancel or
+``paces`` (each task's batch size, and the share of a worker its items take in flight),
+``abort(unit)`` (cancel or
 timeout: kill the worker where that is possible, else set the task's cooperative flag),
 ``health()`` and ``shutdown()``. A task's own exception is data in the Outcome; a future
 that raises :class:`WorkerDied` means the worker running that item died (the item spends an
@@ -25,6 +26,7 @@ from typing import Protocol
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
+from bulkrunner.executors.batching import Paces
 from bulkrunner.executors.thread import ThreadExecutor
 from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit
 
@@ -50,17 +52,12 @@ class Executor(Protocol):
         over marks its future running then, so ``cancel()`` answers False."""
         ...
 
-    def capacity(self, avg_duration: float | None) -> int:
-        """How many items the executor wants in flight (submitted, not yet ended), given
-        the dispatcher's recent average of submit-to-outcome seconds (None when unknown,
-        or after items claimed ahead were given back). ``max_workers`` for long items, up
-        to ``max_workers`` times a batch size or two for short ones; never less than 1."""
-        ...
-
-    def batch_size(self) -> int:
-        """Items one message to a worker holds now: 1 for long items (or before any was
-        measured), more while items are short."""
-        ...
+    #: Each task's pace where its items run: how many go in one message
+    #: (``paces.batch(task)``), the share of one worker an item takes while in flight
+    #: (``paces.cost(task)``: 1 for long items, less for short ones batched and queued
+    #: behind each other) and how many may be in flight (``paces.limit(task)``). The
+    #: dispatcher claims against them.
+    paces: Paces
 
     def abort(self, unit: WorkUnit) -> None:
         """Stop an attempt (cancel or timeout): kill its worker, or set its flag."""

@@ -20,7 +20,11 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: Seconds of outcomes the recent rate is counted over.
 RATE_WINDOW = 0.5
@@ -109,9 +113,9 @@ class Pace:
         return 2 if avg is not None and avg < self.policy.short else 1
 
     def capacity(self, avg_duration: float | None) -> int:
-        """Items to keep in flight (the protocol's ``capacity``). ``avg_duration`` is the
-        dispatcher's recent submit-to-outcome average; None (unknown, or reset because an
-        item claimed ahead waited too long) means one item per worker until measured."""
+        """Items to keep in flight. None for ``avg_duration`` (nothing measured yet, or
+        forgotten because an item claimed ahead waited too long) means one item per
+        worker until measured."""
         if avg_duration is None or self._avg is None:
             return self.workers
         depth = self.depth()
@@ -126,6 +130,54 @@ class Pace:
         return max(self.workers, min(self.policy.cap, want))
 
 
+class Paces:
+    """A :class:`Pace` per task: each task's items are batched by their own run times, so
+    a task of long items next to one of short items on the same executor does not turn
+    the short ones' batching off. Thread-safe like :class:`Pace`."""
+
+    def __init__(self, workers: int, policy: BatchPolicy | None = None) -> None:
+        self.workers = max(1, workers)
+        self.policy = policy or BatchPolicy()
+        self._paces: dict[str, Pace] = {}
+        self._lock = threading.Lock()
+
+    def get(self, task: str) -> Pace:
+        """The pace of ``task`` (a new one, knowing nothing yet, on first use)."""
+        pace = self._paces.get(task)
+        if pace is None:
+            with self._lock:
+                pace = self._paces.setdefault(task, Pace(self.workers, self.policy))
+        return pace
+
+    def observe(self, task: str, seconds: float, n: int = 1) -> None:
+        """``n`` items of ``task`` ended after ``seconds`` of run time in all."""
+        self.get(task).observe(seconds, n)
+
+    def batch(self, task: str) -> int:
+        """Items of ``task`` to put in one message now."""
+        return self.get(task).batch()
+
+    def reset(self, task: str) -> None:
+        """Forget what ``task``'s items took: one per message until measured again."""
+        self.get(task).reset()
+
+    def cost(self, task: str) -> float:
+        """The share of one worker an item of ``task`` takes while in flight: a whole one
+        for long items (or before any was measured), 1 / (batch x depth) while short,
+        since a worker then holds ``depth`` messages of ``batch`` items."""
+        pace = self.get(task)
+        if pace.average is None:
+            return 1.0
+        return 1.0 / (pace.batch() * pace.depth())
+
+    def limit(self, task: str) -> int:
+        """Items of ``task`` in flight at most: for short items, what the recent rate of
+        its outcomes drains in the policy's ``queue`` seconds (at least a message per
+        worker) and the policy's ``cap``; for long ones, one per worker."""
+        pace = self.get(task)
+        return pace.capacity(pace.average)
+
+
 def split(n: int, parts: int, size: int) -> list[int]:
     """Sizes of the batches that ``n`` items go out in: at most ``size`` each, and spread
     over at least ``parts`` batches while there are enough items (so every worker gets
@@ -137,4 +189,13 @@ def split(n: int, parts: int, size: int) -> list[int]:
     return [size] * full + ([rest] if rest else [])
 
 
-__all__ = ["RATE_WINDOW", "BatchPolicy", "Pace", "split"]
+def by_task(items: Sequence[T], task: Callable[[T], str]) -> list[list[T]]:
+    """``items`` in groups of one task each, in the order each task first appears (and
+    each group in its items' order): each task's items are batched by its own pace."""
+    groups: dict[str, list[T]] = {}
+    for it in items:
+        groups.setdefault(task(it), []).append(it)
+    return list(groups.values())
+
+
+__all__ = ["RATE_WINDOW", "BatchPolicy", "Pace", "Paces", "by_task", "split"]

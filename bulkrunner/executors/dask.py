@@ -68,7 +68,7 @@ from distributed.security import Security
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
-from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.executors.batching import BatchPolicy, Paces, by_task, split
 from bulkrunner.executors.dask_cluster import LocalClusterProcess
 from bulkrunner.executors.dask_worker import (
     cancel_event_name,
@@ -152,7 +152,7 @@ class DaskExecutor:
         #: unit queued on the worker that the culprit kills would be charged too.
         self._probes: deque[_Inflight] = deque()
         self._probe: _Inflight | None = None
-        self.pace = Pace(self.max_workers, POLICY)
+        self.paces = Paces(self.max_workers, POLICY)
         self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
                             for n in itertools.count())
         self._client: Client | None = None
@@ -215,22 +215,20 @@ class DaskExecutor:
         self._dispatch(items, client)
         return futs
 
-    def capacity(self, avg_duration: float | None) -> int:
-        """Items to keep in flight: ``max_workers`` for long items, batches for short."""
-        return self.pace.capacity(avg_duration)
-
-    def batch_size(self) -> int:
-        """Items one message holds now: 1 for long items, more while items are short."""
-        return self.pace.batch()
-
     def _dispatch(self, items: list[_Inflight], client: Client,
                   single: bool = False) -> None:
         """Submit the items to Dask: in batches while items are short (``single``: one
         task each), each unit with a timeout under _BATCH_TIMEOUT_MIN on its own."""
-        size = 1 if single else self.pace.batch()
-        alone = [it for it in items if size == 1 or 0 < it.unit.timeout < _BATCH_TIMEOUT_MIN]
-        together = [it for it in items if not (size == 1 or
-                                               0 < it.unit.timeout < _BATCH_TIMEOUT_MIN)]
+        alone: list[_Inflight] = []
+        batched: list[tuple[list[_Inflight], int]] = []  # one task's items, its batch size
+        for group in by_task(items, lambda it: it.unit.task):
+            size = 1 if single else self.paces.batch(group[0].unit.task)
+            rest: list[_Inflight] = []
+            for it in group:
+                (alone if size == 1 or 0 < it.unit.timeout < _BATCH_TIMEOUT_MIN
+                 else rest).append(it)
+            if rest:
+                batched.append((rest, size))
         loop: Any = client.loop  # a tornado IOLoop over an asyncio loop, in its own thread
         sent: set[int] = set()
         try:
@@ -247,23 +245,24 @@ class DaskExecutor:
                 # Waits on the client's event loop without blocking it (no thread per
                 # item).
                 asyncio.run_coroutine_threadsafe(
-                    self._collect((u.key, u.claim), client, it.dask_future),
+                    self._collect((u.key, u.claim), u.task, client, it.dask_future),
                     loop.asyncio_loop)
-            start = 0
-            for n in split(len(together), self.max_workers, size):
-                chunk = together[start:start + n]
-                start += n
-                key = next(self._batch_keys)
-                dfut = client.submit(run_batch_on_worker, [it.unit for it in chunk],
-                                     self._topic, key, pure=False, key=key)
-                batch = _Batch(key, chunk, dfut, client)
-                for i, it in enumerate(chunk):
-                    it.batch, it.index, it.dask_future, it.client = batch, i, dfut, client
-                    sent.add(id(it))
-                with self._lock:
-                    self._batches[key] = batch
-                asyncio.run_coroutine_threadsafe(self._collect_batch(batch),
-                                                 loop.asyncio_loop)
+            for together, size in batched:
+                start = 0
+                for n in split(len(together), self.max_workers, size):
+                    chunk = together[start:start + n]
+                    start += n
+                    key = next(self._batch_keys)
+                    dfut = client.submit(run_batch_on_worker, [it.unit for it in chunk],
+                                         self._topic, key, pure=False, key=key)
+                    batch = _Batch(key, chunk, dfut, client)
+                    for i, it in enumerate(chunk):
+                        it.batch, it.index, it.dask_future, it.client = batch, i, dfut, client
+                        sent.add(id(it))
+                    with self._lock:
+                        self._batches[key] = batch
+                    asyncio.run_coroutine_threadsafe(self._collect_batch(batch),
+                                                     loop.asyncio_loop)
         except Exception as e:  # the client closed meanwhile: not the items' fault
             lost = ExecutorLost(f"could not hand the item to Dask: {e}")
             for it in items:
@@ -319,11 +318,11 @@ class DaskExecutor:
                 log.warning("closing the local Dask cluster failed: %r", e)
 
     # ------------------------------------------------------------------ outcomes
-    async def _collect(self, ident: _Ident, client: Client, dfut: Any) -> None:
+    async def _collect(self, ident: _Ident, task: str, client: Client, dfut: Any) -> None:
         result: Outcome | BaseException
         try:
             result, seconds = await client.gather(dfut, asynchronous=True)
-            self.pace.observe(seconds)
+            self.paces.observe(task, seconds)
         except asyncio.CancelledError:  # the client's loop is closing
             self._finish(ident, ExecutorLost("the Dask client closed"))
             self._probe_ended(ident)
@@ -385,8 +384,8 @@ class DaskExecutor:
             self._end_batch(batch, Outcome(ok=False, error=err))
             return
         _, outcomes, seconds, ran = got
-        if ran:
-            self.pace.observe(seconds, ran)
+        if ran:  # a batch holds one task's items
+            self.paces.observe(batch.items[0].unit.task, seconds, ran)
         with self._lock:
             self._batches.pop(batch.key, None)
         for it, out in zip(batch.items, outcomes, strict=True):
@@ -481,13 +480,13 @@ class DaskExecutor:
 
     def _stuck(self) -> None:
         """Take back what waits behind a batch that runs far longer than it should."""
-        avg = self.pace.average or 0.0
         now = time.monotonic()
         with self._lock:
-            late = [b for b in self._batches.values() if not b.taking_back
-                    and now - b.submitted > max(_STUCK, 20 * avg * len(b.items))]
+            late = [b for b in self._batches.values() if not b.taking_back and now - b.submitted
+                    > max(_STUCK, 20 * (self.paces.get(b.items[0].unit.task).average or 0.0)
+                          * len(b.items))]
         for b in late:
-            self.pace.reset()
+            self.paces.reset(b.items[0].unit.task)
             try:
                 self._aux.submit(self._take_back, b, 0)
             except RuntimeError:

@@ -12,7 +12,11 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+from bulkrunner.executors.batching import BatchPolicy, Paces
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_item
+
+#: Items one at a time, never a second behind the first, whatever they take.
+_ALONE = BatchPolicy(window=0.0, max_batch=1, short=0.0, queue=None)
 
 
 class InlineExecutor:
@@ -25,6 +29,8 @@ class InlineExecutor:
         self._reporter = reporter
         self.submitted: list[WorkUnit] = []
         self.closed = False
+        #: Nothing is batched or claimed ahead: every item takes a whole worker.
+        self.paces = Paces(max_workers, _ALONE)
 
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
         """Run the attempt now; the returned future holds its Outcome."""
@@ -40,14 +46,6 @@ class InlineExecutor:
     def submit_batch(self, units: Sequence[WorkUnit]) -> list[Future[Outcome]]:
         """Run the attempts now, one after another; their futures are done."""
         return [self.submit(u) for u in units]
-
-    def capacity(self, avg_duration: float | None) -> int:
-        """``max_workers``: nothing is ever claimed ahead."""
-        return self.max_workers
-
-    def batch_size(self) -> int:
-        """1: every item runs alone."""
-        return 1
 
     def abort(self, unit: WorkUnit) -> None:
         """Nothing runs any more by the time this can be called."""

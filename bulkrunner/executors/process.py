@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bulkrunner.errors import ExecutorLost, WorkerDied
-from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.executors.batching import BatchPolicy, Paces, split
 from bulkrunner.executors.futures import UnitFuture
 from bulkrunner.executors.process_worker import (
     HI,
@@ -152,7 +152,7 @@ class ProcessExecutor:
         self._units: dict[int, _UnitFuture] = {}  # id(unit) -> its future, until it ends
         self._stopping = False
         self.rebuilds = 0
-        self.pace = Pace(max_workers, POLICY)
+        self.paces = Paces(max_workers, POLICY)
         self._spawn_error: str | None = None  # why the last worker start failed, if it did
         self._spawn_delay = _SPAWN_RETRY_FIRST
         self._spawn_at = 0.0  # time.monotonic() before which no worker is started
@@ -187,14 +187,6 @@ class ProcessExecutor:
                 self._units[id(f.unit)] = f
         self._wake()
         return list(futs)
-
-    def capacity(self, avg_duration: float | None) -> int:
-        """Items to keep in flight: ``max_workers`` for long items, batches for short."""
-        return self.pace.capacity(avg_duration)
-
-    def batch_size(self) -> int:
-        """Items one message holds now: 1 for long items, more while items are short."""
-        return self.pace.batch()
 
     def abort(self, unit: WorkUnit) -> None:
         """Drop the attempt if it has not started, else kill its worker process."""
@@ -405,7 +397,6 @@ class ProcessExecutor:
         units queued behind a unit that has run too long to other workers (the lock is
         held). True while a worker holds more than one unit (look again soon)."""
         look = False
-        avg = self.pace.average or 0.0
         for w in self._workers:
             if not w.queue:
                 continue
@@ -420,27 +411,47 @@ class ProcessExecutor:
             if len(w.queue) > 1:
                 look = True
                 head = w.queue[0]
-                if (head.ordinal < started and now - w.started_at > max(_STUCK, 20 * avg)
+                pace = self.paces.get(head.unit.task)
+                if (head.ordinal < started
+                        and now - w.started_at > max(_STUCK, 20 * (pace.average or 0.0))
                         and self._revoke(w, head.ordinal + 1, None)):
-                    self.pace.reset()  # a long item came along: one per message for now
+                    pace.reset()  # a long item came along: one per message for now
         return look
 
     def _assign(self) -> list[tuple[_Worker, int, list[WorkUnit], bool]]:
         """Hand pending units to workers that may take more (the lock is held): an idle
         worker, or while items are short one with at most a batch left. Returns the
-        messages to send."""
+        messages to send. Each task's units go in batches of its own size."""
+        out: list[tuple[_Worker, int, list[WorkUnit], bool]] = []
+        while True:
+            sends = self._assign_task()
+            if not sends:
+                return out
+            out += sends
+
+    def _assign_task(self) -> list[tuple[_Worker, int, list[WorkUnit], bool]]:
+        """What :meth:`_assign` hands out of the first pending unit's task."""
         while self._pending and self._pending[0].gone:
             self._pending.popleft()
         if not self._pending:
             return []
-        size, depth = self.pace.batch(), self.pace.depth()
+        # The units of the first pending one's task, batched by that task's pace (the
+        # next call takes the next task's).
+        task = self._pending[0].unit.task
+        pace = self.paces.get(task)
+        size, depth = pace.batch(), pace.depth()
+        run = 0
+        for f in self._pending:
+            if f.unit.task != task:
+                break
+            run += 1
         # A dead worker is seen by its sentinel, and _bury hands on what it was given.
         free = [w for w in self._workers if w.held is None
                 and (not w.queue or (depth > 1 and len(w.queue) <= size))]
         if not free:
             return []
         free.sort(key=lambda w: len(w.queue))
-        sizes = split(len(self._pending), len(free), size)
+        sizes = split(run, len(free), size)
         out = []
         for w, n in zip(free, sizes, strict=False):
             units: list[WorkUnit] = []
@@ -503,7 +514,7 @@ class ProcessExecutor:
         if not msgs:
             return
         outcomes: dict[int, _UnitFuture] = {}
-        seconds, n = 0.0, 0
+        spent: dict[str, list[float]] = {}  # run time and count by task, for the paces
         with self._lock:
             for m in msgs:
                 if m[0] == "done":
@@ -513,16 +524,17 @@ class ProcessExecutor:
                         if f._state == PENDING:
                             f.set_running_or_notify_cancel()
                         outcomes[m[1]] = f
-                    seconds += m[3]
-                    n += 1
+                        s = spent.setdefault(f.unit.task, [0.0, 0])
+                        s[0] += m[3]
+                        s[1] += 1
             if w.held is not None and (not w.queue or w.queue[0].ordinal >= w.held_from):
                 held, w.held = w.held, None
             else:
                 held = None
         if held is not None:
             self._send_bytes(w, held)
-        if n:
-            self.pace.observe(seconds, n)
+        for task, (seconds, n) in spent.items():
+            self.paces.observe(task, seconds, int(n))
         for m in msgs:
             kind = m[0]
             if kind == "done":

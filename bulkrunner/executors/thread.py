@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from bulkrunner.errors import ExecutorLost
-from bulkrunner.executors.batching import BatchPolicy, Pace, split
+from bulkrunner.executors.batching import BatchPolicy, Paces, by_task, split
 from bulkrunner.executors.futures import unit_futures
 from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit, run_batch
 
@@ -65,7 +65,7 @@ class ThreadExecutor:
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="bulkrunner-item")
         #: The units handed over and not yet ended: their flag and future.
         self._units: dict[_Ident, tuple[_Flag, Future[Outcome]]] = {}
-        self.pace = Pace(max_workers, POLICY)
+        self.paces = Paces(max_workers, POLICY)
 
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
         """Run the attempt on a pool thread; the future gives its Outcome."""
@@ -77,33 +77,30 @@ class ThreadExecutor:
         flags = [_Flag() for _ in units]
         for u, flag, f in zip(units, flags, futs, strict=True):
             self._units[(u.key, u.claim)] = (flag, f)
-        start = 0
-        for n in split(len(units), self.max_workers, self.pace.batch()):
-            end = start + n
+        batches: list[list[int]] = []  # unit positions, each batch of one task
+        for group in by_task(range(len(units)), lambda i: units[i].task):
+            start = 0
+            for n in split(len(group), self.max_workers, self.paces.batch(units[group[0]].task)):
+                batches.append(group[start:start + n])
+                start += n
+        for k, batch in enumerate(batches):
             try:
-                self._pool.submit(self._run, units[start:end], futs[start:end],
-                                  flags[start:end])
+                self._pool.submit(self._run, [units[i] for i in batch],
+                                  [futs[i] for i in batch], [flags[i] for i in batch])
             except RuntimeError:  # shut down meanwhile
-                for u, f in zip(units[start:], futs[start:], strict=True):
-                    self._units.pop((u.key, u.claim), None)
-                    if f.set_running_or_notify_cancel():
-                        f.set_exception(ExecutorLost("the thread pool is shut down"))
+                for i in (i for b in batches[k:] for i in b):
+                    self._units.pop((units[i].key, units[i].claim), None)
+                    if futs[i].set_running_or_notify_cancel():
+                        futs[i].set_exception(ExecutorLost("the thread pool is shut down"))
                 break
-            start = end
         return futs
-
-    def capacity(self, avg_duration: float | None) -> int:
-        """Items to keep in flight: ``max_workers`` for long items, batches for short."""
-        return self.pace.capacity(avg_duration)
-
-    def batch_size(self) -> int:
-        """Items one message holds now: 1 for long items, more while items are short."""
-        return self.pace.batch()
 
     def _run(self, units: Sequence[WorkUnit], futs: Sequence[Future[Outcome]],
              flags: Sequence[_Flag]) -> None:
-        """Run one batch on this pool thread, settling each unit's future as it ends."""
+        """Run one batch (of one task) on this pool thread, settling each unit's future
+        as it ends."""
         drop = self._units.pop
+        pace = self.paces.get(units[0].task)
         spent = [0.0, 0]  # run time and count not yet told to the pace (told in bunches)
 
         def begin(i: int) -> bool:
@@ -119,7 +116,7 @@ class ThreadExecutor:
             spent[0] += seconds
             spent[1] += 1
             if spent[1] >= 32 or seconds > POLICY.window:
-                self.pace.observe(spent[0], int(spent[1]))
+                pace.observe(spent[0], int(spent[1]))
                 spent[0], spent[1] = 0.0, 0
             futs[i].set_result(out)
 
@@ -131,7 +128,7 @@ class ThreadExecutor:
         run_batch(units, self._reporter, flags=flags, begin=begin, done=done,
                   failed=failed, around=self._item_context)
         if spent[1]:
-            self.pace.observe(spent[0], int(spent[1]))
+            pace.observe(spent[0], int(spent[1]))
 
     def abort(self, unit: WorkUnit) -> None:
         """Set the attempt's cooperative flag (a thread cannot be killed)."""

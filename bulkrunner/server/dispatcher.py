@@ -70,8 +70,8 @@ class Dispatcher:
         self.max_workers = cfg.executor.max_workers
         self._inflight: dict[Future[Outcome], WorkUnit] = {}
         self._submitted: dict[Future[Outcome], float] = {}
-        #: Moving average of item durations (submit to outcome), for claim-ahead.
-        self._avg_duration: float | None = None
+        #: Workers not taken by what is in flight, as of the last turn (see _free_slots).
+        self._slots_free: float = float(self.max_workers)
         self._timed_out: set[Future[Outcome]] = set()
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
@@ -130,7 +130,7 @@ class Dispatcher:
         self._look_new = True
         # With every slot busy the next finished item wakes us anyway; a turn now would
         # only cost the request thread's GIL time.
-        if len(self._inflight) < self._capacity():
+        if self._slots_free > 0:
             self._wake.set()
 
     def refresh(self) -> None:
@@ -240,8 +240,11 @@ class Dispatcher:
         now = time.monotonic()
         waiting = [f for f in self._inflight if not f.running() and not f.done()]
         if any(now - self._submitted.get(f, now) > _GIVE_BACK for f in waiting):
-            self._avg_duration = None  # no more claim-ahead until items are short again
             for f in waiting:
+                unit = self._inflight.get(f)
+                if unit is not None and self.executor is not None:
+                    # No more claim-ahead for its task until its items are short again.
+                    self.executor.paces.reset(unit.task)
                 f.cancel()  # its callback re-queues the item, free of charge
 
     def _turn(self, claim: bool = True, flush: bool = False) -> bool:
@@ -259,9 +262,6 @@ class Dispatcher:
                 continue
             self.pacer.ended(unit.task)
             took = now - self._submitted.pop(fut, now)
-            if not fut.cancelled():
-                avg = self._avg_duration
-                self._avg_duration = took if avg is None else 0.8 * avg + 0.2 * took
             if fut in self._timed_out:
                 self._timed_out.discard(fut)
                 continue
@@ -273,14 +273,14 @@ class Dispatcher:
             self._reload = True  # the jobs whose retries are due become claimable
         free = 0
         if claim and not self.draining and self.executor is not None:
-            free = self._capacity() - len(self._inflight)
+            slots = self._free_slots()
+            free = self.executor.paces.policy.cap - len(self._inflight) if slots > 0 else 0
             if free > 0 and (not self.executor.health()[0]
                              or self._store_wait.holds(len(ended))):
                 free = 0
             if free > 0:
                 self._refresh_view()
-                self.pacer.quantum = (1 if self._avg_duration is None
-                                      else self.executor.batch_size())
+                self.pacer.slots = slots
                 if not ended and not self.pacer.has_work(time.time()):
                     free = 0  # everything waiting is held back: no empty claim
         # An item's progress and output are complete once its end is recorded: they go in
@@ -355,6 +355,8 @@ class Dispatcher:
                 if tell:
                     self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
                 fut.add_done_callback(self._on_done)
+        if self.executor is not None:
+            self._slots_free = self._free_slots()
         return flush
 
     def _refresh_view(self) -> None:
@@ -407,12 +409,17 @@ class Dispatcher:
         if not self._wake.is_set():  # set() takes a lock and wakes waiters: once will do
             self._wake.set()
 
-    def _capacity(self) -> int:
-        """Items to keep claimed: as many as the executor wants in flight (max_workers for
-        long items, batches' worth while items are short)."""
-        if self.executor is None:
-            return self.max_workers
-        return max(1, self.executor.capacity(self._avg_duration))
+    def _free_slots(self) -> float:
+        """Workers not taken by the items in flight, each item counted at its task's cost:
+        a whole worker for a long item, a share of one for short items (a worker holds
+        batches of them, one queued behind another). The claim fills what is free, with
+        each task's items at their own cost, so a task of long items next to one of short
+        items takes whole workers and leaves the rest to the short one's batches."""
+        assert self.executor is not None
+        paces = self.executor.paces
+        pacer = self.pacer
+        pacer.cost, pacer.limit, pacer.quantum = paces.cost, paces.limit, paces.batch
+        return self.executor.max_workers - pacer.busy()
 
     def _ended(self, unit: WorkUnit, fut: Future[Outcome], took: float) -> _Ended:
         seq, idx, claim = unit.job_seq, unit.index, unit.claim

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bulkrunner.config import Rate
@@ -99,6 +100,10 @@ class _Task:
         return None
 
 
+#: Free worker slots this small or less are none (what float sums leave over).
+_NO_SLOT = 1e-9
+
+
 class Pacer:
     """Decides the claims. Used by the dispatcher thread (and inside the store's write on
     its behalf), one caller at a time."""
@@ -106,11 +111,18 @@ class Pacer:
     def __init__(self, *, fair_share: bool = True,
                  limits: Mapping[str, tuple[int, Rate | None]] | None = None) -> None:
         self.fair_share = fair_share
-        #: Items a job takes in one fair-share turn while other jobs wait their turn: the
-        #: executor's batch, so short items are shared out a message at a time (a few
-        #: milliseconds of work) rather than one by one, which would cost a query and an
-        #: update per job for each item. 1 while items are long.
-        self.quantum = 1
+        #: What the executor says of each task (set by the dispatcher; the defaults
+        #: treat every item as long). ``cost(task)``: the share of one worker an item
+        #: takes in flight, against ``slots``, the workers free for this claim.
+        #: ``limit(task)``: items of the task in flight at most. ``quantum(task)``: items
+        #: a job takes in one fair-share turn while other jobs wait theirs, the task's
+        #: batch: short items are shared out a message at a time (a few milliseconds of
+        #: work) rather than one by one, which would cost a query and an update per job
+        #: for each item.
+        self.cost: Callable[[str], float] = lambda task: 1.0
+        self.limit: Callable[[str], int] = lambda task: 1 << 30
+        self.quantum: Callable[[str], int] = lambda task: 1
+        self.slots = math.inf
         self._limits = dict(limits or {})
         self._jobs: dict[int, _Job] = {}
         self._tasks: dict[str, _Task] = {}
@@ -208,17 +220,18 @@ class Pacer:
         """The next claims as ``(job_seq, n)``, reserving their starts (see :meth:`took`)."""
         steps: dict[int, int] = {}
         now = self._now
-        while self._budget > 0:
+        while self._budget > 0 and self.slots > _NO_SLOT:
             best = self._pick(now)
             if best is None:
                 break
             t, j = best
-            room = min(self._budget, t.room(now))
+            room = min(self._budget, self._room(t, now))
             # With fair share each pick is one quantum; only a job with no rival of its
             # priority takes all it may at once.
             n = room if not self.fair_share or not self._rival(j, t, now) else min(
-                room, self.quantum)
+                room, self.quantum(t.name))
             self._budget -= n
+            self.slots -= n * self.cost(t.name)
             steps[j.seq] = steps.get(j.seq, 0) + n
             self._reserve(t, n, now)
             self._reserved.append((j.seq, t.name, n))
@@ -233,6 +246,7 @@ class Pacer:
         j = self._jobs.get(seq)
         if j is not None:
             self._release(j.task, asked - got)
+            self.slots += (asked - got) * self.cost(j.task)
             self._reserved.append((seq, j.task, got - asked))
             j.dry = True
             j.listed = False  # its heap entry goes stale and is dropped when reached
@@ -244,6 +258,23 @@ class Pacer:
         for _ in range(n):
             if t.starts:
                 t.starts.pop()
+
+    def _room(self, t: _Task, now: float) -> int:
+        """Items of task ``t`` that may start in this claim: its limits, what the executor
+        takes of it in flight, and what fits the free slots."""
+        room = min(t.room(now), self.limit(t.name) - t.running)
+        if room <= 0 or self.slots == math.inf:
+            return room
+        if self.slots <= _NO_SLOT:
+            return 0
+        # Some worker is free: at least one item may start, even of a task whose items
+        # take more than is left (else a task of unmeasured items would wait for ever
+        # behind one whose short items keep part of every worker).
+        return min(room, max(1, int(self.slots / self.cost(t.name) + _NO_SLOT)))
+
+    def busy(self) -> float:
+        """Workers taken by the items claimed and not ended, at each task's ``cost``."""
+        return sum(t.running * self.cost(t.name) for t in self._tasks.values() if t.running)
 
     def has_work(self, now: float) -> bool:
         """Whether some queued item may start now (else a claim would find nothing)."""
@@ -281,7 +312,7 @@ class Pacer:
     def _pick(self, now: float) -> tuple[_Task, _Job] | None:
         best: tuple[tuple[int, int, int], _Task, _Job] | None = None
         for t in self._tasks.values():
-            if not t.heap or t.room(now) <= 0:
+            if not t.heap or self._room(t, now) <= 0:
                 continue
             j = self._top(t)
             if j is None:
@@ -294,7 +325,7 @@ class Pacer:
     def _rival(self, j: _Job, t: _Task, now: float) -> bool:
         """Whether another runnable job of the same priority would take turns with ``j``."""
         for other in self._tasks.values():
-            if not other.heap or (other is not t and other.room(now) <= 0):
+            if not other.heap or (other is not t and self._room(other, now) <= 0):
                 continue
             for entry in (other.heap[:3] if other is t else other.heap[:1]):
                 if entry[2] != j.seq and -entry[0] == j.priority:
