@@ -51,7 +51,6 @@ def test_claims_fill_the_free_workers_at_each_tasks_cost() -> None:
     # worker, so an item takes a hundredth of one.
     p.cost = lambda task: 1.0 if task == "long" else 0.01
     p.quantum = lambda task: 1 if task == "long" else 50
-    p.limit = lambda task: 1 << 30
     p.load([_w(1, "long"), _w(2, "short")], set(), 0)
     p.slots = 1.5
     assert _plan(p, 10_000) == [(1, 1), (2, 50)]  # a worker for one, half of one for 50

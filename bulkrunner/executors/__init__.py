@@ -55,8 +55,8 @@ class Executor(Protocol):
     #: Each task's pace where its items run: how many go in one message
     #: (``paces.batch(task)``), the share of one worker an item takes while in flight
     #: (``paces.cost(task)``: 1 for long items, less for short ones batched and queued
-    #: behind each other) and how many may be in flight (``paces.limit(task)``). The
-    #: dispatcher claims against them.
+    #: behind each other). The dispatcher claims against them, at most
+    #: ``paces.policy.cap`` items in flight.
     paces: Paces
 
     def abort(self, unit: WorkUnit) -> None:

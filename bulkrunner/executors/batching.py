@@ -1,5 +1,5 @@
-"""Adaptive batching: how many items to hand a worker in one message, and how many to keep
-in flight, from how long items take where they run and how fast outcomes come back.
+"""Adaptive batching: how many items to hand a worker in one message, and how much of a
+worker an item in flight takes, from how long each task's items take where they run.
 
 One pipe message, one Dask task or one hand-over to a thread costs more than a short item
 itself, so while items are short a worker gets a *batch* of them in one message, sized to
@@ -8,27 +8,23 @@ cancel and timeouts stay per item and no item waits behind another. The measure 
 executor's own: the run time of items where they run (on the worker, in the thread), not
 the dispatcher's submit-to-outcome time, which also counts the wait in the batch.
 
-What is in flight is also held to what the recent rate of outcomes drains in a few
-milliseconds: for short items the server's own work per item (claims, outcomes, the
-store) often sets the pace, and an item claimed ahead that waits too long for a worker is
-given back to the queue by the dispatcher.
+What is in flight is counted in workers: a long item takes a whole one, a short one the
+share of a worker that one item of ``depth`` messages of ``batch`` items is (see
+:meth:`Paces.cost`), so each task's items are claimed at their own cost, and a task of long
+items next to one of short items leaves the short one its batches on the workers it does
+not hold. An item claimed ahead that waits too long for a worker is given back to the
+queue by the dispatcher.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
-
-#: Seconds of outcomes the recent rate is counted over.
-RATE_WINDOW = 0.5
-
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -38,30 +34,24 @@ class BatchPolicy:
     of it go one per message. ``max_batch``: items per message at most. ``short``: items
     under this many seconds get a second message queued behind the running one on each
     worker (so the worker never waits for the dispatcher); longer ones do not, so no item
-    waits behind another that long. ``queue``: seconds of outcomes, at the recent rate,
-    that may be in flight (None: no such bound). ``cap``: items in flight at most.
+    waits behind another that long. ``cap``: items in flight at most.
     """
 
     window: float = 0.004
     max_batch: int = 256
     short: float = 0.005
-    queue: float | None = 0.008
     cap: int = 4096
 
 
 class Pace:
-    """A moving average of item run times and the recent rate of outcomes, and the batch
-    sizes and in-flight counts they give. Thread-safe: observed from worker or supervisor
-    threads, read by the dispatcher."""
+    """A moving average of item run times, and the batch sizes it gives. Thread-safe:
+    observed from worker or supervisor threads, read by the dispatcher."""
 
     def __init__(self, workers: int, policy: BatchPolicy | None = None) -> None:
         self.workers = max(1, workers)
         self.policy = policy or BatchPolicy()
         self._avg: float | None = None
         self._lock = threading.Lock()
-        #: (time.monotonic(), items) of recent outcomes, for the rate.
-        self._recent: deque[tuple[float, int]] = deque()
-        self._recent_n = 0
 
     @property
     def average(self) -> float | None:
@@ -76,29 +66,14 @@ class Pace:
         # Weighted by items, so a batch of 200 counts as much as 200 single items; a long
         # item still moves the average a lot, which turns batching off at once.
         weight = min(0.5, 0.2 * n) if per < self.policy.window else 0.5
-        now = time.monotonic()
         with self._lock:
             avg = self._avg
             self._avg = per if avg is None else avg + weight * (per - avg)
-            recent = self._recent
-            recent.append((now, n))
-            self._recent_n += n
-            while now - recent[0][0] > RATE_WINDOW:
-                self._recent_n -= recent.popleft()[1]
 
     def reset(self) -> None:
         """Forget the average: the next items go one per message until measured again."""
         with self._lock:
             self._avg = None
-
-    def rate(self) -> float | None:
-        """Outcomes a second lately, or None when too few came to tell."""
-        with self._lock:
-            recent = self._recent
-            if len(recent) < 2:
-                return None
-            span = max(time.monotonic() - recent[0][0], 0.01)
-            return self._recent_n / span
 
     def batch(self) -> int:
         """Items to put in one message now: 1 for long items or before any was measured."""
@@ -111,23 +86,6 @@ class Pace:
         """Messages each worker should hold: 2 while items are short, else 1."""
         avg = self._avg
         return 2 if avg is not None and avg < self.policy.short else 1
-
-    def capacity(self, avg_duration: float | None) -> int:
-        """Items to keep in flight. None for ``avg_duration`` (nothing measured yet, or
-        forgotten because an item claimed ahead waited too long) means one item per
-        worker until measured."""
-        if avg_duration is None or self._avg is None:
-            return self.workers
-        depth = self.depth()
-        want = self.workers * self.batch() * depth
-        queue = self.policy.queue
-        if want > self.workers and queue is not None:
-            # No more than the recent rate drains in ``queue`` seconds; it grows turn by
-            # turn while outcomes come back sooner than that.
-            rate = self.rate()
-            floor = self.workers * depth
-            want = min(want, floor if rate is None else max(floor, int(rate * queue)))
-        return max(self.workers, min(self.policy.cap, want))
 
 
 class Paces:
@@ -170,13 +128,6 @@ class Paces:
             return 1.0
         return 1.0 / (pace.batch() * pace.depth())
 
-    def limit(self, task: str) -> int:
-        """Items of ``task`` in flight at most: for short items, what the recent rate of
-        its outcomes drains in the policy's ``queue`` seconds (at least a message per
-        worker) and the policy's ``cap``; for long ones, one per worker."""
-        pace = self.get(task)
-        return pace.capacity(pace.average)
-
 
 def split(n: int, parts: int, size: int) -> list[int]:
     """Sizes of the batches that ``n`` items go out in: at most ``size`` each, and spread
@@ -198,4 +149,4 @@ def by_task(items: Sequence[T], task: Callable[[T], str]) -> list[list[T]]:
     return list(groups.values())
 
 
-__all__ = ["RATE_WINDOW", "BatchPolicy", "Pace", "Paces", "by_task", "split"]
+__all__ = ["BatchPolicy", "Pace", "Paces", "by_task", "split"]

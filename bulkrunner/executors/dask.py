@@ -94,7 +94,7 @@ _Ident = tuple[tuple[int, int], int]
 #: scheduler and the dispatcher takes 10-25 ms, which a worker would spend idle (a third
 #: of a 50 ms item's time), and the one waiting waits at most one such item. Nothing
 #: handed to Dask is given back by the dispatcher, so the recent rate sets no bound.
-POLICY = BatchPolicy(window=0.01, max_batch=500, short=0.1, queue=None, cap=8192)
+POLICY = BatchPolicy(window=0.01, max_batch=500, short=0.1, cap=8192)
 #: Units with a timeout shorter than this go one per task: a stuck neighbour could keep
 #: them waiting for about _STUCK before they are taken back.
 _BATCH_TIMEOUT_MIN = 10.0

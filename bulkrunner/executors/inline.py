@@ -16,7 +16,7 @@ from bulkrunner.executors.batching import BatchPolicy, Paces
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit, run_item
 
 #: Items one at a time, never a second behind the first, whatever they take.
-_ALONE = BatchPolicy(window=0.0, max_batch=1, short=0.0, queue=None)
+_ALONE = BatchPolicy(window=0.0, max_batch=1, short=0.0)
 
 
 class InlineExecutor:

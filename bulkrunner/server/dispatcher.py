@@ -418,7 +418,7 @@ class Dispatcher:
         assert self.executor is not None
         paces = self.executor.paces
         pacer = self.pacer
-        pacer.cost, pacer.limit, pacer.quantum = paces.cost, paces.limit, paces.batch
+        pacer.cost, pacer.quantum = paces.cost, paces.batch
         return self.executor.max_workers - pacer.busy()
 
     def _ended(self, unit: WorkUnit, fut: Future[Outcome], took: float) -> _Ended:

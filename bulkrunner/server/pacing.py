@@ -114,13 +114,12 @@ class Pacer:
         #: What the executor says of each task (set by the dispatcher; the defaults
         #: treat every item as long). ``cost(task)``: the share of one worker an item
         #: takes in flight, against ``slots``, the workers free for this claim.
-        #: ``limit(task)``: items of the task in flight at most. ``quantum(task)``: items
+        #: ``quantum(task)``: items
         #: a job takes in one fair-share turn while other jobs wait theirs, the task's
         #: batch: short items are shared out a message at a time (a few milliseconds of
         #: work) rather than one by one, which would cost a query and an update per job
         #: for each item.
         self.cost: Callable[[str], float] = lambda task: 1.0
-        self.limit: Callable[[str], int] = lambda task: 1 << 30
         self.quantum: Callable[[str], int] = lambda task: 1
         self.slots = math.inf
         self._limits = dict(limits or {})
@@ -260,9 +259,9 @@ class Pacer:
                 t.starts.pop()
 
     def _room(self, t: _Task, now: float) -> int:
-        """Items of task ``t`` that may start in this claim: its limits, what the executor
-        takes of it in flight, and what fits the free slots."""
-        room = min(t.room(now), self.limit(t.name) - t.running)
+        """Items of task ``t`` that may start in this claim: its limits, and what fits the
+        free slots."""
+        room = t.room(now)
         if room <= 0 or self.slots == math.inf:
             return room
         if self.slots <= _NO_SLOT:
@@ -310,14 +309,19 @@ class Pacer:
         return None
 
     def _pick(self, now: float) -> tuple[_Task, _Job] | None:
-        best: tuple[tuple[int, int, int], _Task, _Job] | None = None
+        best: tuple[tuple[int, float, int, int], _Task, _Job] | None = None
         for t in self._tasks.values():
             if not t.heap or self._room(t, now) <= 0:
                 continue
             j = self._top(t)
             if j is None:
                 continue
-            key = (-j.priority, j.served if self.fair_share else 0, j.seq)
+            # With fair share, among equal priorities the task holding the fewest workers
+            # goes first (so a task of long items does not take every worker from one of
+            # short items: turns by job alone would give the long job each worker its
+            # items free last), then the job served least recently.
+            key = (-j.priority, t.running * self.cost(t.name), j.served, j.seq) \
+                if self.fair_share else (-j.priority, 0.0, 0, j.seq)
             if best is None or key < best[0]:
                 best = (key, t, j)
         return None if best is None else (best[1], best[2])
