@@ -1,22 +1,24 @@
 """Short items next to long ones on the same executor: are the short ones still batched?
 
-A shared service runs many tasks at once: here a job of long items (1 s sleeps, more of
-them than there are workers) and a bulk of no-op items of another task, submitted at the
-same moment to one ``bulkrunner serve``. The no-op bulk's items per second are measured
-from its 202 to its ``finished_at``, and set beside the same bulk on the same server with
-nothing else running. Each round runs alone, then mixed.
+A shared service runs many tasks at once: here a job of long items (0.2 s sleeps, many
+more of them than there are workers, so they end all the time) and a bulk of no-op items
+of another task, submitted at the same moment to one ``bulkrunner serve``. The no-op
+bulk's items per second are measured from its 202 to its ``finished_at``, and set beside
+the same bulk on the same server with nothing else running. Each round runs alone, then
+mixed.
 
 Items of a task are batched by that task's own run times, and claims count each item at
 its task's share of a worker, so the no-op items keep their batches on the workers the
-long items leave free; with one average per executor they went one per message,
-``max_workers`` at a time.
+long items leave free; with one average per executor, the long items' run times turned
+their batching off.
 
 For reference, the same two workloads on a plain ``concurrent.futures`` pool of as many
 workers (the library alone, in this process): the long items go first, the no-op items
 after them in the pool's one queue, as the fire-and-forget pattern would run them.
 
 Usage: ``python bench/mixed.py [--quick] [--executor thread|process] [--workers 4]
-[--noop 20000] [--long 12] [--rounds 2]``. $BENCH_SRC benchmarks another checkout.
+[--noop 20000] [--long 200] [--long-seconds 0.2] [--rounds 2]``. $BENCH_SRC benchmarks
+another checkout.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from bench.benchutil import (  # noqa: E402
 from bench.tasks import nap, noop_i  # noqa: E402
 
 TASKS = {"noop": "bench.tasks:noop_i", "nap": "bench.tasks:nap"}
-LONG_S = 1.0
 
 
 def _ts(iso: str) -> float:
@@ -84,7 +85,8 @@ def _noop_rate(url: str, n: int, timeout: float) -> float:
     return n / (_ts(job["finished_at"]) - t0)
 
 
-def library(kind: str, workers: int, n: int, n_long: int) -> tuple[float, float]:
+def library(kind: str, workers: int, n: int, n_long: int, long_s: float
+            ) -> tuple[float, float]:
     """The no-op items per second on a plain pool, alone and behind the long items."""
     pool_cls = ThreadPoolExecutor if kind == "thread" else ProcessPoolExecutor
     with pool_cls(workers) as pool:
@@ -92,7 +94,7 @@ def library(kind: str, workers: int, n: int, n_long: int) -> tuple[float, float]
         t0 = time.perf_counter()
         wait([pool.submit(noop_i, i) for i in range(n)])
         alone = n / (time.perf_counter() - t0)
-        longs = [pool.submit(nap, LONG_S, i) for i in range(n_long)]
+        longs = [pool.submit(nap, long_s, i) for i in range(n_long)]
         t0 = time.perf_counter()
         wait([pool.submit(noop_i, i) for i in range(n)])
         mixed = n / (time.perf_counter() - t0)
@@ -105,13 +107,14 @@ def main() -> int:
     ap.add_argument("--executor", choices=["thread", "process"], default="thread")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--noop", type=int, default=20_000, help="no-op items in the bulk")
-    ap.add_argument("--long", type=int, default=12, help="1 s items in the long job")
+    ap.add_argument("--long", type=int, default=200, help="items in the long job")
+    ap.add_argument("--long-seconds", type=float, default=0.2, help="seconds a long item takes")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--quick", action="store_true", help="a smoke run: small sizes")
     args = ap.parse_args()
     if args.quick:
-        args.noop, args.long, args.rounds = 2000, 3, 1
+        args.noop, args.long, args.rounds = 2000, 20, 1
     print(f"2 CPUs; load average before: {loadavg()}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     cfg = bulkrunner_config(workdir, max_workers=args.workers, tasks=TASKS)
@@ -126,7 +129,7 @@ def main() -> int:
                                       {"seconds": 0.2})[0], args.timeout)
         for r in range(args.rounds):
             alone.append(_noop_rate(server.url, args.noop, args.timeout))
-            long_id, _ = _submit(server.url, "nap", args.long, {"seconds": LONG_S})
+            long_id, _ = _submit(server.url, "nap", args.long, {"seconds": args.long_seconds})
             mixed.append(_noop_rate(server.url, args.noop, args.timeout))
             _finished(server.url, long_id, args.timeout)
             print(f"round {r + 1}: no-op alone {alone[-1]:,.0f}/s, next to the long job "
@@ -134,11 +137,12 @@ def main() -> int:
     finally:
         server.stop()
         remove_workdir(workdir)
-    lib_alone, lib_mixed = library(args.executor, args.workers, args.noop, args.long)
+    lib_alone, lib_mixed = library(args.executor, args.workers, args.noop, args.long,
+                                   args.long_seconds)
     print()
     print(f"bench/mixed.py: {args.executor} executor, max_workers {args.workers}; "
           f"{args.noop:,} no-op items alone, then next to a job of {args.long} x "
-          f"{LONG_S:g} s items; median (min-max) over {args.rounds} round(s)")
+          f"{args.long_seconds:g} s items; median (min-max) over {args.rounds} round(s)")
     ratio = statistics.median(m / a for m, a in zip(mixed, alone, strict=True))
     print_table(["who", "no-op alone, items/s", "no-op next to long items, items/s",
                  "mixed / alone"],
