@@ -63,6 +63,20 @@ def test_claims_fill_the_free_workers_at_each_tasks_cost() -> None:
     assert p.busy() == 1.0 + 100 * 0.01
 
 
+def test_the_task_holding_fewer_workers_goes_first() -> None:
+    p = Pacer()
+    p.load([_w(1, "long"), _w(2, "other")], set(), 0)
+    p.slots = 2.0
+    assert _plan(p, 2) == [(1, 1), (2, 1)]  # one each in turn
+    p.ended("other")
+    # Job 1 was served longer ago, but its task holds a worker and job 2's holds none.
+    p.slots = 1.0
+    assert _plan(p, 1) == [(2, 1)]
+    p.ended("long")
+    p.slots = 1.0
+    assert _plan(p, 1) == [(1, 1)]  # now task "long" holds none: its turn
+
+
 def test_an_item_that_takes_more_than_is_free_still_starts_when_a_worker_is_free() -> None:
     p = Pacer()
     p.cost = lambda task: 1.0 if task == "new" else 0.25
