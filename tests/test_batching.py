@@ -114,7 +114,8 @@ def test_long_items_go_one_per_message() -> None:
                         preload=["tests.batch_tasks", "tests.sample_tasks"])
     try:
         _warm(p)
-        long = [work_unit("tests.sample_tasks:progress", {"steps": 2, "delay": 0.05},
+        # 0.2 s items: over 100 ms, so not even a second one queued behind each.
+        long = [work_unit("tests.sample_tasks:progress", {"steps": 2, "delay": 0.1},
                           index=i, context_param="ctx") for i in range(4)]
         for u in long[:2]:  # measured as long: no batches, no more than one per worker
             assert p.submit(u).result(timeout=60).ok

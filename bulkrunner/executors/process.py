@@ -58,7 +58,10 @@ log = logging.getLogger("bulkrunner.executors.process")
 # the next try, doubling up to the cap: such causes pass in seconds, not microseconds.
 _SPAWN_RETRY_FIRST = 0.1
 _SPAWN_RETRY_MAX = 5.0
-POLICY = BatchPolicy(window=0.004, max_batch=256, short=0.005, cap=4096)
+#: While items take under 100 ms, a worker holds a second message behind the one it runs,
+#: so it starts its next item at once instead of waiting for the supervisor and the
+#: dispatcher (a 25 ms item took 28 ms from claim to record without it).
+POLICY = BatchPolicy(window=0.004, max_batch=256, short=0.1, cap=4096)
 #: Bytes a batch may have to be queued on a busy worker's pipe: it must fit in the socket
 #: buffer, or the send would block the supervisor until the worker finishes its item.
 _PIPELINE_BYTES = 64 * 1024
