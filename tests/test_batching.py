@@ -132,8 +132,10 @@ def test_long_items_go_one_per_message() -> None:
 
 
 # ---------------------------------------------------------------------- through a server
-def _short_warm_up(c: Client, n: int = 500) -> None:
-    job = c.submit("maybe_die", items=[{"i": i} for i in range(n)])
+def _short_warm_up(c: Client, n: int = 500, task: str = "maybe_die") -> None:
+    """Items of ``task`` measured as short: from now on its items travel in batches (each
+    task is batched by its own run times)."""
+    job = c.submit(task, items=[{"i": i} for i in range(n)])
     assert wait_job(c, job["id"], 120)["state"] == "succeeded"
 
 
@@ -142,7 +144,7 @@ def test_a_timed_out_item_in_a_batch_fails_alone(serve: Serve, tmp_path: Path) -
     server = serve(toml_config(tmp_path, executor="process", max_workers=2, tasks=TASKS))
     runs = tmp_path / "runs.txt"
     with Client(server.url, timeout=30) as c:
-        _short_warm_up(c)
+        _short_warm_up(c, task="maybe_hang")
         job = c.submit("maybe_hang", {"hang_at": 50, "seconds": 60, "path": str(runs)},
                        items=[{"i": i} for i in range(300)], timeout=3)
         done = wait_job(c, job["id"], 90)
@@ -236,7 +238,7 @@ def test_dask_items_behind_a_stuck_one_run_elsewhere(serve: Serve, tmp_path: Pat
     server = _dask_server(serve, tmp_path)
     runs = tmp_path / "runs.txt"
     with Client(server.url, timeout=30) as c:
-        _short_warm_up(c, 2000)
+        _short_warm_up(c, 2000, "maybe_hang")
         job = c.submit("maybe_hang", {"hang_at": 3, "seconds": 120, "path": str(runs)},
                        items=[{"i": i} for i in range(400)])
         wait_for(lambda: c.job(job["id"])["items"]["succeeded"] == 399, 60,

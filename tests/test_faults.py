@@ -149,7 +149,10 @@ def test_kill9_mid_bulk_then_restart_loses_nothing(serve: Any, tmp_path: Path,
             f"serving in {t_ready:.2f} s, first item ran again at {t_first:.2f} s, all done "
             f"at {t_end:.2f} s")
     assert not lost, f"items lost: {sorted(lost)[:20]}"
-    assert twice <= MAX_WORKERS, f"{twice} items ran twice: " \
+    # At least once: what ran but was not yet recorded runs again. While items take under
+    # 100 ms each worker holds a second item behind the one it runs, so that is at most
+    # two a worker: the one running at the kill, and the one it ended just before.
+    assert twice <= 2 * MAX_WORKERS, f"{twice} items ran twice: " \
         f"{[i for i, n in counts.items() if n > 1]}"
 
 
