@@ -5,12 +5,12 @@ against spreadsheet formulas; and JSON Lines left as stored."""
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import json
+import sqlite3
 import tracemalloc
-import weakref
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from bulkrunner.models import Item, ParamSpec, State
 from bulkrunner.server import export
 from bulkrunner.server.export import csv_rows as _csv_rows
+from bulkrunner.store import NewJob, Store
 from tests.conftest import JOBS, SAMPLE_TASKS, wait_app_job
 
 
@@ -34,8 +35,27 @@ def export_csv(client: FlaskClient, body: dict[str, Any]) -> list[dict[str, str]
     return list(csv.DictReader(io.StringIO(out.get_data(as_text=True))))
 
 
-def table(items: list[Item], params: list[ParamSpec | str]) -> list[list[str]]:
-    return list(csv.reader(io.StringIO("".join(_csv_rows(iter(items), params)))))
+def stored(store: Store, items: list[Item], params: dict[str, Any] | None = None) -> str:
+    """The id of a job of ``items`` (their params, state, attempts, result and error)
+    written to ``store`` under job params ``params``."""
+    ident = uuid.uuid4().hex
+    own = [json.dumps(it.params) if it.params else None for it in items]
+    store.insert_job(NewJob(id=ident, task="t", params=params or {}, items=own or [None]))
+    seq = store.resolve_id(ident)
+    store.write(lambda tx: tx.conn.executemany(
+        "UPDATE items SET state = ?, attempts = ?, result = ?, error = ? "
+        "WHERE job_seq = ? AND idx = ?",
+        [(it.state.value, it.attempts, None if it.result is None else json.dumps(it.result),
+          None if it.error is None else json.dumps(it.error), seq, it.index)
+         for it in items]))
+    if not items:
+        store.write(lambda tx: tx.conn.execute("DELETE FROM items WHERE job_seq = ?", (seq,)))
+    return ident
+
+
+def table(store: Store, items: list[Item], params: list[ParamSpec | str]) -> list[list[str]]:
+    text = "".join(_csv_rows(store.export_rows(stored(store, items)), params))
+    return list(csv.reader(io.StringIO(text)))
 
 
 def ok(index: int, result: Any, **params: Any) -> Item:
@@ -72,50 +92,49 @@ def test_a_param_left_to_its_default_shows_the_default(
                                                              ("1", "2", "3")]
 
 
-def test_defaults_of_every_kind_are_filled() -> None:
+def test_defaults_of_every_kind_are_filled(store: Store) -> None:
     specs = [ParamSpec("n", "int"), ParamSpec("name", "str", required=False, default="x"),
              ParamSpec("flag", "bool", required=False, default=False),
              ParamSpec("tags", "list", required=False, default=["a"]),
              ParamSpec("none", "any", required=False, default=None)]
-    assert table([ok(0, 1, n=5), ok(1, 1, name="y", flag=True, tags=[], none=0)], specs) == [
+    assert table(store, [ok(0, 1, n=5), ok(1, 1, name="y", flag=True, tags=[], none=0)], specs) == [
         ["index", "state", "attempts", "n", "name", "flag", "tags", "none", "result", "error"],
         ["0", "succeeded", "1", "5", "x", "false", '["a"]', "", "1", ""],
         # a required param an item lacks (an old job) is an empty cell
         ["1", "succeeded", "1", "", "y", "true", "[]", "0", "1", ""]]
 
 
-def test_the_params_column_is_there_only_when_some_item_has_undeclared_params() -> None:
+def test_the_params_column_is_there_only_when_some_item_has_undeclared_params(store: Store) -> None:
     specs = [ParamSpec("a", "int")]
-    assert table([ok(0, 1, a=1), ok(1, 2, a=2)], specs)[0] == [
+    assert table(store, [ok(0, 1, a=1), ok(1, 2, a=2)], specs)[0] == [
         "index", "state", "attempts", "a", "result", "error"]
-    rows = table([ok(0, 1, a=1), ok(1, 2, a=2, old=True)], specs)
+    rows = table(store, [ok(0, 1, a=1), ok(1, 2, a=2, old=True)], specs)
     assert rows[0] == ["index", "state", "attempts", "a", "params", "result", "error"]
     assert [r[4] for r in rows[1:]] == ["", '{"old": true}']
 
 
-def test_params_the_signature_no_longer_has_are_kept() -> None:
+def test_params_the_signature_no_longer_has_are_kept(store: Store) -> None:
     # A job submitted before the task lost a param, or whose task was renamed.
-    items = iter([Item(0, {"a": 1, "old": True}, State.SUCCEEDED, 1, result=2),
-                  Item(1, {"a": 2}, State.FAILED, 1,
-                       error={"type": "ValueError", "message": "no"})])
-    text = "".join(_csv_rows(items, ["a", "params"]))
-    rows = list(csv.reader(io.StringIO(text)))
+    items = [Item(0, {"a": 1, "old": True}, State.SUCCEEDED, 1, result=2),
+             Item(1, {"a": 2}, State.FAILED, 1, error={"type": "ValueError", "message": "no"})]
+    rows = table(store, items, ["a", "params"])
     assert rows == [["index", "state", "attempts", "a", "params", "_params", "result", "error"],
                     ["0", "succeeded", "1", "1", "", '{"old": true}', "2", ""],
                     ["1", "failed", "1", "2", "", "", "", "ValueError: no"]]
 
 
-def test_an_empty_export_has_the_header() -> None:
+def test_an_empty_export_has_the_header(store: Store) -> None:
     # No item has undeclared params (there is none), so no params column.
-    assert "".join(_csv_rows(iter([]), ["a"])) == "index,state,attempts,a,result,error\n"
+    text = "".join(_csv_rows(store.export_rows(stored(store, [])), ["a"]))
+    assert text == "index,state,attempts,a,result,error\n"
 
 
-def test_object_results_get_a_column_per_key_across_items() -> None:
+def test_object_results_get_a_column_per_key_across_items(store: Store) -> None:
     items = [ok(0, {"w": 1, "h": 2}),
              Item(1, {}, State.FAILED, 1, error={"type": "OSError", "message": "gone"}),
              ok(2, {"h": 3, "meta": {"k": [1, None]}, "name": "a,b\nc", "n": None}),
              Item(3, {}, State.QUEUED)]
-    assert table(items, []) == [
+    assert table(store, items, []) == [
         ["index", "state", "attempts", "result.w", "result.h", "result.meta", "result.name",
          "result.n", "error"],
         ["0", "succeeded", "1", "1", "2", "", "", "", ""],
@@ -133,37 +152,38 @@ def test_object_results_get_a_column_per_key_across_items() -> None:
     ([{}, {}], ["{}", "{}"]),                  # objects without a key: one column
     ([None, None], ["", ""]),
 ])
-def test_results_that_are_not_all_objects_get_one_column(results: list[Any],
-                                                         cells: list[str]) -> None:
-    rows = table([ok(i, r) for i, r in enumerate(results)], [])
+def test_results_that_are_not_all_objects_get_one_column(
+        store: Store, results: list[Any], cells: list[str]) -> None:
+    rows = table(store, [ok(i, r) for i, r in enumerate(results)], [])
     assert rows[0] == ["index", "state", "attempts", "result", "error"]
     assert [r[3] for r in rows[1:]] == cells
 
 
 @pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
-def test_strings_that_a_spreadsheet_would_run_are_escaped(start: str) -> None:
+def test_strings_that_a_spreadsheet_would_run_are_escaped(store: Store, start: str) -> None:
     text = f"{start}HYPERLINK(\"http://x\")"
     items = [Item(0, {"a": text, "more": text}, State.SUCCEEDED, 1, result={"k": text}),
              Item(1, {"a": text}, State.FAILED, 1, result=None,
                   error={"type": start + "E", "message": "m"})]
-    rows = table(items, ["a"])
+    rows = table(store, items, ["a"])
     assert rows[0] == ["index", "state", "attempts", "a", "params", "result.k", "error"]
     assert rows[1][3] == rows[1][5] == "'" + text
     assert json.loads(rows[1][4]) == {"more": text}  # JSON text begins with "{"
     assert rows[2][6] == f"'{start}E: m"
     # A lone result string, too.
-    assert table([ok(0, text)], [])[1][3] == "'" + text
+    assert table(store, [ok(0, text)], [])[1][3] == "'" + text
 
 
-def test_numbers_are_not_escaped_but_strings_that_look_like_them_are() -> None:
-    rows = table([ok(0, {"n": -5, "f": -0.5, "s": "-5"}, a=-5, b="-5", c="a=b")], ["a", "b", "c"])
+def test_numbers_are_not_escaped_but_strings_that_look_like_them_are(store: Store) -> None:
+    rows = table(store, [ok(0, {"n": -5, "f": -0.5, "s": "-5"}, a=-5, b="-5", c="a=b")],
+                 ["a", "b", "c"])
     assert rows[1][3:] == ["-5", "'-5", "a=b", "-5", "-0.5", "'-5", ""]
 
 
-def test_json_lines_are_never_altered() -> None:
+def test_json_lines_are_never_altered(store: Store) -> None:
     item = Item(0, {"a": "=1+1", "n": -5}, State.FAILED, 2, result={"r": "@x", "t": "\tx"},
                 error={"type": "E", "message": "-m"})
-    line = "".join(export.jsonl_lines(iter([item])))
+    line = "".join(export.jsonl_lines(store.export_rows(stored(store, [item]))))
     assert json.loads(line) == {"index": 0, "params": {"a": "=1+1", "n": -5},
                                 "state": "failed", "attempts": 2,
                                 "result": {"r": "@x", "t": "\tx"},
@@ -180,49 +200,60 @@ def test_an_export_over_http_escapes_and_fills_defaults(
                        "result.n": "-1", "error": ""}
 
 
-class Recorder:
-    """Items made on demand; counts how many were taken and keeps weak references."""
-
-    def __init__(self, n: int, size: int = 40) -> None:
-        self.n, self.size, self.taken = n, size, 0
-        self.refs: list[weakref.ref[Item]] = []
-
-    def __iter__(self) -> Iterator[Item]:
-        for i in range(self.n):
-            item = ok(i, {"text": "x" * self.size, "i": i}, a=i)
-            self.refs.append(weakref.ref(item))
-            self.taken += 1
-            yield item
-            del item
-
-    def alive(self) -> int:
-        gc.collect()
-        return sum(r() is not None for r in self.refs)
+def test_json_lines_merge_each_items_params_over_the_jobs(store: Store) -> None:
+    items = [Item(0, {"a": 1}, State.SUCCEEDED, 1, result=None),
+             Item(1, {}, State.QUEUED),
+             Item(2, {"b": 3, "c": [1, {"d": None}]}, State.SUCCEEDED, 1, result=[2])]
+    text = "".join(export.jsonl_lines(store.export_rows(stored(store, items, params={"b": 2}))))
+    assert [json.loads(line) for line in text.splitlines()] == [
+        {"index": 0, "params": {"b": 2, "a": 1}, "state": "succeeded", "attempts": 1,
+         "result": None, "error": None},
+        {"index": 1, "params": {"b": 2}, "state": "queued", "attempts": 0,
+         "result": None, "error": None},
+        {"index": 2, "params": {"b": 3, "c": [1, {"d": None}]}, "state": "succeeded",
+         "attempts": 1, "result": [2], "error": None}]
 
 
-def test_a_large_export_streams_in_chunks_and_holds_no_items() -> None:
-    source = Recorder(20_000)
-    rows = _csv_rows(iter(source), ["a"])
-    assert source.taken == 0  # nothing is read before the stream is
-    first = next(rows)
-    # The header needs every item's result keys, so the one iterator (the store's one
-    # snapshot) was read to its end, but no item was kept (but the last, the loop's).
-    assert source.taken == 20_000 and source.alive() <= 1
-    assert first.startswith("index,state,attempts,a,result.text,result.i,error\n")
-    chunks = [first, *rows]
+def test_the_export_filters_by_state(store: Store) -> None:
+    items = [ok(0, {"x": 1}), Item(1, {}, State.FAILED, 1, error={"type": "E", "message": "m"}),
+             ok(2, {"y": 2}, old=1)]
+    ident = stored(store, items)
+    rows = list(csv.reader(io.StringIO("".join(_csv_rows(
+        store.export_rows(ident, state="succeeded"), [])))))
+    # The header is that of the items exported: a failed item does not add its columns.
+    assert rows == [["index", "state", "attempts", "params", "result.x", "result.y", "error"],
+                    ["0", "succeeded", "1", "", "1", "", ""],
+                    ["2", "succeeded", "1", '{"old": 1}', "", "2", ""]]
+    failed = "".join(_csv_rows(store.export_rows(ident, state="failed"), []))
+    assert failed == "index,state,attempts,result,error\n1,failed,1,,E: m\n"
+
+
+def big_job(store: Store, n: int, size: int = 40) -> str:
+    return stored(store, [ok(i, {"text": "x" * size, "i": i}, a=i) for i in range(n)])
+
+
+def test_a_large_export_streams_in_chunks(store: Store) -> None:
+    ident = big_job(store, 20_000)
+    chunks = list(_csv_rows(store.export_rows(ident), ["a"]))
+    assert chunks[0].startswith("index,state,attempts,a,result.text,result.i,error\n")
     assert len(chunks) > 10
     assert all(len(c) < export.CHUNK + 200 for c in chunks)
     lines = "".join(chunks).splitlines()
     assert len(lines) == 20_001 and lines[-1] == f"19999,succeeded,1,19999,{'x' * 40},19999,"
+    jsonl = list(export.jsonl_lines(store.export_rows(ident)))
+    assert len(jsonl) > 10 and all(len(c) < export.CHUNK + 200 for c in jsonl)
+    assert sum(c.count("\n") for c in jsonl) == 20_000
 
 
-def test_a_large_export_uses_bounded_memory() -> None:
-    # 20,000 items of 500 bytes: 10 MB of CSV; the spool moves to a file past 1 MB.
-    source = Recorder(20_000, size=500)
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_large_export_uses_bounded_memory(store: Store, fmt: str) -> None:
+    # 20,000 items of 500 bytes: 10 MB of CSV, more of JSON Lines.
+    rows = store.export_rows(big_job(store, 20_000, size=500))
     tracemalloc.start()
     try:
         total = 0
-        for chunk in _csv_rows(iter(source), ["a"]):
+        stream = export.jsonl_lines(rows) if fmt == "jsonl" else _csv_rows(rows, ["a"])
+        for chunk in stream:
             total += len(chunk)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -231,14 +262,12 @@ def test_a_large_export_uses_bounded_memory() -> None:
     assert peak < 4_000_000, peak
 
 
-def test_the_spool_is_removed_when_the_stream_is_closed_early(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(export, "SPOOL_IN_MEMORY", 1000)  # straight to a file
-    rows = _csv_rows(iter(Recorder(5000)), ["a"])
-    next(rows)
-    frame = rows.gi_frame
-    assert frame is not None
-    spool = frame.f_locals["spool"]
-    assert spool._rolled and not spool.closed
-    rows.close()
-    assert spool.closed
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_the_snapshot_ends_when_the_stream_is_closed_early(store: Store, fmt: str) -> None:
+    rows = store.export_rows(big_job(store, 5000))
+    stream = export.jsonl_lines(rows) if fmt == "jsonl" else _csv_rows(rows, ["a"])
+    next(stream)
+    rows._conn.execute("SELECT 1")  # open while streaming
+    stream.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        rows._conn.execute("SELECT 1")

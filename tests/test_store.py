@@ -226,7 +226,9 @@ def test_list_pages_newest_first(store: Store) -> None:
 
 def test_export_reads_in_chunks(store: Store) -> None:
     job, _ = store.insert_job(new(2500))
-    assert [it.index for it in store.iter_items(job.id, chunk=1000)] == list(range(2500))
+    chunks = list(store.export_rows(job.id))
+    assert [len(c) for c in chunks] == [1000, 1000, 500]
+    assert [r[0] for c in chunks for r in c] == list(range(2500))
 
 
 def test_progress_is_recorded(store: Store) -> None:

@@ -5,40 +5,47 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from bulkrunner.models import Item, ParamSpec
+from bulkrunner.models import ParamSpec
+from bulkrunner.store import ExportRows
 
 #: Bytes of CSV text gathered before a chunk is yielded.
 CHUNK = 64 * 1024
-#: Bytes of spooled items kept in memory before the spool moves to a temporary file.
-SPOOL_IN_MEMORY = 1024 * 1024
 #: The first characters that make a spreadsheet read a cell as a formula.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def jsonl_lines(items: Iterator[Item]) -> Iterator[str]:
+def jsonl_lines(rows: ExportRows) -> Iterator[str]:
     """One JSON object per item and line: index, params, state, attempts, result, error,
     the lines yielded about a :data:`CHUNK` at a time (a write per line would cost the
     server more than the line).
 
-    The values are the stored ones, never altered (no defaults, no formula escaping)."""
-    dumps = json.dumps
+    The values are the stored ones, never altered (no defaults, no formula escaping): the
+    stored JSON text goes out as it is, only an item's params are decoded, when the job
+    has params of its own to merge under them."""
+    base, base_text = rows.params, rows.params_text
     lines: list[str] = []
     size = 0
-    for it in items:
-        line = dumps({"index": it.index, "params": it.params, "state": it.state.value,
-                      "attempts": it.attempts, "result": it.result, "error": it.error}) + "\n"
-        lines.append(line)
-        size += len(line)
-        if size >= CHUNK:
+    try:
+        for chunk in rows:
+            for index, own, state, attempts, result, error in chunk:
+                params = base_text if own is None else (
+                    json.dumps({**base, **json.loads(own)}) if base else own)
+                line = (f'{{"index": {index}, "params": {params}, "state": "{state}", '
+                        f'"attempts": {attempts}, "result": {result or "null"}, '
+                        f'"error": {error or "null"}}}\n')
+                lines.append(line)
+                size += len(line)
+                if size >= CHUNK:
+                    yield "".join(lines)
+                    lines.clear()
+                    size = 0
+        if lines:
             yield "".join(lines)
-            lines.clear()
-            size = 0
-    if lines:
-        yield "".join(lines)
+    finally:
+        rows.close()
 
 
 def csv_cell(v: Any) -> str:
@@ -46,17 +53,23 @@ def csv_cell(v: Any) -> str:
     JSON writes them, lists and objects as JSON text, and strings as they are, except that
     one beginning with a character of :data:`FORMULA_STARTS` gets a leading ``'`` (a
     spreadsheet then shows it as text instead of running it as a formula)."""
+    t = type(v)
+    if t is str:
+        text: str = v
+        return "'" + text if text.startswith(FORMULA_STARTS) else text
+    if t is int:  # the commonest cells first; json.dumps costs several times str()
+        return str(v)
     if v is None:
         return ""
-    if isinstance(v, str):
-        return "'" + v if v.startswith(FORMULA_STARTS) else v
-    if isinstance(v, bool):
+    if t is bool:
         return "true" if v else "false"
-    return json.dumps(v)  # numbers, lists, objects: never begin with a formula character
+    if t is float:
+        return repr(v)  # what json.dumps writes (NaN and infinities are never stored)
+    return json.dumps(v)  # lists, objects: never begin with a formula character
 
 
-def csv_rows(items: Iterator[Item], params: Iterable[ParamSpec | str]) -> Iterator[str]:
-    """CSV text of ``items``, a chunk at a time.
+def csv_rows(rows: ExportRows, params: Iterable[ParamSpec | str]) -> Iterator[str]:
+    """CSV text of ``rows``, a chunk at a time.
 
     Columns: ``index``, ``state``, ``attempts``; one per declared param (``params``, the
     task's signature; a bare name counts as a param without a default) holding the item's
@@ -74,63 +87,54 @@ def csv_rows(items: Iterator[Item], params: Iterable[ParamSpec | str]) -> Iterat
     result of null is the same as none. Cells are written by :func:`csv_cell`: nested
     values as JSON text, every string (param, result, error) escaped against formulas.
 
-    The header depends on every item, so the items are read in two passes, both over the
-    one iterator given (and so over the store's one snapshot -- a second call of
-    ``Store.iter_items`` would take a later snapshot, in which items may have finished
-    with new keys, or the job may be gone): the first pass collects the columns while
-    writing each item as a JSON line to a spool (in memory up to
-    :data:`SPOOL_IN_MEMORY`, then a temporary file); the second reads the spool back and
-    yields the CSV a :data:`CHUNK` at a time. Memory stays bounded whatever the number of
-    items; the first chunk comes once every item has been read. The spool is deleted when
-    the generator finishes or is closed.
+    The header depends on every item: the store works it out from the rows' snapshot
+    before the first row is read, so memory stays bounded whatever the number of items.
     """
     specs = [p if isinstance(p, ParamSpec) else ParamSpec(p, required=False) for p in params]
     declared = {p.name for p in specs}
     extra = "params"
     while extra in declared:  # a task may declare a param called "params"
         extra = "_" + extra
-    with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, mode="w+", encoding="utf-8",
-                                       newline="\n", prefix="bulkrunner-export-") as spool:
-        has_extra, objects_only = False, True
-        keys: dict[str, None] = {}  # an ordered set
-        for it in items:
-            others = {k: v for k, v in it.params.items() if k not in declared}
-            has_extra = has_extra or bool(others)
-            result = it.result
-            if isinstance(result, dict):
-                keys.update(dict.fromkeys(result))
-            elif result is not None:
-                objects_only = False
-            err = it.error
-            spool.write(json.dumps([
-                it.index, it.state.value, it.attempts,
-                [it.params.get(p.name, p.default) for p in specs],
-                others, result, f"{err.get('type')}: {err.get('message')}" if err else None,
-            ]) + "\n")  # ASCII: json.dumps escapes the rest, lone surrogates included
-        result_keys = list(keys) if objects_only else []
-        spool.seek(0)
-
+    base = rows.params
+    try:
+        has_extra = rows.undeclared(declared)
+        result_keys = rows.result_keys() or []
         buf = io.StringIO()
         write = _writer(buf)
         write(["index", "state", "attempts", *(p.name for p in specs),
                *([extra] if has_extra else []),
                *([f"result.{k}" for k in result_keys] if result_keys else ["result"]),
                "error"])
-        for line in spool:
-            index, state, attempts, values, others, result, error = json.loads(line)
-            if result_keys:
-                got = result if isinstance(result, dict) else {}
-                result_cells = [csv_cell(got.get(k)) for k in result_keys]
-            else:
-                result_cells = [csv_cell(result)]
-            write([str(index), state, str(attempts), *map(csv_cell, values),
-                   *([json.dumps(others) if others else ""] if has_extra else []),
-                   *result_cells, csv_cell(error)])
-            if buf.tell() > CHUNK:
-                yield _encodable(buf.getvalue())
-                buf.seek(0)
-                buf.truncate()
+        loads, cell = json.loads, csv_cell
+        extra_cells: list[str] = []
+        defaults = [(p.name, p.default) for p in specs]
+        for chunk in rows:
+            for index, own, state, attempts, result_text, error_text in chunk:
+                values = {**base, **loads(own)} if own else base
+                result = None if result_text is None else loads(result_text)
+                if result_keys:
+                    got = result if isinstance(result, dict) else {}
+                    result_cells = [cell(got.get(k)) for k in result_keys]
+                else:
+                    result_cells = [cell(result)]
+                if error_text is None:
+                    error = ""
+                else:
+                    err = loads(error_text)
+                    error = cell(f"{err.get('type')}: {err.get('message')}") if err else ""
+                if has_extra:
+                    others = {k: v for k, v in values.items() if k not in declared}
+                    extra_cells = [json.dumps(others) if others else ""]
+                write([str(index), state, str(attempts),
+                       *[cell(values.get(name, d)) for name, d in defaults],
+                       *extra_cells, *result_cells, error])
+                if buf.tell() > CHUNK:
+                    yield _encodable(buf.getvalue())
+                    buf.seek(0)
+                    buf.truncate()
         yield _encodable(buf.getvalue())
+    finally:
+        rows.close()
 
 
 def _writer(buf: io.StringIO) -> Callable[[list[str]], object]:
@@ -143,7 +147,7 @@ def _writer(buf: io.StringIO) -> Callable[[list[str]], object]:
     quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
 
     def write(cells: list[str]) -> object:
-        w = quoted if any("\r" in c for c in cells) else minimal
+        w = quoted if "\r" in "".join(cells) else minimal
         return w.writerow(cells)
     return write
 

@@ -286,11 +286,11 @@ class Service:
         """The job, and its items (or only those in ``state``) as JSON lines or CSV rows
         produced a chunk at a time. NotFound comes here, before the stream starts."""
         job = self.store.get_job(ident)
-        items = self.store.iter_items(job.id, state=state)
+        rows = self.store.export_rows(job.id, state=state)
         if fmt == "jsonl":
-            return job, export.jsonl_lines(items)
+            return job, export.jsonl_lines(rows)
         params = list(self.registry.get(job.task).params) if job.task in self.registry else []
-        return job, export.csv_rows(items, params)
+        return job, export.csv_rows(rows, params)
 
     def item_log(self, ident: str, index: int, after: int = 0) -> tuple[bytes, int, str]:
         """What item ``index`` printed and logged, as UTF-8 from byte offset ``after``.

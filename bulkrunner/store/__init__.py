@@ -5,7 +5,7 @@ rows in state ``queued``; the dispatcher claims them job by job as its claim pol
 (``claims.py``), or in priority then FIFO order without one.
 
 - ``writer.py``: group commit (every write of every thread, batched on one connection);
-- ``jobs.py``: reads of jobs and items, cancel and retry;
+- ``jobs.py``: reads of jobs and items, cancel and retry; ``exports.py``: what exports read;
 - ``transitions.py``: how items move (claims, ends of attempts, re-queue, progress);
 - ``claims.py``: what the claim policy reads (waiting jobs, pauses) and its planned claims;
 - ``prune.py``: retention's deletes; ``schema.py``: migrations; ``records.py``: the records.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ from bulkrunner.errors import NotFound, StoreUnavailable, StoreUnwritable
 from bulkrunner.models import STATES, Item, Job, State
 from bulkrunner.store import claims, jobs, leases, outbox, prune, schedules, transitions
 from bulkrunner.store.claims import Planner, Waiting
+from bulkrunner.store.exports import ExportRows
 from bulkrunner.store.outbox import Attempt, Delivery
 from bulkrunner.store.prune import PRUNE_BUDGET
 from bulkrunner.store.records import Claimed, Finish, JobChange, NewJob, Tx
@@ -36,8 +37,8 @@ from bulkrunner.store.schedules import ScheduleRun
 from bulkrunner.store.schema import MIGRATIONS, migrate
 from bulkrunner.store.writer import QUEUED_TOTAL, Writer
 
-__all__ = ["MIGRATIONS", "PRUNE_BUDGET", "Claimed", "Finish", "JobChange", "NewJob",
-           "Planner", "Store", "Turn", "Tx", "Waiting", "migrate"]
+__all__ = ["MIGRATIONS", "PRUNE_BUDGET", "Claimed", "ExportRows", "Finish", "JobChange",
+           "NewJob", "Planner", "Store", "Turn", "Tx", "Waiting", "migrate"]
 
 T = TypeVar("T")
 
@@ -228,38 +229,12 @@ class Store:
         items = items[:limit]
         return items, (items[-1].index if more and items else None)
 
-    def iter_items(self, ident: str, chunk: int = 1000, *,
-                   state: str | None = None) -> Iterator[Item]:
-        """Every item of a job (or only those in ``state``) in index order, read a chunk at
-        a time (for export).
-
-        Every chunk comes from one snapshot of the database, taken now: an export is whole
-        even if retention deletes the job meanwhile. NotFound is raised here, before the
-        first item, never halfway through.
-        """
-        # A connection of its own: the snapshot lasts as long as the export is streamed,
-        # and must not hold this thread's reads in the past after that.
-        conn = self._reader()
-        try:
-            conn.execute("BEGIN")
-            seq = jobs.resolve_id(conn, ident)
-            first = jobs.items_page(conn, seq, state=state, limit=chunk, after=None)
-        except BaseException:
-            conn.close()
-            raise
-        return self._more_items(conn, seq, first, chunk, state)
-
-    def _more_items(self, conn: sqlite3.Connection, seq: int, items: list[Item],
-                    chunk: int, state: str | None) -> Iterator[Item]:
-        try:
-            while True:
-                yield from items
-                if len(items) < chunk:
-                    return
-                items = jobs.items_page(conn, seq, state=state, limit=chunk,
-                                        after=items[-1].index)
-        finally:
-            conn.close()  # ends the snapshot
+    def export_rows(self, ident: str, *, state: str | None = None) -> ExportRows:
+        """Every item of a job (or only those in ``state``) as stored, for an export: all
+        read from one snapshot taken now, on a connection of its own (it lasts as long as
+        the export is streamed, and must not hold this thread's reads in the past after
+        that). NotFound is raised here, before the first row."""
+        return ExportRows(self._reader(), ident, state)
 
     # ------------------------------------------------------------------ dispatcher side
     def turn(self, finishes: Sequence[Finish], n: int,
