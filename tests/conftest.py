@@ -4,6 +4,7 @@ process, the real CLI in a fresh interpreter, and waiting for a job (never a fix
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 if TYPE_CHECKING:
     from flask.testing import FlaskClient
+    from werkzeug.test import TestResponse
 
     from bulkrunner.client import Client
     from bulkrunner.runtime import WorkUnit
@@ -302,3 +304,23 @@ def session(browser: Any, serve: Any, tmp_path: Path) -> Iterator[Any]:
     from tests.browser import session_factory
 
     yield from session_factory(browser, serve, tmp_path)
+
+
+def assert_error(r: TestResponse, status: int, code: str | None = None) -> dict[str, Any]:
+    """Check the status and the API's error body; return the ``error`` object."""
+    text = r.get_data(as_text=True)
+    assert r.status_code == status, text
+    assert r.mimetype == "application/json", r.mimetype
+    body = json.loads(text)
+    assert set(body) == {"error"}, body
+    err: dict[str, Any] = body["error"]
+    assert set(err) == {"code", "message", "details"}, err
+    assert re.fullmatch(r"[a-z]+(_[a-z]+)*", err["code"]), err["code"]
+    if code is not None:
+        assert err["code"] == code, err
+    assert isinstance(err["details"], dict), err
+    msg = err["message"]
+    # A useful sentence: several words, not a bare status name or a Python repr.
+    assert isinstance(msg, str) and len(msg.split()) >= 4, msg
+    assert "Traceback" not in msg and "<" not in msg[:1], msg
+    return err

@@ -22,7 +22,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from tests.conftest import wait_for
+from tests.conftest import assert_error, wait_for
 
 JOBS = "/api/v1/jobs"
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -76,26 +76,6 @@ def wait_state(client: FlaskClient, ident: str, *states: str,
         return job if job["state"] in states else None
     job: dict[str, Any] = wait_for(reached, timeout, f"job {ident} never became {states}")
     return job
-
-
-def assert_error(r: TestResponse, status: int, code: str | None = None) -> dict[str, Any]:
-    """Check the status and the API's error body; return the ``error`` object."""
-    text = r.get_data(as_text=True)
-    assert r.status_code == status, text
-    assert r.mimetype == "application/json", r.mimetype
-    body = json.loads(text)
-    assert set(body) == {"error"}, body
-    err: dict[str, Any] = body["error"]
-    assert set(err) == {"code", "message", "details"}, err
-    assert re.fullmatch(r"[a-z]+(_[a-z]+)*", err["code"]), err["code"]
-    if code is not None:
-        assert err["code"] == code, err
-    assert isinstance(err["details"], dict), err
-    msg = err["message"]
-    # A useful sentence: several words, not a bare status name or a Python repr.
-    assert isinstance(msg, str) and len(msg.split()) >= 4, msg
-    assert "Traceback" not in msg and "<" not in msg[:1], msg
-    return err
 
 
 def job_count(client: FlaskClient) -> int:

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, Flask, Response, current_app, request
 
 from bulkrunner import errors
 from bulkrunner.models import JOB_STATES, STATES
 from bulkrunner.server.auth import submitter
+from bulkrunner.server.bodies import parse_json_body
 from bulkrunner.server.http import error_response
 from bulkrunner.server.http import json_response as _json
 from bulkrunner.server.openapi import openapi_document
@@ -72,7 +71,7 @@ def submit() -> Response:
                                          submitted_by=submitter())
     elif ctype == "application/json" or ctype.endswith("+json"):
         try:
-            body = json.loads(request.get_data(cache=False))
+            body = parse_json_body(request.get_data(cache=False))
         except (ValueError, RecursionError) as e:
             raise errors.InvalidRequest(f"the body is not valid JSON ({str(e)[:200]})") from None
         job, created = svc.submit(body, submitted_by=submitter())

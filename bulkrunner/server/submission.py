@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from bulkrunner.config import Config
 from bulkrunner.errors import InvalidSubmission
+from bulkrunner.server.bodies import ItemsText
 from bulkrunner.server.itemfiles import location
 from bulkrunner.server.notify import notify_url_problem, task_notify_url
 from bulkrunner.server.tasks import Registry, Task
@@ -36,7 +38,7 @@ _SURROGATE = ("holds an unpaired surrogate (such as \\ud800), which is not text;
 
 
 def new_job(cfg: Config, registry: Registry, body: Any, *,
-            items: Sequence[Mapping[str, Any]] | None = None,
+            items: Collection[Mapping[str, Any]] | None = None,
             rows: Sequence[int] | None = None, unit: str = "row",
             submitted_by: str | None = None) -> NewJob:
     """Check a submission body and return the job to insert (``submitted_by``: the name of
@@ -78,7 +80,7 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
         fields["key"] = "must be valid Unicode text (it holds an unpaired surrogate)"
     if items is None:
         raw_items = body.get("items")
-        if raw_items is not None and not isinstance(raw_items, list):
+        if raw_items is not None and not isinstance(raw_items, (list, ItemsText)):
             fields["items"] = "must be a list of objects, one per item"
             raw_items = None
         items = raw_items
@@ -86,11 +88,7 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
         raise InvalidSubmission(fields)
 
     params_text, encoded_items = _check_params(cfg, task, params, items, rows, unit)
-    body_hash = None
-    if key is not None:
-        canon = dict(body, items=list(items) if items is not None else None)
-        body_hash = hashlib.sha256(json.dumps(canon, sort_keys=True, default=str)
-                                   .encode()).hexdigest()
+    body_hash = None if key is None else _body_hash(body, items)
     return NewJob(id=os.urandom(16).hex(), task=task.name, params=params, items=encoded_items,
                   priority=priority, max_attempts=max_attempts, timeout=timeout, key=key,
                   body_hash=body_hash, params_text=params_text, run_after=run_after,
@@ -98,8 +96,30 @@ def new_job(cfg: Config, registry: Registry, body: Any, *,
                   notify_url=notify_url or task_notify_url(cfg, task.name))
 
 
+def _body_hash(body: dict[str, Any], items: Collection[Any] | None) -> str:
+    """What tells a replay of an idempotency key from another submission: the SHA-256 of
+    the body (with ``items`` from a file in it) as JSON with sorted keys, written an item
+    at a time (a big body's items are never all decoded at once)."""
+    h = hashlib.sha256()
+    canon = dict(body, items=None)
+    for n, name in enumerate(sorted(canon)):
+        h.update(b"{" if n == 0 else b", ")
+        h.update(json.dumps(name).encode() + b": ")
+        if name == "items" and items is not None:
+            h.update(b"[")
+            for k, item in enumerate(items):
+                if k:
+                    h.update(b", ")
+                h.update(json.dumps(item, sort_keys=True, default=str).encode())
+            h.update(b"]")
+        else:
+            h.update(json.dumps(canon[name], sort_keys=True, default=str).encode())
+    h.update(b"}")
+    return h.hexdigest()
+
+
 def _check_params(cfg: Config, task: Task, params: dict[str, Any],
-                  items: Sequence[Any] | None, rows: Sequence[int] | None,
+                  items: Collection[Any] | None, rows: Sequence[int] | None,
                   unit: str = "row") -> tuple[str, list[str | None]]:
     """Check job params and every item; return the params' JSON and the items' overlays."""
     max_size = cfg.jobs.max_param_size
@@ -157,10 +177,25 @@ def _check_params(cfg: Config, task: Task, params: dict[str, Any],
     return text, out
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: json's C encoder, made once: ``json.dumps`` makes one for every call, which costs more
+#: than encoding a small item. ASCII, json.dumps' separators, NaN and Infinity refused.
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
+_ENCODE: Callable[[Any, int], list[str]] | None = (
+    _C_ENCODER(None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+               False, False, False) if _C_ENCODER is not None else None)
+
+
 def _strict_dumps(value: Any) -> str | None:
-    """``value`` as JSON text, or None when it holds NaN or Infinity (which Python's json
-    reads from a request but which no JSON answer could carry back)."""
+    """``value`` as JSON text (as ``json.dumps`` writes it), or None when it holds NaN or
+    Infinity (which Python's json reads from a request but which no JSON answer could
+    carry back)."""
     try:
+        if _ENCODE is not None:
+            return "".join(_ENCODE(value, 0))
         return json.dumps(value, allow_nan=False)
     except ValueError:
         return None
