@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,23 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
+
+def timestamp(iso: str) -> float:
+    """Unix seconds of one of the API's ISO 8601 times (``...Z``)."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def wait_finished(url: str, ident: str, timeout: float) -> dict[str, Any]:
+    """The job once it has finished (polled every 50 ms); RuntimeError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, job = http_json("GET", f"{url}/api/v1/jobs/{ident}")
+        if status == 200 and job["finished_at"] is not None:
+            return job  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {ident} not finished after {timeout} s: "
+                               f"{job.get('items') if status == 200 else status}")
+        time.sleep(0.05)
 
 
 class KeepAlive:

@@ -26,7 +26,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from benchutil import (
     proc_status_kb,
     remove_workdir,
     spread,
+    timestamp,
 )
 from tasks import noop_i
 
@@ -75,11 +75,6 @@ def ceiling(workers: int, n: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def _ts(iso: str | None) -> float | None:
-    return None if iso is None else datetime.fromisoformat(iso.replace("Z", "+00:00")
-                                                           ).timestamp()
-
-
 def one_run(workers: int, n: int, drain_timeout: float) -> BulkRun:
     body = json.dumps({"task": "noop_i", "items": [{"i": i} for i in range(n)]}).encode()
     workdir = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
@@ -108,8 +103,7 @@ def one_run(workers: int, n: int, drain_timeout: float) -> BulkRun:
         t_end = time.time()
         cpu2 = proc_cpu_seconds(pid)
         finished = job["finished_at"] is not None
-        end = _ts(job["finished_at"]) if finished else t_end
-        assert end is not None
+        end = timestamp(job["finished_at"]) if finished else t_end
         counts = job["items"]
         return BulkRun(workers=workers, submit_s=t_202 - t_send, drain_s=end - t_202,
                        done=counts["succeeded"] + counts["failed"], finished=finished,

@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from bench.benchutil import (  # noqa: E402
     print_table,
     remove_workdir,
     spread,
+    timestamp,
 )
 from bench.tasks import nap, noop_i  # noqa: E402
 
@@ -115,10 +115,6 @@ class Result:
     failures: list[str] = field(default_factory=list)
 
 
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 def write_config(workdir: Path, s: Setup) -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', "port = 0", "threads = 8", "shutdown_grace = 5",
              "[executor]", f'type = "{s.executor}"', f"max_workers = {s.max_workers}",
@@ -162,7 +158,7 @@ def run_bulk(url: str, task: str, n: int, timeout: float, params: dict[str, Any]
         if time.monotonic() > deadline:
             raise RuntimeError(f"{task} x {n} not finished after {timeout} s: {job['items']}")
     # Items counted from the 202, but never before the request was sent.
-    elapsed = _ts(job["finished_at"]) - max(t_202, t_sent)
+    elapsed = timestamp(job["finished_at"]) - max(t_202, t_sent)
     return n / elapsed, job
 
 

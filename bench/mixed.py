@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,12 @@ from bench.benchutil import (  # noqa: E402
     print_table,
     remove_workdir,
     spread,
+    timestamp,
+    wait_finished,
 )
 from bench.tasks import nap, noop_i  # noqa: E402
 
 TASKS = {"noop": "bench.tasks:noop_i", "nap": "bench.tasks:nap"}
-
-
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def _submit(url: str, task: str, n: int, params: dict[str, Any] | None = None
@@ -67,22 +64,12 @@ def _submit(url: str, task: str, n: int, params: dict[str, Any] | None = None
     return job["id"], t0
 
 
-def _finished(url: str, ident: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, job = http_json("GET", f"{url}/api/v1/jobs/{ident}")
-        if status == 200 and job["state"] in ("succeeded", "failed", "cancelled"):
-            return job  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise RuntimeError(f"job {ident} did not finish within {timeout} s")
-
-
 def _noop_rate(url: str, n: int, timeout: float) -> float:
     ident, t0 = _submit(url, "noop", n)
-    job = _finished(url, ident, timeout)
+    job = wait_finished(url, ident, timeout)
     if job["state"] != "succeeded":
         raise RuntimeError(f"the no-op bulk ended {job['state']}")
-    return n / (_ts(job["finished_at"]) - t0)
+    return n / (timestamp(job["finished_at"]) - t0)
 
 
 def library(kind: str, workers: int, n: int, n_long: int, long_s: float
@@ -125,13 +112,13 @@ def main() -> int:
     mixed: list[float] = []
     try:
         _noop_rate(server.url, 2000, args.timeout)  # warm-up: pools up, items measured
-        _finished(server.url, _submit(server.url, "nap", args.workers,
+        wait_finished(server.url, _submit(server.url, "nap", args.workers,
                                       {"seconds": 0.2})[0], args.timeout)
         for r in range(args.rounds):
             alone.append(_noop_rate(server.url, args.noop, args.timeout))
             long_id, _ = _submit(server.url, "nap", args.long, {"seconds": args.long_seconds})
             mixed.append(_noop_rate(server.url, args.noop, args.timeout))
-            _finished(server.url, long_id, args.timeout)
+            wait_finished(server.url, long_id, args.timeout)
             print(f"round {r + 1}: no-op alone {alone[-1]:,.0f}/s, next to the long job "
                   f"{mixed[-1]:,.0f}/s", flush=True)
     finally:

@@ -30,7 +30,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from benchutil import (
     print_table,
     remove_workdir,
     spread,
+    timestamp,
 )
 
 TASKS = {"noop_i": "bench.tasks:noop_i"}
@@ -100,10 +100,6 @@ class Receiver:
         self.server.server_close()
 
 
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 def _server(workdir: Path, receiver: Receiver, workers: int) -> Any:
     cfg = bulkrunner_config(workdir, max_workers=workers, tasks=TASKS)
     cfg.write_text(cfg.read_text() + f'\n[notify]\nallowed = ["{receiver.url}/"]\n'
@@ -134,7 +130,7 @@ def latency(receiver: Receiver, n: int, workers: int) -> list[float]:
             job = json.loads(raw)
             (got_id, at), = receiver.arrivals
             assert got_id == job_id, (got_id, job_id)
-            out.append(at - _ts(job["finished_at"]))
+            out.append(at - timestamp(job["finished_at"]))
         client.close()
         return out
     finally:
@@ -191,7 +187,7 @@ def burst(receiver: Receiver, n: int, workers: int, webhooks: bool,
             if time.monotonic() > deadline:
                 raise RuntimeError("the burst's jobs did not all finish")
             time.sleep(0.1)
-        last_finish = max(_ts(j["finished_at"]) for j in jobs)
+        last_finish = max(timestamp(j["finished_at"]) for j in jobs)
         deliver_s = None
         if webhooks:
             if not receiver.wait(n, timeout):

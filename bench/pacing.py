@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,6 +37,7 @@ from bench.benchutil import (
     loadavg,
     print_table,
     remove_workdir,
+    timestamp,
 )
 from bulkrunner.config import Rate
 from bulkrunner.server.pacing import Pacer
@@ -123,10 +123,6 @@ def claim_cost(args: argparse.Namespace, work: Path) -> bool:
     return ok
 
 
-def _ts(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
 def small_job_wait(args: argparse.Namespace, work: Path, fair: bool, bulk: int
                    ) -> list[float]:
     """Waits (seconds) of one-item jobs submitted behind a running ``bulk``-item job."""
@@ -157,7 +153,7 @@ def small_job_wait(args: argparse.Namespace, work: Path, fair: bool, bulk: int
                     break
                 time.sleep(0.01)
             if s["started_at"]:
-                waits.append(_ts(s["started_at"]) - _ts(s["created_at"]))
+                waits.append(timestamp(s["started_at"]) - timestamp(s["created_at"]))
         http_json("POST", f"{srv.url}/api/v1/jobs/{job['id']}/cancel")
     finally:
         srv.stop()

@@ -36,9 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
@@ -53,15 +51,13 @@ from bench.benchutil import (  # noqa: E402
     print_table,
     proc_status_kb,
     remove_workdir,
+    timestamp,
+    wait_finished,
 )
 
 TASKS = {"held": "bench.tasks:noop_i", "go": "bench.tasks:noop_i"}
 JOBS = "/api/v1/jobs"
 LIST_PAGE = 20
-
-
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def p99(values: list[float]) -> float:
@@ -149,17 +145,6 @@ def reads(url: str, job_id: str, n: int) -> dict[str, float]:
     return out
 
 
-def wait_finished(url: str, job_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        _, job = http_json("GET", f"{url}{JOBS}/{job_id}")
-        if job["finished_at"] is not None:
-            return job  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job_id} not finished after {timeout} s: {job['items']}")
-        time.sleep(0.1)
-
-
 def drain(url: str, n: int, timeout: float) -> tuple[float, str]:
     """Items per second of one ``go`` job of ``n`` items, and its id."""
     body = items_body("go", n)
@@ -171,7 +156,7 @@ def drain(url: str, n: int, timeout: float) -> tuple[float, str]:
     job = wait_finished(url, job["id"], timeout)
     if job["state"] != "succeeded":
         raise RuntimeError(f"the drain job ended {job['state']}: {job['items']}")
-    return n / (_ts(job["finished_at"]) - max(t0, t_202)), job["id"]
+    return n / (timestamp(job["finished_at"]) - max(t0, t_202)), job["id"]
 
 
 def export(url: str, job_id: str, fmt: str) -> tuple[float, int]:

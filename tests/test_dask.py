@@ -548,3 +548,29 @@ def test_local_cluster_runs_apart_and_ends_with_a_killed_server(tmp_path: Path,
     wait_for(lambda: not any(_alive(p) for p in cmdlines), 30,
              f"cluster processes outlived the killed server: "
              f"{[cmdlines[p] for p in cmdlines if _alive(p)]}")
+
+
+@needs_dask
+@pytest.mark.parametrize("hangs", [False, True], ids=["exits", "hangs"])
+def test_a_local_cluster_that_cannot_start_says_so(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   hangs: bool) -> None:
+    from distributed.security import Security
+
+    from bulkrunner.executors.dask_cluster import LocalClusterProcess
+
+    # The cluster's process finds a broken Dask: it ends at once, or never answers.
+    fake = tmp_path / "broken" / "distributed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import time\ntime.sleep(600)\n" if hangs
+                                      else "raise ImportError('a broken install')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), str(ROOT)]))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        LocalClusterProcess(1, Security(), timeout=3)
+    if hangs:
+        assert str(e.value) == "the local Dask cluster did not start within 3 s"
+    else:
+        assert str(e.value) == ("the local Dask cluster did not start (its process exited "
+                                "with 1; its errors are in the server's log above)")
+    assert time.monotonic() - t0 < 30

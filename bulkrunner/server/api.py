@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from flask import Blueprint, Flask, Response, current_app, request
 
 from bulkrunner import errors
-from bulkrunner.models import JOB_STATES, STATES
+from bulkrunner.models import JOB_STATES, STATES, Job
+from bulkrunner.server import gil
 from bulkrunner.server.auth import submitter
-from bulkrunner.server.bodies import parse_json_body
+from bulkrunner.server.bodies import STREAM_BODY, parse_json_body
 from bulkrunner.server.http import error_response
 from bulkrunner.server.http import json_response as _json
 from bulkrunner.server.openapi import openapi_document
@@ -59,28 +62,35 @@ def _state_arg(states: tuple[str, ...] = STATES) -> str | None:
 @api.post("/jobs")
 def submit() -> Response:
     """POST /api/v1/jobs: submit a job as JSON or a multipart upload (202 new, 200 known key)."""
-    svc = service()
     ctype = (request.mimetype or "").lower()
-    if ctype == "multipart/form-data":
+    json_body = ctype == "application/json" or ctype.endswith("+json")
+    if ctype != "multipart/form-data" and not json_body:
+        return error_response("unsupported_media_type", "send the submission as "
+                               "application/json, or multipart/form-data with an items file",
+                               415, {"content_type": request.mimetype or None})
+    # A big bulk is read and checked with short turns at the interpreter, so that the
+    # requests served meanwhile are not held up by it (see gil).
+    big = (request.content_length or 0) >= STREAM_BODY
+    with gil.short_turns() if big else contextlib.nullcontext():
+        job, created = _submit(service(), json_body)
+    return _json(job.to_dict(), 202 if created else 200,
+                 {"Location": f"/api/v1/jobs/{job.id}"})
+
+
+def _submit(svc: Service, json_body: bool) -> tuple[Job, bool]:
+    """The submission of this request (a JSON body or a multipart upload), committed."""
+    if not json_body:
         upload = request.files.get("items")
         if upload is None:
             raise errors.InvalidSubmission({"items": "a multipart submission needs the file "
                                                      "field 'items' (CSV or JSON Lines)"})
-        job, created = svc.submit_upload(request.form.to_dict(), upload.read(),
-                                         upload.filename, upload.mimetype,
-                                         submitted_by=submitter())
-    elif ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            body = parse_json_body(request.get_data(cache=False))
-        except (ValueError, RecursionError) as e:
-            raise errors.InvalidRequest(f"the body is not valid JSON ({str(e)[:200]})") from None
-        job, created = svc.submit(body, submitted_by=submitter())
-    else:
-        return error_response("unsupported_media_type", "send the submission as "
-                               "application/json, or multipart/form-data with an items file",
-                               415, {"content_type": request.mimetype or None})
-    return _json(job.to_dict(), 202 if created else 200,
-                 {"Location": f"/api/v1/jobs/{job.id}"})
+        return svc.submit_upload(request.form.to_dict(), upload.read(), upload.filename,
+                                 upload.mimetype, submitted_by=submitter())
+    try:
+        body = parse_json_body(request.get_data(cache=False))
+    except (ValueError, RecursionError) as e:
+        raise errors.InvalidRequest(f"the body is not valid JSON ({str(e)[:200]})") from None
+    return svc.submit(body, submitted_by=submitter())
 
 
 @api.get("/jobs")

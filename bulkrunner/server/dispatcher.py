@@ -66,7 +66,7 @@ class Dispatcher:
         self.registry = registry
         self.events = events
         self._factory = executor_factory
-        self.executor: Executor | None = None
+        self._executor: Executor | None = None
         self.max_workers = cfg.executor.max_workers
         self._inflight: dict[Future[Outcome], WorkUnit] = {}
         self._submitted: dict[Future[Outcome], float] = {}
@@ -124,6 +124,18 @@ class Dispatcher:
             # Items wait from before (a restart): claim them at once, not after a poll.
             self._wake.set()
         self._thread.start()
+
+    @property
+    def executor(self) -> Executor | None:
+        """What runs the items (None until started)."""
+        return self._executor
+
+    @executor.setter
+    def executor(self, executor: Executor | None) -> None:
+        self._executor = executor
+        if executor is not None:
+            # Claims fill the free workers by what the executor measures of each task.
+            self.pacer.cost, self.pacer.quantum = executor.paces.cost, executor.paces.batch
 
     def wake(self) -> None:
         """Look at the queue now (new items were committed)."""
@@ -416,10 +428,7 @@ class Dispatcher:
         each task's items at their own cost, so a task of long items next to one of short
         items takes whole workers and leaves the rest to the short one's batches."""
         assert self.executor is not None
-        paces = self.executor.paces
-        pacer = self.pacer
-        pacer.cost, pacer.quantum = paces.cost, paces.batch
-        return self.executor.max_workers - pacer.busy()
+        return self.executor.max_workers - self.pacer.busy()
 
     def _ended(self, unit: WorkUnit, fut: Future[Outcome], took: float) -> _Ended:
         seq, idx, claim = unit.job_seq, unit.index, unit.claim

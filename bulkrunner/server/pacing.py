@@ -122,6 +122,9 @@ class Pacer:
         self.cost: Callable[[str], float] = lambda task: 1.0
         self.quantum: Callable[[str], int] = lambda task: 1
         self.slots = math.inf
+        #: Each task's ``cost``, read once a claim: a plan's picks ask for it many times,
+        #: and it moves only as items end, between claims.
+        self._costs: dict[str, float] = {}
         self._limits = dict(limits or {})
         self._jobs: dict[int, _Job] = {}
         self._tasks: dict[str, _Task] = {}
@@ -213,6 +216,7 @@ class Pacer:
         """Start planning a claim of up to ``n`` items at time ``now``."""
         self._budget = n
         self._now = now
+        self._costs.clear()
         self._wake_sleepers(now)
 
     def plan(self) -> list[tuple[int, int]]:
@@ -230,7 +234,7 @@ class Pacer:
             n = room if not self.fair_share or not self._rival(j, t, now) else min(
                 room, self.quantum(t.name))
             self._budget -= n
-            self.slots -= n * self.cost(t.name)
+            self.slots -= n * self._cost(t.name)
             steps[j.seq] = steps.get(j.seq, 0) + n
             self._reserve(t, n, now)
             self._reserved.append((j.seq, t.name, n))
@@ -245,7 +249,7 @@ class Pacer:
         j = self._jobs.get(seq)
         if j is not None:
             self._release(j.task, asked - got)
-            self.slots += (asked - got) * self.cost(j.task)
+            self.slots += (asked - got) * self._cost(j.task)
             self._reserved.append((seq, j.task, got - asked))
             j.dry = True
             j.listed = False  # its heap entry goes stale and is dropped when reached
@@ -269,11 +273,19 @@ class Pacer:
         # Some worker is free: at least one item may start, even of a task whose items
         # take more than is left (else a task of unmeasured items would wait for ever
         # behind one whose short items keep part of every worker).
-        return min(room, max(1, int(self.slots / self.cost(t.name) + _NO_SLOT)))
+        return min(room, max(1, int(self.slots / self._cost(t.name) + _NO_SLOT)))
 
     def busy(self) -> float:
-        """Workers taken by the items claimed and not ended, at each task's ``cost``."""
-        return sum(t.running * self.cost(t.name) for t in self._tasks.values() if t.running)
+        """Workers taken by the items claimed and not ended, at each task's ``cost``: the
+        start of a claim, so each cost is read again."""
+        self._costs.clear()
+        return sum(t.running * self._cost(t.name) for t in self._tasks.values() if t.running)
+
+    def _cost(self, task: str) -> float:
+        c = self._costs.get(task)
+        if c is None:
+            c = self._costs[task] = self.cost(task)
+        return c
 
     def has_work(self, now: float) -> bool:
         """Whether some queued item may start now (else a claim would find nothing)."""
@@ -320,7 +332,7 @@ class Pacer:
             # goes first (so a task of long items does not take every worker from one of
             # short items: turns by job alone would give the long job each worker its
             # items free last), then the job served least recently.
-            key = (-j.priority, t.running * self.cost(t.name), j.served, j.seq) \
+            key = (-j.priority, t.running * self._cost(t.name), j.served, j.seq) \
                 if self.fair_share else (-j.priority, 0.0, 0, j.seq)
             if best is None or key < best[0]:
                 best = (key, t, j)

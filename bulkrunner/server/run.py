@@ -423,22 +423,12 @@ def raise_file_limit(connection_limit: int) -> str | None:
             "in a systemd unit) or lower server.connection_limit")
 
 
-#: Seconds a thread runs Python before another may (``sys.setswitchinterval``).
-SWITCH_INTERVAL = 0.0005
-
-
 def run_server(cfg: Config, *, log_level: str = "info", log_format: str = "text") -> NoReturn:
     """Serve until stopped, then exit the process (0 after a clean stop).
 
     Raises:
         ConfigError: the server cannot start (the CLI prints it and exits 2).
     """
-    # Request threads share the interpreter with the dispatcher, the writer's callers and
-    # task threads. A thread busy in Python (a bulk being checked, a CPU-bound task) keeps
-    # it for Python's default 5 ms at a time, and a request waits that long again at each
-    # of the many points where it lets go (a socket read, a commit, a lock): one-item
-    # submissions next to 100,000-item bulks took 170 ms at p99 with 5 ms, 22 ms with this.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     listener = setup_logging(log_level, log_format)
     try:
         code = _serve(cfg, log_level)
@@ -459,11 +449,12 @@ def _serve(cfg: Config, log_level: str) -> int:
             "the config, or "
             "$BULKRUNNER_TOKEN, or serve on 127.0.0.1", file=cfg.source, key="server.token")
 
-    from bulkrunner.server import memory
+    from bulkrunner.server import gil, memory
     from bulkrunner.server.app import create_app
     from bulkrunner.server.service import Service
 
     memory.limit_arenas()  # before the request and item threads start (see memory)
+    gil.enable()  # short turns while big submissions are checked (see gil)
     for token_file in token_files(cfg.server):
         for warning in file_mode_warnings(token_file=token_file):
             log.warning("%s", warning)
