@@ -43,6 +43,8 @@ class LocalClusterProcess:
         except BaseException:
             self._proc.kill()
             self._proc.wait()
+            self._proc.stdin.close()
+            self._proc.stdout.close()
             raise
         info = json.loads(line)
         #: The scheduler's address (``tls://127.0.0.1:port``) and its dashboard.
