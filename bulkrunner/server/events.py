@@ -27,7 +27,7 @@ class Submitted:
     job: Job
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Started:
     """An attempt was handed to the executor."""
 
@@ -38,7 +38,7 @@ class Started:
     task: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     """An attempt ended and its end is recorded.
 

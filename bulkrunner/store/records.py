@@ -41,7 +41,7 @@ class NewJob:
             self.params_text = json.dumps(self.params)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Claimed:
     """An item the dispatcher has just moved to ``running``."""
 
@@ -54,7 +54,7 @@ class Claimed:
     timeout: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Finish:
     """How to record the end of an attempt.
 
