@@ -488,8 +488,11 @@ def test_under_waitress_a_kill_9_loses_nothing(tmp_path: Path) -> None:
     finally:
         again.kill()
     starts, ends, _ = read_marks(tmp_path / "marks")
-    assert set(ends) == set(ids) and all(n == 1 for n in ends.values()), ends
+    assert set(ends) == set(ids), ends
     # Only items the killed process had running ran again (on a worker, or ended but not
-    # yet recorded): a few, at most about twice the workers.
+    # yet recorded: at least once, so such an item ends twice): a few, at most about twice
+    # the 4 workers.
+    assert all(n <= 2 for n in ends.values()), ends
+    assert sum(ends.values()) - len(ids) <= 4, ends
     assert sum(starts.values()) - len(ids) <= 8, starts
 
