@@ -129,8 +129,13 @@ _JOB_CACHE = 4096
 
 def _next_items_sql(steps: int) -> str:
     """One statement for ``steps`` jobs' next items (a UNION ALL of each job's LIMIT):
-    one round trip into SQLite for a turn that serves many jobs, as fair share does."""
-    return " UNION ALL ".join([_NEXT] * steps)
+    one round trip into SQLite for a turn that serves many jobs, as fair share does. Its
+    one row is a JSON array of [job_seq, idx, params (an object or null), claim]: a row a
+    step would let go of the interpreter once per row, and each time wait to get it back
+    behind the item threads (see ``transitions._SUCCEED_MANY``)."""
+    parts = " UNION ALL ".join([_NEXT] * steps)
+    return ("SELECT json_group_array(json_array(job_seq, idx, json(params), claim)) "
+            f"FROM ({parts})")
 
 
 class JobInfo:
@@ -190,16 +195,19 @@ def claim_planned(tx: Tx, plan: Callable[[], Sequence[tuple[int, int]]],
             args: list[Any] = []
             for seq, n in chunk:
                 args += (seq, started, n)
-            for seq, idx, overlay, claim in c.execute(_next_items_sql(len(chunk)), args):
+            text = c.execute(_next_items_sql(len(chunk)), args).fetchone()[0]
+            for seq, idx, overlay, claim in loads(text):
                 job_id, task, base, timeout = info[seq]
-                params = {**base, **loads(overlay)} if overlay else dict(base)
+                params = {**base, **overlay} if overlay else dict(base)
                 out.append(Claimed(job_id=job_id, job_seq=seq, index=idx, claim=claim + 1,
                                    task=task, params=params, timeout=timeout))
                 span = spans.get(seq)
                 if span is None:
                     spans[seq] = [idx, idx]
-                else:
+                elif idx > span[1]:
                     span[1] = idx
+                elif idx < span[0]:
+                    span[0] = idx
                 got[seq] += 1
         # Moved before the next round reads: it must not find these items queued again.
         # A job's claimable items between the first and the last taken are exactly those

@@ -13,6 +13,21 @@ from bulkrunner.store.records import Claimed, Finish, Tx, _loads
 _SUCCEED = ("UPDATE items SET state = 'succeeded', attempts = attempts + 1, result = ?, "
             "error = NULL, worker = ?, finished_at = ?, progress = 1 "
             "WHERE job_seq = ? AND idx = ? AND state = 'running' AND claim = ?")
+# Many successes in one statement, from a JSON array of [job_seq, idx, claim, result,
+# worker]. One statement is one step into SQLite, and each step lets go of the interpreter:
+# an ``executemany`` of a row a step waits to get it back once per row, behind whatever
+# other thread runs Python meanwhile (an item thread, a process pool's reader), up to the
+# switch interval each time. Measured with one other busy thread: 5 ms an item against
+# 0.15 ms for this.
+_SUCCEED_MANY = (
+    "UPDATE items SET state = 'succeeded', attempts = attempts + 1, result = f.result, "
+    "error = NULL, worker = f.worker, finished_at = ?, progress = 1 "
+    "FROM (SELECT value ->> 0 AS seq, value ->> 1 AS idx, value ->> 2 AS claim, "
+    "value ->> 3 AS result, value ->> 4 AS worker FROM json_each(?)) AS f "
+    "WHERE items.job_seq = f.seq AND items.idx = f.idx AND items.state = 'running' "
+    "AND items.claim = f.claim")
+#: Characters of results sent in one statement at most (a bigger batch takes several).
+_SUCCEED_TEXT = 1 << 20
 
 
 def _claim(tx: Tx, n: int) -> list[Claimed]:
@@ -57,8 +72,17 @@ def _succeed_all(tx: Tx, finishes: Sequence[Finish]) -> bool:
     c = tx.conn
     now = tx.now
     c.execute("SAVEPOINT succeed_all")
-    n = c.executemany(_SUCCEED, [(f.result, f.worker, now, f.job_seq, f.index, f.claim)
-                                 for f in ok]).rowcount
+    n = 0
+    rows: list[list[Any]] = []
+    size = 0
+    for f in ok:
+        rows.append([f.job_seq, f.index, f.claim, f.result, f.worker])
+        size += len(f.result or "")
+        if size >= _SUCCEED_TEXT:
+            n += c.execute(_SUCCEED_MANY, (now, json.dumps(rows))).rowcount
+            rows, size = [], 0
+    if rows:
+        n += c.execute(_SUCCEED_MANY, (now, json.dumps(rows))).rowcount
     if n != len(ok):
         c.execute("ROLLBACK TO succeed_all")
         c.execute("RELEASE succeed_all")
