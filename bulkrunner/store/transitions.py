@@ -58,14 +58,16 @@ def _claim(tx: Tx, n: int) -> list[Claimed]:
     return out
 
 
-#: Successes in a turn from which they are recorded in one executemany, not one by one.
+#: Successes in a turn from which they are recorded together (``_SUCCEED_MANY``), not
+#: one by one.
 _BATCH_FROM = 8
 
 
 def _succeed_all(tx: Tx, finishes: Sequence[Finish]) -> bool:
-    """Record every success of ``finishes`` in one ``executemany``; True when each matched
-    its running item. When one did not (a stale outcome: cancelled, timed out, claimed
-    again), nothing of it stays, and the caller records them one by one instead."""
+    """Record every success of ``finishes`` in one statement (or a few, past
+    ``_SUCCEED_TEXT`` of results); True when each matched its running item. When one did
+    not (a stale outcome: cancelled, timed out, claimed again), nothing of it stays, and
+    the caller records them one by one instead."""
     ok = [f for f in finishes if f.ok and f.charge]
     if len(ok) < _BATCH_FROM:
         return False
