@@ -17,4 +17,3 @@ def test_submit_wait_status(serve) -> None:
     st = run_cli("status", job_id[:8], url=server.url, timeout=60)
     assert st.returncode == 0, st.stderr
     assert "succeeded" in st.stdout and "result    5" in st.stdout
-
