@@ -237,3 +237,14 @@ def test_progress_is_recorded(store: Store) -> None:
     store.record_progress({(a.job_seq, 0): (0.5, "half")})
     j = store.get_job(job.id)
     assert j.progress == 0.25 and j.message == "half"
+
+
+def test_a_paused_job_cancelled_then_retried_runs(store: Store) -> None:
+    job, _ = store.insert_job(new(3))
+    store.pause_job(job.id)
+    store.cancel_job(job.id)
+    assert store.get_job(job.id).state.value == "cancelled"
+    store.retry_job(job.id)
+    again = store.get_job(job.id)
+    assert again.state.value == "queued", again.state
+    assert len([c for c in store.claim(10) if c.job_id == job.id]) == 3
