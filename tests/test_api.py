@@ -278,8 +278,11 @@ def test_retry_reruns_only_failed_items_and_the_job_succeeds(client: FlaskClient
 
 def test_retry_of_a_cancelled_job(client: FlaskClient, tmp_path: Path) -> None:
     blocker = submit(client, "slow", {"seconds": 30}, items=[{}, {}])
+    # Both workers busy first: a job submitted while one is free would run at once (the
+    # task holding fewer workers goes first) and have nothing left to cancel.
+    wait_for(lambda: client.get(f"{JOBS}/{blocker['id']}").get_json()["items"]["running"]
+             == 2, 20, "the blocker did not take both workers")
     job = submit(client, "add", items=[{"a": i} for i in range(3)])
-    wait_state(client, blocker["id"], "running")
     client.post(f"{JOBS}/{job['id']}/cancel")
     client.post(f"{JOBS}/{blocker['id']}/cancel")
     retried = client.post(f"{JOBS}/{job['id']}/retry")
