@@ -248,3 +248,16 @@ def test_a_paused_job_cancelled_then_retried_runs(store: Store) -> None:
     again = store.get_job(job.id)
     assert again.state.value == "queued", again.state
     assert len([c for c in store.claim(10) if c.job_id == job.id]) == 3
+
+
+def test_a_paused_job_whose_running_items_fail_then_retried_runs(store: Store) -> None:
+    job, _ = store.insert_job(new(2))
+    claimed = [c for c in store.claim(10) if c.job_id == job.id]
+    store.pause_job(job.id)  # its items are running: they finish
+    store.finish([Finish(c.job_seq, c.index, c.claim, error={"type": "E", "message": "x"},
+                         retryable=False) for c in claimed])
+    assert store.get_job(job.id).state.value == "failed"
+    store.retry_job(job.id)
+    again = store.get_job(job.id)
+    assert again.state.value == "queued", again.state
+    assert len([c for c in store.claim(10) if c.job_id == job.id]) == 2

@@ -237,9 +237,6 @@ def cancel(tx: Tx, seq: int, ident: str) -> list[tuple[int, int, int]]:
                     (tx.now, err, seq)).rowcount
     tx.move(seq, "queued", "cancelled", n_q)
     tx.move(seq, "running", "cancelled", n_r)
-    # A cancelled job has finished, and its pause with it: a retry later runs it (else its
-    # re-queued items would wait for a resume nobody knows is needed).
-    c.execute("UPDATE jobs SET paused = 0 WHERE seq = ? AND paused = 1", (seq,))
     return running
 
 

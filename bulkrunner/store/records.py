@@ -120,6 +120,8 @@ class Tx:
 def _state_sql(delta: str = ":") -> str:
     """:func:`~bulkrunner.models.derive_state` in SQL, over the counts after the deltas
     (in an UPDATE every expression sees the row as it was, so each count is old + delta).
+    A job that finishes is no longer paused (set beside it): a retry later runs it, where
+    its re-queued items would otherwise wait for a resume nobody knows is needed.
     ``delta`` prefixes each delta's name: ``:`` for parameters, ``d.`` for a joined row."""
     q, r, s, f, c = (f"(n_{n} + {delta}{n})" for n in STATES)
     return (f"CASE WHEN paused = 1 AND ({q} > 0 OR {r} > 0) THEN 'paused' "
@@ -135,7 +137,9 @@ _APPLY = (
     "started_at = CASE WHEN started_at IS NULL AND :running > 0 THEN :now "
     "ELSE started_at END, "
     f"finished_at = CASE WHEN {_STATE} IN ('succeeded', 'failed', 'cancelled') "
-    "THEN COALESCE(finished_at, :now) ELSE NULL END "
+    "THEN COALESCE(finished_at, :now) ELSE NULL END, "
+    f"paused = CASE WHEN {_STATE} IN ('succeeded', 'failed', 'cancelled') THEN 0 "
+    "ELSE paused END "
     "WHERE seq = :seq RETURNING id, task, paused, " + ", ".join(f"n_{n}" for n in STATES) +
     ", notify_url")
 
@@ -150,7 +154,9 @@ _APPLY_MANY = (
     "started_at = CASE WHEN started_at IS NULL AND d.running > 0 THEN :now "
     "ELSE started_at END, "
     f"finished_at = CASE WHEN {_MANY_STATE} IN ('succeeded', 'failed', 'cancelled') "
-    "THEN COALESCE(finished_at, :now) ELSE NULL END "
+    "THEN COALESCE(finished_at, :now) ELSE NULL END, "
+    f"paused = CASE WHEN {_MANY_STATE} IN ('succeeded', 'failed', 'cancelled') THEN 0 "
+    "ELSE paused END "
     "FROM (SELECT value->>0 AS seq, " +
     ", ".join(f"value->>{i + 1} AS {n}" for i, n in enumerate(STATES)) +
     " FROM json_each(:deltas)) AS d WHERE jobs.seq = d.seq "
