@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import socket
 import threading
 import time
 
-from bulkrunner.runtime import Context, context, run_item
+from bulkrunner.runtime import Context, context, run_item, worker_name
 from tests.conftest import work_unit
 
 
@@ -64,3 +67,20 @@ def test_null_context_is_harmless() -> None:
     ctx.progress(1, 2, "x")
     ctx.check()
     assert not ctx.cancelled
+
+
+def _name_in_child(q: multiprocessing.Queue[tuple[str, int]]) -> None:
+    q.put((worker_name(), os.getpid()))
+
+
+def test_worker_name_is_host_and_pid_also_in_a_forked_child() -> None:
+    # The name is kept once made: a forked child must not report its parent's pid.
+    assert worker_name() == f"{socket.gethostname()}:{os.getpid()}"
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[tuple[str, int]] = ctx.Queue()
+    child = ctx.Process(target=_name_in_child, args=(q,))
+    child.start()
+    name, pid = q.get(timeout=30)
+    child.join(timeout=30)
+    assert pid != os.getpid()
+    assert name == f"{socket.gethostname()}:{pid}"

@@ -94,16 +94,24 @@ def resolve(target: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-_worker_name: tuple[int, str] = (0, "")
+_worker_name = ""
 
 
 def worker_name() -> str:
     """host:pid of the caller, recorded on the item it ran."""
     global _worker_name
-    pid = os.getpid()
-    if _worker_name[0] != pid:  # once per process (a forked worker has a new pid)
-        _worker_name = (pid, f"{socket.gethostname()}:{pid}")
-    return _worker_name[1]
+    if not _worker_name:  # once per process: a forked child forgets it (below)
+        _worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    return _worker_name
+
+
+def _forget_worker_name() -> None:
+    global _worker_name
+    _worker_name = ""
+
+
+# Asking for the pid on every item is a system call each time (glibc no longer caches it).
+os.register_at_fork(after_in_child=_forget_worker_name)
 
 
 #: Ends a message or traceback cut to fit ``jobs.max_error_size``.
