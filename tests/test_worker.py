@@ -84,3 +84,26 @@ def test_worker_name_is_host_and_pid_also_in_a_forked_child() -> None:
     child.join(timeout=30)
     assert pid != os.getpid()
     assert name == f"{socket.gethostname()}:{pid}"
+
+
+def _flusher_in_child(q: multiprocessing.Queue[tuple[bool, bool]]) -> None:
+    from bulkrunner.runtime import capture
+
+    forgot = capture._flusher is None  # the parent's thread does not exist here
+    capture.install()
+    flusher = capture._flusher
+    q.put((forgot, flusher is not None and flusher.is_alive()))
+
+
+def test_a_forked_child_starts_its_own_output_flusher() -> None:
+    from bulkrunner.runtime import capture
+
+    capture.install()
+    assert capture._flusher is not None and capture._flusher.is_alive()
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[tuple[bool, bool]] = ctx.Queue()
+    child = ctx.Process(target=_flusher_in_child, args=(q,))
+    child.start()
+    forgot, running = q.get(timeout=30)
+    child.join(timeout=30)
+    assert forgot and running

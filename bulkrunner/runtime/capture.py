@@ -24,6 +24,7 @@ Imported by :mod:`bulkrunner.runtime`, so it stays in the standard library.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -119,6 +120,7 @@ _process_wide = False
 _active: set[ItemLog] = set()
 _lock = threading.Lock()
 _flusher: threading.Thread | None = None
+_log = logging.getLogger("bulkrunner.capture")
 
 
 def current() -> ItemLog | None:
@@ -276,9 +278,9 @@ def install(*, process_wide: bool | None = None) -> None:
     global _process_wide, _flusher
     if process_wide is not None:
         _process_wide = process_wide
-    if _flusher is None or not _flusher.is_alive():  # (a forked child has none running)
+    if _flusher is None:  # (a forked child forgets its parent's: see _forget_flusher)
         with _lock:
-            if _flusher is None or not _flusher.is_alive():
+            if _flusher is None:
                 _flusher = threading.Thread(target=_flush_loop, name="bulkrunner-logflush",
                                             daemon=True)
                 _flusher.start()
@@ -325,7 +327,20 @@ def _flush_loop() -> None:
         with _lock:
             logs = list(_active)
         for log in logs:
-            log.flush()
+            try:
+                log.flush()
+            except Exception:  # one item's sink failing must not end the flushing of all
+                _log.exception("sending the output of item %s failed", log._key)
         for stream in (sys.stdout, sys.stderr):
             if type(stream) is _Router:
                 stream.report_drops()
+
+
+def _forget_flusher() -> None:
+    global _flusher
+    _flusher = None
+
+
+# The flusher thread is not copied into a forked child; install() starts the child's own.
+# (Asking the thread whether it is alive instead costs a lock on every item.)
+os.register_at_fork(after_in_child=_forget_flusher)

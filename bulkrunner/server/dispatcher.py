@@ -315,10 +315,12 @@ class Dispatcher:
         if turn.retry_due is not None and (self._retry_due is None
                                            or turn.retry_due < self._retry_due):
             self._retry_due = turn.retry_due
+        finished = []
         for e, state in zip(ended, turn.states, strict=True):
             f = e.finish
-            self.events.emit(Finished(e.job_id, f.job_seq, f.index, f.claim, e.task, f.ok,
-                                      state, f.charge, e.duration, e.cause))
+            finished.append(Finished(e.job_id, f.job_seq, f.index, f.claim, e.task, f.ok,
+                                     state, f.charge, e.duration, e.cause))
+        self.events.emit_all(Finished, finished)  # one call a listener for the whole turn
         self.events.job_changes(turn.changes)
         # The turn's claims go to the executor in one call (it batches short items).
         batch: list[tuple[Claimed, WorkUnit]] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -103,6 +103,7 @@ class EventBus:
 
     def __init__(self) -> None:
         self._listeners: dict[type[Any], tuple[Callable[[Any], None], ...]] = {}
+        self._batch_listeners: dict[type[Any], tuple[Callable[[Any], None], ...]] = {}
         self._lock = threading.Lock()
 
     def subscribe(self, kind: type[E], listener: Callable[[E], None]) -> None:
@@ -110,9 +111,16 @@ class EventBus:
         with self._lock:  # copy on write: emit reads without the lock
             self._listeners[kind] = (*self._listeners.get(kind, ()), listener)
 
+    def subscribe_all(self, kind: type[E], listener: Callable[[Sequence[E]], None]) -> None:
+        """Call ``listener(events)`` with the events of type ``kind`` that are emitted
+        together (:meth:`emit_all`: a turn's hundreds of ends), or with a list of one.
+        For listeners that count: one call a turn instead of one an item."""
+        with self._lock:
+            self._batch_listeners[kind] = (*self._batch_listeners.get(kind, ()), listener)
+
     def wants(self, kind: type[Any]) -> bool:
         """Whether anyone listens to ``kind`` (to skip building events nobody reads)."""
-        return kind in self._listeners
+        return kind in self._listeners or kind in self._batch_listeners
 
     def job_changes(self, changes: Iterable[JobChange]) -> None:
         """Emit a :class:`JobChanged` for each change of state the store reported."""
@@ -122,11 +130,27 @@ class EventBus:
     def emit(self, event: Event) -> None:
         """Hand ``event`` to its listeners; a failing listener is logged, never raised."""
         for listener in self._listeners.get(type(event), ()):
-            try:
-                listener(event)
-            except Exception:  # one listener's bug must not stop the emitter or the rest
-                log.exception("event listener %r failed on %s", listener,
-                              type(event).__name__)
+            self._call(listener, event, type(event))
+        for listener in self._batch_listeners.get(type(event), ()):
+            self._call(listener, [event], type(event))
+
+    def emit_all(self, kind: type[E], events: Sequence[E]) -> None:
+        """Hand ``events``, all of type ``kind``, to the listeners of ``kind``: each one to
+        those of :meth:`subscribe`, all in one list to those of :meth:`subscribe_all`."""
+        if not events:
+            return
+        for listener in self._listeners.get(kind, ()):
+            for event in events:
+                self._call(listener, event, kind)
+        for listener in self._batch_listeners.get(kind, ()):
+            self._call(listener, events, kind)
+
+    @staticmethod
+    def _call(listener: Callable[[Any], None], arg: Any, kind: type[Any]) -> None:
+        try:
+            listener(arg)
+        except Exception:  # one listener's bug must not stop the emitter or the rest
+            log.exception("event listener %r failed on %s", listener, kind.__name__)
 
 
 __all__ = ["Event", "EventBus", "Finished", "JobChanged", "Notified", "Recovered", "Started",

@@ -10,7 +10,7 @@ in memory, so a scrape costs two index lookups however many jobs are stored.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -66,7 +66,7 @@ class Metrics:
         #: Each task's submission series, the same way (every 202 counts in them).
         self._submits: dict[str, tuple[Counter, Counter]] = {}
         service.events.subscribe(Submitted, self._submitted)
-        service.events.subscribe(Finished, self._finished)
+        service.events.subscribe_all(Finished, self._finished)
         service.events.subscribe(Notified, self._notified)
 
     def render(self) -> tuple[bytes, str]:
@@ -86,25 +86,34 @@ class Metrics:
     def _notified(self, e: Notified) -> None:
         self.webhooks.labels(e.outcome).inc()
 
-    def _finished(self, e: Finished) -> None:
-        if e.cause == "timeout":
-            self.timeouts.labels(e.task).inc()
-        elif e.cause == "worker_died":
-            self.worker_deaths.labels(e.task).inc()
-        if e.state == "stale" or not e.charged:
-            return  # ignored by the store, or an innocent re-queued without an attempt
-        children = self._per_task.get(e.task)
+    def _finished(self, events: Sequence[Finished]) -> None:
+        # A turn ends hundreds of short items: each series is counted up once a turn.
+        ended: dict[tuple[str, bool], int] = {}
+        for e in events:
+            if e.cause == "timeout":
+                self.timeouts.labels(e.task).inc()
+            elif e.cause == "worker_died":
+                self.worker_deaths.labels(e.task).inc()
+            if e.state == "stale" or not e.charged:
+                continue  # ignored by the store, or an innocent re-queued without an attempt
+            self._series(e.task)[0].observe(e.duration)
+            key = (e.task, e.ok)
+            ended[key] = ended.get(key, 0) + 1
+            if not e.ok and e.state == "queued":
+                self.retries.labels(e.task).inc()
+            elif e.state == "failed":
+                self.failures.labels(e.task).inc()
+        for (task, ok), n in ended.items():
+            _, succeeded, failed = self._per_task[task]
+            (succeeded if ok else failed).inc(n)
+
+    def _series(self, task: str) -> tuple[Histogram, Counter, Counter]:
+        children = self._per_task.get(task)
         if children is None:
-            children = self._per_task[e.task] = (
-                self.duration.labels(e.task), self.attempts.labels(e.task, "succeeded"),
-                self.attempts.labels(e.task, "failed"))
-        duration, succeeded, failed = children
-        duration.observe(e.duration)
-        (succeeded if e.ok else failed).inc()
-        if not e.ok and e.state == "queued":
-            self.retries.labels(e.task).inc()
-        elif e.state == "failed":
-            self.failures.labels(e.task).inc()
+            children = self._per_task[task] = (
+                self.duration.labels(task), self.attempts.labels(task, "succeeded"),
+                self.attempts.labels(task, "failed"))
+        return children
 
 
 class _StateCollector(Collector):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import Any
 
 from bulkrunner.server.events import EventBus, Finished
@@ -31,27 +32,32 @@ class Throughput:
 
     def subscribe(self, events: EventBus) -> None:
         """Count every attempt that ended its item (succeeded or failed)."""
-        events.subscribe(Finished, self._on_finished)
+        events.subscribe_all(Finished, self._on_finished)
 
-    def _on_finished(self, e: Finished) -> None:
-        if e.state not in ("succeeded", "failed"):
+    def _on_finished(self, events: Sequence[Finished]) -> None:
+        by_job: dict[str, int] = {}
+        for e in events:
+            if e.state in ("succeeded", "failed"):
+                by_job[e.job_id] = by_job.get(e.job_id, 0) + 1
+        if not by_job:
             return
         now = time.time()
         start = now - now % BUCKET
         with self._lock:
-            buckets = self._jobs.get(e.job_id)
-            if buckets is None:
-                buckets = self._jobs[e.job_id] = deque(maxlen=KEPT)
-                self._first[e.job_id] = now
-                if len(self._jobs) > JOBS:
-                    old, _ = self._jobs.popitem(last=False)
-                    self._first.pop(old, None)
-            else:
-                self._jobs.move_to_end(e.job_id)
-            if buckets and buckets[-1][0] == start:
-                buckets[-1][1] += 1
-            else:
-                buckets.append([start, 1])
+            for job_id, n in by_job.items():
+                buckets = self._jobs.get(job_id)
+                if buckets is None:
+                    buckets = self._jobs[job_id] = deque(maxlen=KEPT)
+                    self._first[job_id] = now
+                    if len(self._jobs) > JOBS:
+                        old, _ = self._jobs.popitem(last=False)
+                        self._first.pop(old, None)
+                else:
+                    self._jobs.move_to_end(job_id)
+                if buckets and buckets[-1][0] == start:
+                    buckets[-1][1] += n
+                else:
+                    buckets.append([start, n])
 
     def of(self, job_id: str, now: float | None = None) -> dict[str, Any]:
         """``{"interval", "history": [[bucket start, finished], ...], "rate"}`` for a job:
