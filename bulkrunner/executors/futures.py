@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import (
     CANCELLED,
@@ -88,4 +88,31 @@ def unit_futures(n: int) -> list[UnitFuture]:
     return [UnitFuture(cond) for _ in range(n)]
 
 
-__all__ = ["UnitFuture", "unit_futures"]
+def add_done_callbacks(futs: Sequence[Future[Outcome]],
+                       fn: Callable[[Future[Outcome]], object]) -> None:
+    """``fut.add_done_callback(fn)`` for each of ``futs``, taking each shared condition
+    once for a run of futures that share it (one a hand-over) rather than once a future.
+    As there, ``fn`` is called at once for a future already done."""
+    cond: threading.Condition | None = None
+    done: list[Future[Outcome]] = []
+    try:
+        for f in futs:
+            c = f._condition  # the stdlib's own attribute
+            if c is not cond:
+                if cond is not None:
+                    cond.release()
+                cond = None
+                c.acquire()
+                cond = c
+            if f._state in _DONE:
+                done.append(f)
+            else:
+                f._done_callbacks.append(fn)  # type: ignore[attr-defined]
+    finally:
+        if cond is not None:
+            cond.release()
+    for f in done:
+        f.add_done_callback(fn)  # calls it now, logging what it raises
+
+
+__all__ = ["UnitFuture", "add_done_callbacks", "unit_futures"]

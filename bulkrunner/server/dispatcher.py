@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from bulkrunner.config import Config
 from bulkrunner.errors import StoreUnwritable
 from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
+from bulkrunner.executors.futures import add_done_callbacks
 from bulkrunner.runtime import Outcome, WorkUnit, safe_text
 from bulkrunner.server.events import EventBus, Finished, Recovered, Started
 from bulkrunner.server.pacing import Pacer
@@ -264,6 +265,7 @@ class Dispatcher:
         self._give_back()
         ended, self._unrecorded = self._unrecorded, []
         now = time.monotonic()  # once a turn: its ends are read within microseconds
+        left: dict[str, int] = {}  # items that left their workers, by task
         while True:
             try:
                 fut = self._done.get_nowait()
@@ -272,12 +274,14 @@ class Dispatcher:
             unit = self._inflight.pop(fut, None)
             if unit is None:
                 continue
-            self.pacer.ended(unit.task)
+            left[unit.task] = left.get(unit.task, 0) + 1
             took = now - self._submitted.pop(fut, now)
             if fut in self._timed_out:
                 self._timed_out.discard(fut)
                 continue
             ended.append(self._ended(unit, fut, took))
+        for name, n in left.items():
+            self.pacer.ended(name, n)
         self._handle_aborts()
         ended += self._expire()
         if self._retry_due is not None and time.time() >= self._retry_due:
@@ -368,7 +372,7 @@ class Dispatcher:
                 self._submitted[fut] = now
                 if tell:
                     self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
-                fut.add_done_callback(self._on_done)
+            add_done_callbacks(futs, self._on_done)
         if self.executor is not None:
             self._slots_free = self._free_slots()
         return flush

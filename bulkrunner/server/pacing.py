@@ -206,10 +206,10 @@ class Pacer:
         """A user paused or resumed a task."""
         self.task(task).paused = paused
 
-    def ended(self, task: str) -> None:
-        """An item of ``task`` left its worker."""
+    def ended(self, task: str, n: int = 1) -> None:
+        """``n`` items of ``task`` left their workers."""
         t = self.task(task)
-        t.running = max(0, t.running - 1)
+        t.running = max(0, t.running - n)
 
     # ------------------------------------------------------------------ planning
     def begin(self, n: int, now: float) -> None:
