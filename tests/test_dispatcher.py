@@ -81,3 +81,27 @@ def test_items_claimed_ahead_go_back_when_a_long_item_holds_the_thread(
     wait_for(lambda: _job(client, after)["state"] == "succeeded", 30, "later items never ran")
     items = client.get(f"/api/v1/jobs/{after}/items").json["items"]
     assert all(it["attempts"] == 1 for it in items)
+
+
+def test_items_claimed_ahead_behind_a_long_one_are_given_back(app_factory: Any,
+                                                               tmp_path: Any) -> None:
+    app = app_factory(max_workers=1)
+    client = app.test_client()
+    runs = tmp_path / "runs.txt"
+    # Short items first, so the next ones are claimed ahead in one batch on the thread.
+    warm = client.post("/api/v1/jobs", json={
+        "task": "record", "items": [{"path": str(runs), "i": -1}] * 200}).json["id"]
+    wait_for(lambda: _job(client, warm)["state"] == "succeeded", 30, "warm-up did not finish")
+    runs.write_text("")
+    job_id = client.post("/api/v1/jobs", json={"task": "record", "items": [
+        {"path": str(runs), "i": i, "delay": 1.5 if i == 0 else 0} for i in range(20)]}).json["id"]
+    # Item 0 holds the only thread; those claimed with it wait, and go back to the queue
+    # (free of charge) instead of waiting for it.
+    wait_for(lambda: _job(client, job_id)["items"] == {
+        "total": 20, "queued": 19, "running": 1, "succeeded": 0, "failed": 0,
+        "cancelled": 0}, 10,
+        "the items behind the long one were not given back while it ran")
+    wait_for(lambda: _job(client, job_id)["state"] == "succeeded", 30, "the job did not finish")
+    items = client.get(f"/api/v1/jobs/{job_id}/items?limit=100").json["items"]
+    assert sorted(int(x) for x in runs.read_text().split()) == list(range(20))  # once each
+    assert {it["attempts"] for it in items} == {1}

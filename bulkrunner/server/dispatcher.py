@@ -251,6 +251,10 @@ class Dispatcher:
         if len(self._inflight) <= self.max_workers:
             return
         now = time.monotonic()
+        # Handed over in order, so the first is the oldest: while it is younger than
+        # _GIVE_BACK none can have waited that long, and the items need no look.
+        if now - next(iter(self._submitted.values()), now) <= _GIVE_BACK:
+            return
         waiting = [f for f in self._inflight if not f.running() and not f.done()]
         if any(now - self._submitted.get(f, now) > _GIVE_BACK for f in waiting):
             for f in waiting:
