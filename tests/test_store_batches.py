@@ -132,3 +132,52 @@ def test_an_old_database_loses_the_unused_queue_index(tmp_path: Path) -> None:
     assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_queue'"
                         ).fetchone() is None
     conn.close()
+
+
+def _index_names(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'items' "
+            "AND sql IS NOT NULL")}
+    finally:
+        conn.close()
+
+
+def test_an_old_database_gets_partial_indexes_of_states_and_keeps_its_items(
+        tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    s = Store(str(path))
+    job, _ = s.insert_job(_job(8))
+    other, _ = s.insert_job(_job(3))
+    c = s.claim(5)  # job: 0-4 running, 5-7 queued
+    s.finish([Finish(c[0].job_seq, 0, c[0].claim, ok=True, result="0"),
+              Finish(c[1].job_seq, 1, c[1].claim, error={"type": "E", "message": "no"}),
+              Finish(c[2].job_seq, 2, c[2].claim, ok=True, result="2")])
+    s.cancel_job(other.id)
+    s.close()
+    # What a database of the version before looked like: one index of every item by state.
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("DROP INDEX items_queued; DROP INDEX items_failed; "
+                       "DROP INDEX items_cancelled; "
+                       "CREATE INDEX items_by_state ON items(job_seq, state, idx); "
+                       "PRAGMA user_version = 7;")
+    conn.close()
+    s = Store(str(path))
+    try:
+        assert _index_names(path) == {"items_running", "items_queued", "items_failed",
+                                      "items_cancelled"}
+        by_state = {st: [it.index for it in s.list_items(job.id, state=st, limit=100)[0]]
+                    for st in ("queued", "running", "succeeded", "failed", "cancelled")}
+        assert by_state == {"queued": [5, 6, 7], "running": [3, 4], "succeeded": [0, 2],
+                            "failed": [1], "cancelled": []}
+        assert [it.index for it in s.list_items(other.id, state="cancelled", limit=100)[0]
+                ] == [0, 1, 2]
+        assert [(x.job_id, x.index) for x in s.claim(10)] == [(job.id, 5), (job.id, 6),
+                                                                (job.id, 7)]
+        assert s.get_job(job.id).failures[0]["count"] == 1  # read through items_failed
+        s.retry_job(other.id)
+        assert [it.index for it in s.list_items(other.id, state="queued", limit=100)[0]
+                ] == [0, 1, 2]
+    finally:
+        s.close()

@@ -117,9 +117,9 @@ def set_job_paused(tx: Tx, seq: int, ident: str, paused: bool) -> None:
 
 # A job's next claimable items: queued, past any retry backoff, in index order.
 _NEXT = ("SELECT * FROM (SELECT job_seq, idx, params, claim FROM items INDEXED BY "
-         "items_by_state WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
+         "items_queued WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
          "ORDER BY idx LIMIT ?)")
-_MOVE_SPAN = ("UPDATE items INDEXED BY items_by_state SET state = 'running', "
+_MOVE_SPAN = ("UPDATE items INDEXED BY items_queued SET state = 'running', "
               "claim = claim + 1, started_at = ?, progress = NULL, message = NULL, "
               "worker = NULL WHERE job_seq = ? AND state = 'queued' AND not_before <= ? "
               "AND idx BETWEEN ? AND ?")

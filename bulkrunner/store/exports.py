@@ -9,6 +9,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 from bulkrunner.errors import NotFound
+from bulkrunner.models import STATES
 from bulkrunner.store.jobs import resolve_id
 
 #: One item: index, its own params, state, attempts, result, error (JSON text or None).
@@ -33,6 +34,9 @@ class ExportRows:
 
     def __init__(self, conn: sqlite3.Connection, ident: str, state: str | None) -> None:
         self._conn = conn
+        if state is not None and state not in STATES:
+            conn.close()
+            raise ValueError(f"unknown state {state!r}")
         try:
             conn.execute("BEGIN")
             self.seq = resolve_id(conn, ident)
@@ -47,11 +51,14 @@ class ExportRows:
         self.params_text: str = row[0]
         self.params: dict[str, Any] = json.loads(row[0])
         self._state = state
-        self._args: tuple[Any, ...] = (self.seq, state) if state else (self.seq,)
+        self._args: tuple[Any, ...] = (self.seq,)
 
     def _where(self, t: str = "items") -> str:
         """The condition on table ``t`` (a name or an alias) that picks the rows."""
-        return f"{t}.job_seq = ?" + (f" AND {t}.state = ?" if self._state else "")
+        # The state is written into the statement, not bound: SQLite uses a state's
+        # partial index only for a state it can see.
+        return f"{t}.job_seq = ?" + (f" AND {t}.state = '{self._state}'" if self._state
+                                     else "")
 
     def result_keys(self) -> list[str] | None:
         """The keys of the results, in the order they first appear (by index, then by

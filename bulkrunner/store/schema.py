@@ -164,14 +164,29 @@ def _v6(c: sqlite3.Connection) -> None:
 
 
 def _v7(c: sqlite3.Connection) -> None:
-    # Claims go job by job (jobs_waiting, then items_by_state within a job), so the index
+    # Claims go job by job (jobs_waiting, then the job's queued items), so the index
     # of every queued item in priority order is read by nothing; each item written,
     # claimed or re-queued paid for keeping it.
     _script(c, "DROP INDEX IF EXISTS items_queue;")
 
 
+def _v8(c: sqlite3.Connection) -> None:
+    # An index of every item by (job, state, index) was rewritten twice for each item run:
+    # at its claim and at its end. Partial indexes of the states that are looked for
+    # within a job (the queued ones to claim; the failed ones to group and retry; the
+    # cancelled ones to retry) leave an item that succeeds out of all of them but
+    # items_running: a claim and an end cost about a third less each. A page of a job's
+    # succeeded items reads the job's items in index order instead.
+    _script(c, """
+    CREATE INDEX items_queued ON items(job_seq, idx) WHERE state = 'queued';
+    CREATE INDEX items_failed ON items(job_seq, idx) WHERE state = 'failed';
+    CREATE INDEX items_cancelled ON items(job_seq, idx) WHERE state = 'cancelled';
+    DROP INDEX items_by_state;
+    """)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6,
-                                                          _v7]
+                                                          _v7, _v8]
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -36,7 +36,7 @@ def _claim(tx: Tx, n: int) -> list[Claimed]:
         # Job by job in claim order (jobs_waiting), then each job's items in index order.
         "SELECT i.job_seq, i.idx, i.params, i.claim, j.id, j.task, j.params, j.timeout "
         "FROM jobs j INDEXED BY jobs_waiting "
-        "JOIN items i INDEXED BY items_by_state ON i.job_seq = j.seq AND i.state = 'queued' "
+        "JOIN items i INDEXED BY items_queued ON i.job_seq = j.seq AND i.state = 'queued' "
         "WHERE j.n_queued > 0 AND j.doomed = 0 AND i.not_before <= ? "
         "ORDER BY j.priority DESC, j.seq, i.idx LIMIT ?", (tx.now, n)).fetchall()
     if not rows:
