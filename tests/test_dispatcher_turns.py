@@ -3,6 +3,7 @@ one turn records, claims and tells on the event bus."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from bulkrunner.server.dispatcher import Dispatcher
 from bulkrunner.server.events import EventBus, Finished, JobChanged, Started
 from bulkrunner.server.submission import new_job
 from bulkrunner.server.tasks import Registry
-from bulkrunner.store import Store
+from bulkrunner.store import NewJob, Store
 
 
 @pytest.fixture
@@ -87,3 +88,19 @@ def test_progress_and_output_of_a_turn_are_stored_with_its_outcomes(world: Any) 
     assert item.state.value == "succeeded"
     assert store.read_log(ident, 0) == ([(unit.claim, "printed\n")], "succeeded")
     assert store.get_job(ident).message == "half \\ud800 way"
+
+
+def test_an_item_whose_task_left_the_config_fails_and_the_others_run(world: Any) -> None:
+    disp, store, submit, seen = world
+    # Submitted while the task was in the config; the config was changed since.
+    gone, _ = store.insert_job(NewJob(id=uuid.uuid4().hex, task="removed", params={},
+                                      items=["{}"]))
+    ok = submit({"task": "add", "items": [{"a": 1}]})
+    for _ in range(3):
+        disp._turn()
+    failed = store.get_job(gone.id)
+    assert failed.state.value == "failed" and failed.counts["failed"] == 1
+    assert failed.error is not None and failed.error["type"] == "UnknownTask"
+    assert "no longer in the config" in failed.error["message"]
+    assert store.get_job(ok).state.value == "succeeded"
+    assert [e.task for e in seen if isinstance(e, Started)] == ["add"]  # never handed over
