@@ -186,10 +186,15 @@ def items_page(conn: sqlite3.Connection, seq: int, *, state: str | None = None, 
     sql = f"SELECT {ITEM_COLS} FROM items WHERE job_seq = ?"
     args: list[Any] = [seq]
     if state:
-        # Written into the statement, not bound: SQLite uses a partial index (items_queued,
-        # items_running, items_failed, items_cancelled) only for a state it can see.
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
+        # The state's partial index, named: without statistics SQLite would rather walk
+        # the job's items in index order, however few are in that state. The state is
+        # written into the statement: a partial index serves only a state SQLite can see.
+        # Succeeded items have no index of their own (most items end so): their pages
+        # walk the job's items.
+        if state != "succeeded":
+            sql = f"SELECT {ITEM_COLS} FROM items INDEXED BY items_{state} WHERE job_seq = ?"
         sql += f" AND state = '{state}'"
     if after is not None:
         sql += " AND idx > ?"
