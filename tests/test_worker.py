@@ -8,6 +8,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from bulkrunner.runtime import Context, context, run_item, worker_name
 from tests.conftest import work_unit
@@ -73,15 +75,22 @@ def _name_in_child(q: multiprocessing.Queue[tuple[str, int]]) -> None:
     q.put((worker_name(), os.getpid()))
 
 
+def _in_forked_child(target: Callable[[multiprocessing.Queue[Any]], None]) -> Any:
+    """What ``target`` puts on its queue, run in a forked child."""
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[Any] = ctx.Queue()
+    child = ctx.Process(target=target, args=(q,))
+    child.start()
+    try:
+        return q.get(timeout=30)
+    finally:
+        child.join(timeout=30)
+
+
 def test_worker_name_is_host_and_pid_also_in_a_forked_child() -> None:
     # The name is kept once made: a forked child must not report its parent's pid.
     assert worker_name() == f"{socket.gethostname()}:{os.getpid()}"
-    ctx = multiprocessing.get_context("fork")
-    q: multiprocessing.Queue[tuple[str, int]] = ctx.Queue()
-    child = ctx.Process(target=_name_in_child, args=(q,))
-    child.start()
-    name, pid = q.get(timeout=30)
-    child.join(timeout=30)
+    name, pid = _in_forked_child(_name_in_child)
     assert pid != os.getpid()
     assert name == f"{socket.gethostname()}:{pid}"
 
@@ -100,10 +109,5 @@ def test_a_forked_child_starts_its_own_output_flusher() -> None:
 
     capture.install()
     assert capture._flusher is not None and capture._flusher.is_alive()
-    ctx = multiprocessing.get_context("fork")
-    q: multiprocessing.Queue[tuple[bool, bool]] = ctx.Queue()
-    child = ctx.Process(target=_flusher_in_child, args=(q,))
-    child.start()
-    forgot, running = q.get(timeout=30)
-    child.join(timeout=30)
+    forgot, running = _in_forked_child(_flusher_in_child)
     assert forgot and running
