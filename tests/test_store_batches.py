@@ -5,6 +5,7 @@ would, including the cases that break a batch (a stale outcome, a gap in a job's
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -145,7 +146,7 @@ def _index_names(path: Path) -> set[str]:
 
 
 def test_an_old_database_gets_partial_indexes_of_states_and_keeps_its_items(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "old.db"
     s = Store(str(path))
     job, _ = s.insert_job(_job(8))
@@ -163,8 +164,12 @@ def test_an_old_database_gets_partial_indexes_of_states_and_keeps_its_items(
                        "CREATE INDEX items_by_state ON items(job_seq, state, idx); "
                        "PRAGMA user_version = 7;")
     conn.close()
-    s = Store(str(path))
+    with caplog.at_level(logging.INFO, logger="bulkrunner.store"):
+        s = Store(str(path))
     try:
+        said = [r.getMessage() for r in caplog.records if r.name == "bulkrunner.store"]
+        assert said[0].startswith("upgrading the database from schema version 7 to 8")
+        assert said[1].startswith("database upgraded to schema version 8 in ")
         assert _index_names(path) == {"items_running", "items_queued", "items_failed",
                                       "items_cancelled"}
         by_state = {st: [it.index for it in s.list_items(job.id, state=st, limit=100)[0]]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from collections.abc import Callable
+
+log = logging.getLogger("bulkrunner.store")
 
 
 def _script(c: sqlite3.Connection, sql: str) -> None:
@@ -195,6 +199,12 @@ def migrate(conn: sqlite3.Connection) -> int:
     Several processes may open a new database at once (gunicorn workers): each step takes
     the write lock first and reads the version again inside it, so only one runs it.
     """
+    start = conn.execute("PRAGMA user_version").fetchone()[0]
+    began = time.monotonic()
+    if 0 < start < len(MIGRATIONS):  # a database of an older bulkrunner, not a new one
+        # A step may build an index over every item: say why the start takes a while.
+        log.info("upgrading the database from schema version %d to %d (on a big database "
+                 "this takes about a second a million items)", start, len(MIGRATIONS))
     while conn.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -206,4 +216,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    if 0 < start < len(MIGRATIONS):
+        log.info("database upgraded to schema version %d in %.1f s", len(MIGRATIONS),
+                 time.monotonic() - began)
     return len(MIGRATIONS)
