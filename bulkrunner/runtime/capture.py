@@ -329,7 +329,7 @@ def _flush_loop() -> None:
         for log in logs:
             try:
                 log.flush()
-            except Exception:  # one item's sink failing must not end the flushing of all
+            except Exception:  # started once (see install): nothing may end this thread
                 _log.exception("sending the output of item %s failed", log._key)
         for stream in (sys.stdout, sys.stderr):
             if type(stream) is _Router:
