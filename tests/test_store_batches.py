@@ -186,3 +186,13 @@ def test_an_old_database_gets_partial_indexes_of_states_and_keeps_its_items(
                 ] == [0, 1, 2]
     finally:
         s.close()
+
+
+def test_a_state_that_is_not_one_never_reaches_a_statement(store: Store) -> None:
+    job, _ = store.insert_job(_job(2))
+    for bad in ("done", "queued' OR 1=1 --"):
+        with pytest.raises(ValueError, match=r"unknown state .*one of queued, running"):
+            store.list_items(job.id, state=bad)
+        with pytest.raises(ValueError, match="unknown state"):
+            store.export_rows(job.id, state=bad)
+    assert [it.index for it in store.list_items(job.id, state="queued")[0]] == [0, 1]

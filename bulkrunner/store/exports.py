@@ -9,8 +9,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 from bulkrunner.errors import NotFound
-from bulkrunner.models import STATES
-from bulkrunner.store.jobs import resolve_id
+from bulkrunner.store.jobs import resolve_id, state_literal
 
 #: One item: index, its own params, state, attempts, result, error (JSON text or None).
 Row = tuple[int, "str | None", str, int, "str | None", "str | None"]
@@ -34,10 +33,9 @@ class ExportRows:
 
     def __init__(self, conn: sqlite3.Connection, ident: str, state: str | None) -> None:
         self._conn = conn
-        if state is not None and state not in STATES:
-            conn.close()
-            raise ValueError(f"unknown state {state!r}")
         try:
+            # The state as a literal in the statements (checked), or None for every item.
+            self._state = state_literal(state) if state else None
             conn.execute("BEGIN")
             self.seq = resolve_id(conn, ident)
             row = conn.execute("SELECT params FROM jobs WHERE seq = ? AND doomed = 0",
@@ -50,15 +48,10 @@ class ExportRows:
         #: The job's params, as text and decoded: each item's own params go over them.
         self.params_text: str = row[0]
         self.params: dict[str, Any] = json.loads(row[0])
-        self._state = state
-        self._args: tuple[Any, ...] = (self.seq,)
 
     def _where(self, t: str = "items") -> str:
         """The condition on table ``t`` (a name or an alias) that picks the rows."""
-        # The state is written into the statement, not bound: SQLite uses a state's
-        # partial index only for a state it can see.
-        return f"{t}.job_seq = ?" + (f" AND {t}.state = '{self._state}'" if self._state
-                                     else "")
+        return f"{t}.job_seq = ?" + (f" AND {t}.state = {self._state}" if self._state else "")
 
     def result_keys(self) -> list[str] | None:
         """The keys of the results, in the order they first appear (by index, then by
@@ -68,13 +61,13 @@ class ExportRows:
         other = self._conn.execute(
             f"SELECT 1 FROM items i WHERE {w} AND i.result IS NOT NULL "
             "AND i.result <> 'null' AND json_type(i.result) <> 'object' LIMIT 1",
-            self._args).fetchone()
+            (self.seq,)).fetchone()
         if other is not None:
             return None
         return [r[0] for r in self._conn.execute(
             f"SELECT j.key FROM items i, json_each(i.result) j WHERE {w} "
             "AND i.result IS NOT NULL AND json_type(i.result) = 'object' "
-            f"GROUP BY j.key ORDER BY MIN(i.idx * {NODES} + j.id)", self._args)]
+            f"GROUP BY j.key ORDER BY MIN(i.idx * {NODES} + j.id)", (self.seq,))]
 
     def undeclared(self, names: Collection[str]) -> bool:
         """Whether some item's params, its own or the job's, hold a name not in ``names``."""
@@ -84,14 +77,14 @@ class ExportRows:
         return self._conn.execute(
             f"SELECT 1 FROM items i, json_each(i.params) j WHERE {w} "
             "AND i.params IS NOT NULL AND j.key NOT IN (SELECT value FROM json_each(?)) "
-            "LIMIT 1", (*self._args, json.dumps(sorted(names)))).fetchone() is not None
+            "LIMIT 1", (self.seq, json.dumps(sorted(names)))).fetchone() is not None
 
     def __iter__(self) -> Iterator[list[Row]]:
         """The rows, :data:`FETCH` at a time; the snapshot ends after the last."""
         try:
             cur = self._conn.execute(
                 "SELECT idx, params, state, attempts, result, error FROM items "
-                f"WHERE {self._where()} ORDER BY idx", self._args)
+                f"WHERE {self._where()} ORDER BY idx", (self.seq,))
             while rows := cur.fetchmany(FETCH):
                 yield rows
         finally:

@@ -180,22 +180,29 @@ def list_jobs(conn: sqlite3.Connection, *, state: str | None = None, task: str |
 
 
 
+def state_literal(state: str) -> str:
+    """``state`` as an SQL string literal, to write into a statement rather than bind:
+    SQLite uses a state's partial index (``items_queued``, ``items_running``,
+    ``items_failed``, ``items_cancelled``) only for a state it can see. ValueError for a
+    name that is not a state, so nothing else is ever written into a statement."""
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}: one of {', '.join(STATES)}")
+    return f"'{state}'"
+
+
 def items_page(conn: sqlite3.Connection, seq: int, *, state: str | None = None, limit: int,
                after: int | None) -> list[Item]:
     """A page of a job's items; NotFound when the job is gone or being deleted."""
     sql = f"SELECT {ITEM_COLS} FROM items WHERE job_seq = ?"
     args: list[Any] = [seq]
     if state:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
+        literal = state_literal(state)
         # The state's partial index, named: without statistics SQLite would rather walk
-        # the job's items in index order, however few are in that state. The state is
-        # written into the statement: a partial index serves only a state SQLite can see.
-        # Succeeded items have no index of their own (most items end so): their pages
-        # walk the job's items.
+        # the job's items in index order, however few are in that state. Succeeded items
+        # have no index of their own (most items end so): their pages walk the job's items.
         if state != "succeeded":
             sql = f"SELECT {ITEM_COLS} FROM items INDEXED BY items_{state} WHERE job_seq = ?"
-        sql += f" AND state = '{state}'"
+        sql += f" AND state = {literal}"
     if after is not None:
         sql += " AND idx > ?"
         args.append(after)
@@ -256,10 +263,10 @@ def retry(tx: Tx, seq: int, ident: str) -> None:
                  (seq,)).fetchone() is None:  # retention took it since it was resolved
         raise NotFound(f"no job with id {ident!r}", {"id": ident})
     for state in ("failed", "cancelled"):  # each through its own partial index
-        n = c.execute("UPDATE items INDEXED BY items_" + state + " SET state = 'queued', "
+        n = c.execute(f"UPDATE items INDEXED BY items_{state} SET state = 'queued', "
                       "attempts = 0, interruptions = 0, not_before = 0, error = NULL, "
                       "result = NULL, progress = NULL, message = NULL, started_at = NULL, "
-                      "finished_at = NULL WHERE job_seq = ? AND state = '" + state + "'",
+                      f"finished_at = NULL WHERE job_seq = ? AND state = {state_literal(state)}",
                       (seq,)).rowcount
         tx.move(seq, state, "queued", n)
     if not tx.counts[seq]["queued"]:
