@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bulkrunner.server.run import file_mode_warnings
+from bulkrunner.server.preflight import file_mode_warnings
 from bulkrunner.store import NewJob, Store
 from tests.conftest import ServerProcess, toml_config
 

@@ -2,7 +2,7 @@
 
 waitress's own idle timeout restarts at every byte, so sockets trickling one byte at a time
 used to keep every connection slot (``server.connection_limit``) for ever. The waitress
-server of ``bulkrunner serve`` (``run.make_server``) closes a connection whose request's
+server of ``bulkrunner serve`` (``httpserver.make_server``) closes a connection whose request's
 headers are not in within ``READ_TIMEOUT`` seconds, or whose body comes slower than
 ``MIN_BODY_RATE``; at the connection limit the deadline is ``FULL_READ_TIMEOUT`` and idle
 kept-alive connections go too. Most tests run that server in this process with deadlines
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from bulkrunner.config import ServerConfig
-from bulkrunner.server import run
+from bulkrunner.server import httpserver
 from tests.conftest import ServerProcess, child_env, toml_config, wait_for
 
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -45,12 +45,12 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 def running(connection_limit: int = 10, read_timeout: float = 1.0,
             full_read_timeout: float = 1.0,
             min_body_rate: float = 1000.0) -> Iterator[tuple[Any, int]]:
-    """``run.make_server`` on a free loopback port, its loop on a thread; (server, port)."""
+    """``httpserver.make_server`` on a free loopback port, its loop on a thread; (server, port)."""
     from waitress import wasyncore
 
     cfg = ServerConfig(host="127.0.0.1", port=0, threads=2,
                        connection_limit=connection_limit)
-    server = run.make_server(wsgi_app, cfg, read_timeout=read_timeout,
+    server = httpserver.make_server(wsgi_app, cfg, read_timeout=read_timeout,
                              full_read_timeout=full_read_timeout,
                              min_body_rate=min_body_rate)
     stop = threading.Event()
@@ -291,9 +291,9 @@ def test_a_real_server_under_slowloris_still_answers(tmp_path: Path) -> None:
         try:
             wait_for(lambda: "reached the connection limit" in srv.log(), 15,
                      "the connection limit")
-            status, took = get(port, timeout=run.READ_TIMEOUT + 15)
+            status, took = get(port, timeout=httpserver.READ_TIMEOUT + 15)
             assert status == 200
-            assert took < run.FULL_READ_TIMEOUT + 4, took
+            assert took < httpserver.FULL_READ_TIMEOUT + 4, took
             wait_for(lambda: "did not send a whole request in time" in srv.log(), 10,
                      "the log line about closed connections")
         finally:
@@ -304,7 +304,7 @@ def test_the_file_limit_is_raised_to_what_the_connection_limit_needs() -> None:
     """In a child process (a lowered hard limit cannot be raised again)."""
     code = """if True:
         import resource, sys
-        from bulkrunner.server.run import FD_HEADROOM, raise_file_limit
+        from bulkrunner.server.preflight import FD_HEADROOM, raise_file_limit
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
         assert raise_file_limit(500) is None
