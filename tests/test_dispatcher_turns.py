@@ -81,8 +81,8 @@ def test_progress_and_output_of_a_turn_are_stored_with_its_outcomes(world: Any) 
     ident = submit({"task": "add", "params": {"a": 1}})
     disp._turn()
     (unit,) = disp.executor.submitted
-    disp._report(unit.key, 0.5, "half \ud800 way")  # hostile text is escaped on entry
-    disp._log(unit.key, unit.claim, "printed\n")
+    disp.reports(unit.key, 0.5, "half \ud800 way")  # hostile text is escaped on entry
+    disp.reports.log(unit.key, unit.claim, "printed\n")
     disp._turn()
     (item,), _ = store.list_items(ident)
     assert item.state.value == "succeeded"

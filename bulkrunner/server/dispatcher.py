@@ -15,20 +15,22 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from concurrent.futures import Future
 
 from bulkrunner.config import Config
 from bulkrunner.errors import StoreUnwritable
-from bulkrunner.executors import Executor, ExecutorLost, WorkerDied, make_executor
+from bulkrunner.executors import Executor, make_executor
 from bulkrunner.executors.futures import add_done_callbacks
-from bulkrunner.runtime import Outcome, WorkUnit, safe_text
+from bulkrunner.runtime import Outcome, WorkUnit
+from bulkrunner.server import endings
+from bulkrunner.server.endings import Ended
 from bulkrunner.server.events import EventBus, Finished, Recovered, Started
 from bulkrunner.server.pacing import Pacer
 from bulkrunner.server.policy import INTERRUPTIONS_ALLOWED, backoff_delay
+from bulkrunner.server.reports import Reports
 from bulkrunner.server.storewait import StoreWait
 from bulkrunner.server.tasks import Registry, Task
-from bulkrunner.store import Claimed, Finish, Store
+from bulkrunner.store import Claimed, Store
 
 log = logging.getLogger("bulkrunner.dispatcher")
 
@@ -44,17 +46,6 @@ _IDLE_POLL = 0.5           # seconds between looks at the queue when nothing wak
 # when told of a pause, resume or retry), for what other processes sharing the database
 # changed; new jobs are looked for at every wake-up and poll.
 _RELOAD_EVERY = 5.0
-
-
-@dataclass(slots=True)
-class _Ended:
-    """An attempt's end waiting to be recorded, with what its event will say."""
-
-    finish: Finish
-    job_id: str
-    task: str
-    duration: float
-    cause: str | None = None
 
 
 class Dispatcher:
@@ -77,13 +68,12 @@ class Dispatcher:
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         #: Ends not yet recorded; kept until the store has them (a failed write retries).
-        self._unrecorded: list[_Ended] = []
+        self._unrecorded: list[Ended] = []
         #: While the database cannot be written: retry delays, rate-limited warnings.
         self._store_wait = StoreWait(log, store.path, store.unwritable)
-        self._progress: dict[tuple[int, int], tuple[float | None, str | None]] = {}
-        self._progress_lock = threading.Lock()
-        #: Captured output waiting to be written: (job_seq, index, claim) -> chunks.
-        self._logs: dict[tuple[int, int, int], list[str]] = {}
+        #: Progress and captured output reported since the last turn (the executor's
+        #: reporter).
+        self.reports = Reports()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.draining = False
@@ -117,7 +107,7 @@ class Dispatcher:
                          job_id, n["requeued"], n["failed"], extra={"job_id": job_id})
             self.events.emit(Recovered(self.recovered["requeued"], self.recovered["failed"],
                                        time.monotonic() - t0))
-        self.executor = self._factory(self.cfg, _Reports(self._report, self._log),
+        self.executor = self._factory(self.cfg, self.reports,
                                       self.registry.modules())
         self._thread = threading.Thread(target=self._run, name="bulkrunner-dispatcher",
                                         daemon=True)
@@ -283,7 +273,7 @@ class Dispatcher:
             if fut in self._timed_out:
                 self._timed_out.discard(fut)
                 continue
-            ended.append(self._ended(unit, fut, took))
+            ended.append(endings.from_future(unit, fut, took))
         for name, n in left.items():
             self.pacer.ended(name, n)
         self._handle_aborts()
@@ -306,7 +296,7 @@ class Dispatcher:
         # An item's progress and output are complete once its end is recorded: they go in
         # the same transaction as the ends (and the next claim), one commit for all three.
         flush = flush or bool(ended)
-        progress, logs = self._take_reports() if flush else ({}, {})
+        progress, logs = self.reports.take() if flush else ({}, {})
         if not ended and free <= 0 and not progress and not logs:
             return flush
         try:
@@ -314,7 +304,7 @@ class Dispatcher:
                                    progress=progress, logs=logs, planner=self.pacer)
         except BaseException:
             self._unrecorded = ended + self._unrecorded  # recorded on the next turn
-            self._give_reports_back(progress, logs)
+            self.reports.give_back(progress, logs)
             self._wake.set()
             raise
         if turn.dropped:
@@ -339,8 +329,8 @@ class Dispatcher:
             try:
                 task = tasks.get(c.task)
                 if task is None:
-                    if c.task not in self.registry:
-                        self._submit(c)  # records it failed: its task left the config
+                    if c.task not in self.registry:  # it left the config: the item fails
+                        self._not_run(c, endings.unknown_task(c))
                         continue
                     task = tasks[c.task] = self.registry.get(c.task)
                 batch.append((c, WorkUnit(
@@ -354,20 +344,14 @@ class Dispatcher:
             except Exception:  # one item's trouble must not strand the rest of the claim
                 log.exception("could not start item %s of job %s; it goes back to the queue",
                               c.index, c.job_id)
-                self.pacer.ended(c.task)
-                self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim,
-                                                      charge=False), c.job_id, c.task, 0.0))
-                self._wake.set()
+                self._not_run(c, endings.not_started(c))
         if batch and self.executor is not None:
             try:
                 futs = self.executor.submit_batch([u for _, u in batch])
             except Exception as e:
                 log.warning("executor refused %d item(s): %s", len(batch), e)
                 for c, _ in batch:
-                    self.pacer.ended(c.task)
-                    self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim,
-                                                          charge=False), c.job_id, c.task, 0.0))
-                self._wake.set()
+                    self._not_run(c, endings.not_started(c))
                 futs = []
             now = time.monotonic()
             tell = self.events.wants(Started)  # nobody may listen: then build no events
@@ -392,38 +376,11 @@ class Dispatcher:
             self._look_new = False
             self.pacer.add(self.store.new_waiting_jobs(self.pacer.max_seq), now)
 
-    def _submit(self, c: Claimed) -> None:
-        assert self.executor is not None
-        if c.task not in self.registry:
-            self._unrecorded.append(_Ended(Finish(
-                c.job_seq, c.index, c.claim, retryable=False, error={
-                    "type": "UnknownTask", "message": f"the task {c.task!r} is no longer in "
-                    "the config; add it back and retry the job", "traceback": ""}),
-                c.job_id, c.task, 0.0))
-            self.pacer.ended(c.task)
-            self._wake.set()
-            return
-        task = self.registry.get(c.task)
-        unit = WorkUnit(job_id=c.job_id, job_seq=c.job_seq, index=c.index, claim=c.claim,
-                        task=c.task, target=task.target, params=c.params, timeout=c.timeout,
-                        deadline=time.time() + c.timeout if c.timeout > 0 else None,
-                        context_param=task.context_param,
-                        max_result_size=self.cfg.jobs.max_result_size,
-                        max_log_size=self.cfg.jobs.max_log_size,
-                        max_error_size=self.cfg.jobs.max_error_size)
-        try:
-            fut = self.executor.submit(unit)
-        except Exception as e:
-            log.warning("executor refused item %s of job %s: %s", c.index, c.job_id, e)
-            self._unrecorded.append(_Ended(Finish(c.job_seq, c.index, c.claim, charge=False),
-                                           c.job_id, c.task, 0.0))
-            self.pacer.ended(c.task)
-            self._wake.set()
-            return
-        self._inflight[fut] = unit
-        self._submitted[fut] = time.monotonic()
-        self.events.emit(Started(c.job_id, c.job_seq, c.index, c.claim, c.task))
-        fut.add_done_callback(self._on_done)
+    def _not_run(self, c: Claimed, end: Ended) -> None:
+        """A claimed item that was not handed over: its end goes to the next turn."""
+        self.pacer.ended(c.task)
+        self._unrecorded.append(end)
+        self._wake.set()
 
     def _on_done(self, fut: Future[Outcome]) -> None:
         # Runs on a worker or executor thread: only hand over, never block.
@@ -440,24 +397,7 @@ class Dispatcher:
         assert self.executor is not None
         return self.executor.max_workers - self.pacer.busy()
 
-    def _ended(self, unit: WorkUnit, fut: Future[Outcome], took: float) -> _Ended:
-        seq, idx, claim = unit.job_seq, unit.index, unit.claim
-        try:
-            out = fut.result()
-        except WorkerDied as e:
-            return _Ended(Finish(seq, idx, claim, error={
-                "type": "WorkerDied", "message": str(e), "traceback": ""}),
-                unit.job_id, unit.task, took, "worker_died")
-        except (ExecutorLost, CancelledError):
-            return _Ended(Finish(seq, idx, claim, charge=False), unit.job_id, unit.task, took)
-        except Exception as e:  # an executor error that names no culprit: not the item's
-            log.warning("item %s of job %s lost by the executor: %r", unit.index, unit.job_id, e)
-            return _Ended(Finish(seq, idx, claim, charge=False), unit.job_id, unit.task, took)
-        return _Ended(Finish(seq, idx, claim, ok=out.ok, result=out.result, error=out.error,
-                             worker=out.worker, retryable=out.retryable),
-                      unit.job_id, unit.task, took)
-
-    def _expire(self) -> list[_Ended]:
+    def _expire(self) -> list[Ended]:
         now = time.time()
         out = []
         for fut, unit in list(self._inflight.items()):
@@ -467,10 +407,7 @@ class Dispatcher:
                 continue  # it finished in time; its outcome is being collected
             self._timed_out.add(fut)
             took = time.monotonic() - self._submitted.get(fut, time.monotonic())
-            out.append(_Ended(Finish(unit.job_seq, unit.index, unit.claim, error={
-                "type": "TimeoutError",
-                "message": f"the attempt passed its timeout of {unit.timeout:g} s",
-                "traceback": ""}), unit.job_id, unit.task, took, "timeout"))
+            out.append(endings.timed_out(unit, took))
             assert self.executor is not None
             self.executor.abort(unit)
         return out
@@ -489,54 +426,6 @@ class Dispatcher:
                 # The item is already recorded as cancelled; drop whatever comes back.
                 self._timed_out.add(fut)
                 self.executor.abort(unit)
-
-    # ------------------------------------------------------------------ progress and output
-    def _report(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
-        # Called by executors (worker, supervisor or Dask threads). Text a task reports is
-        # made storable here, where it enters the server, so it can never fail a write.
-        if msg is not None:
-            msg = safe_text(msg)
-        with self._progress_lock:
-            old = self._progress.get(key, (None, None))
-            self._progress[key] = (frac if frac is not None else old[0],
-                                   msg if msg is not None else old[1])
-
-    def _log(self, key: tuple[int, int], claim: int, text: str) -> None:
-        text = safe_text(text)
-        with self._progress_lock:
-            self._logs.setdefault((key[0], key[1], claim), []).append(text)
-
-    def _take_reports(self) -> tuple[dict[tuple[int, int], tuple[float | None, str | None]],
-                                     dict[tuple[int, int, int], str]]:
-        with self._progress_lock:
-            updates, self._progress = self._progress, {}
-            chunks, self._logs = self._logs, {}
-        return updates, {k: "".join(v) for k, v in chunks.items()}
-
-    def _give_reports_back(self, progress: dict[tuple[int, int],
-                                                tuple[float | None, str | None]],
-                           logs: dict[tuple[int, int, int], str]) -> None:
-        """Put reports of a failed write back, under newer ones, for the next turn."""
-        with self._progress_lock:
-            for key, (frac, msg) in progress.items():
-                new = self._progress.get(key, (None, None))
-                self._progress[key] = (new[0] if new[0] is not None else frac,
-                                       new[1] if new[1] is not None else msg)
-            for lkey, text in logs.items():
-                self._logs.setdefault(lkey, []).insert(0, text)
-
-
-class _Reports:
-    """The reporter handed to executors: called with progress, and ``log`` takes captured
-    output (:func:`bulkrunner.runtime.run_item` looks for it)."""
-
-    def __init__(self, progress: Callable[[tuple[int, int], float | None, str | None], None],
-                 log: Callable[[tuple[int, int], int, str], None]) -> None:
-        self._progress = progress
-        self.log = log
-
-    def __call__(self, key: tuple[int, int], frac: float | None, msg: str | None) -> None:
-        self._progress(key, frac, msg)
 
 
 __all__ = ["Dispatcher"]
