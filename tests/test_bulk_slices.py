@@ -15,7 +15,7 @@ import pytest
 
 from bulkrunner.errors import KeyConflict, NotFound
 from bulkrunner.store import NewJob, Store
-from bulkrunner.store.writer import SLICE_ITEMS
+from bulkrunner.store.inserts import SLICE_ITEMS
 
 
 def _bulk(n: int, **kw: Any) -> NewJob:
@@ -89,20 +89,20 @@ def test_readers_see_a_big_bulk_whole_or_not_at_all(store: Store) -> None:
 
 def test_a_failed_bulk_leaves_nothing_visible(store: Store,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import bulkrunner.store.writer as writer
+    import bulkrunner.store.inserts as inserts
 
-    real = writer._insert_items
+    real = inserts.insert_items
 
     def fail_third(tx: Any, seq: int, new: NewJob, start: int) -> None:
         if start >= 2 * SLICE_ITEMS:
             raise sqlite3.OperationalError("disk I/O error (from the test)")
         real(tx, seq, new, start)
 
-    monkeypatch.setattr(writer, "_insert_items", fail_third)
+    monkeypatch.setattr(inserts, "insert_items", fail_third)
     big = _bulk(4 * SLICE_ITEMS)
     with pytest.raises(sqlite3.OperationalError):
         store.insert_job(big)
-    monkeypatch.setattr(writer, "_insert_items", real)
+    monkeypatch.setattr(inserts, "insert_items", real)
     with pytest.raises(NotFound):
         store.get_job(big.id)
     assert store.queued == 0 and store.list_jobs()[0] == []

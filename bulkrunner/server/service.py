@@ -29,7 +29,7 @@ from bulkrunner.server.scheduler import Scheduler
 from bulkrunner.server.tasks import Registry
 from bulkrunner.server.throughput import Throughput
 from bulkrunner.store import Store
-from bulkrunner.store.writer import SLICE_ITEMS
+from bulkrunner.store.inserts import SLICE_ITEMS
 
 
 class Service:

@@ -3,15 +3,12 @@
 A thread that wants to write appends its operation to the pending list and, if no other
 thread is writing, becomes the *leader*: it runs everything pending in one transaction,
 commits it, and wakes each waiting thread with its result; otherwise it waits for the
-leader to commit its operation. So one client waits for
-one commit on its own thread (no hand-off to another thread and back, each of which costs
-tens of microseconds under the GIL), and a burst of submissions shares one fsync.
+leader to commit its operation. So one client waits for one commit on its own thread (no
+hand-off to another thread and back, each of which costs tens of microseconds under the
+GIL), and a burst of submissions shares one fsync.
 
-New jobs are inserted for the whole batch with one statement (rows unpacked from one JSON
-array by SQLite), because every statement releases and retakes the GIL, and on a busy
-server each retake waits for the request threads: statements per batch, not rows, set how
-fast the writer goes. A batch of new jobs alone is that one statement in autocommit mode,
-its commit included.
+New jobs are written by :mod:`bulkrunner.store.inserts`: in the batch's transaction with
+the other operations, or, past ``SLICE_ITEMS`` items, in slices of their own commits.
 
 When the database cannot be written (a full disk, a write lock another program holds past
 the busy timeout, an I/O error) the batch's transaction is rolled back and every operation
@@ -25,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import json
 import sqlite3
 import threading
 import time
@@ -35,28 +30,15 @@ from typing import Any, TypeVar
 
 from bulkrunner.errors import (
     DatabaseLocked,
-    KeyConflict,
-    QueueFull,
     StoreUnwritable,
-    Unavailable,
 )
 from bulkrunner.models import STATES
+from bulkrunner.store import inserts
 from bulkrunner.store.faults import BUSY_TIMEOUT_MS, WAL_SIZE_LIMIT, Faults, unwritable
 from bulkrunner.store.records import JobChange, NewJob, Tx, _apply_counts, _zero_counts
 
 T = TypeVar("T")
 _MAX_BATCH = 512
-#: Items of a new job written in one transaction at most. A bigger job goes in slices of
-#: this many, each its own commit (about 10 ms of the writer), so that other writes (a
-#: one-item submission, a dispatcher turn) wait for one slice, not for the whole bulk.
-SLICE_ITEMS = 4000
-#: The job row of a bulk whose items are still being written in slices: hidden from every
-#: read (``doomed = 2``, as reads show only ``doomed = 0``), its counters zero, in a state
-#: of its own. It becomes a queued job in the last slice's commit. One left behind by a
-#: crash is handed to retention's deleter (``doomed = 1``) once it is this many seconds
-#: old (another process sharing the database may still be writing a younger one).
-INSERTING = "inserting"
-_STALE_INSERT = 60.0
 #: Items waiting, from the job counters (the index of jobs with queued items).
 QUEUED_TOTAL = "SELECT COALESCE(SUM(n_queued), 0) FROM jobs WHERE n_queued > 0"
 class _Op:
@@ -99,7 +81,7 @@ class Writer:
         self._pending_lock = threading.Lock()
         self._sync = ""
         self.closed = False
-        _drop_stale_inserts(conn)
+        inserts.drop_stale_inserts(conn)
         #: Items waiting in the queue (from the job counters: a bulk still being written
         #: has none yet).
         self.queued: int = conn.execute(QUEUED_TOTAL).fetchone()[0]
@@ -128,75 +110,17 @@ class Writer:
         gives the original job's number and ``created=False``. Raises QueueFull past
         ``max_queued`` items waiting, KeyConflict for a key used with another body.
         """
-        if len(new.items) > SLICE_ITEMS:
-            return self._insert_sliced(new, max_queued)
+        if len(new.items) > inserts.SLICE_ITEMS:
+            return inserts.insert_sliced(self, new, max_queued)
         op = self._run(_Op(None, True, (new, max_queued)))
         return op.value  # type: ignore[no-any-return]
-
-    def _insert_sliced(self, new: NewJob, max_queued: int | None) -> tuple[int, bool, float]:
-        """A big job in slices of SLICE_ITEMS items, each its own commit: first the hidden
-        job row with the first slice, then the others, and in the last commit (at
-        ``synchronous=FULL``, which makes the earlier ones durable too) the job becomes
-        visible and queued, its key taken. Until then no read sees it and nothing claims
-        it; on failure it goes to retention's deleter, and what a crash leaves is handed
-        there at a later start."""
-        n = len(new.items)
-
-        def first(tx: Tx) -> int:
-            if new.key is not None:
-                found = _keyed_original(tx, new)
-                if found is not None:
-                    return -found  # an idempotent replay: nothing to write
-            if max_queued is not None and self.queued + n > max_queued:
-                raise _queue_full(self.queued, max_queued)
-            row = tx.conn.execute(
-                "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
-                "created_at, run_after, submitted_by, schedule, notify_url, doomed) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 2) RETURNING seq",
-                (new.id, new.task, new.params_text, new.priority, new.max_attempts,
-                 new.timeout, INSERTING, tx.now, new.run_after, new.submitted_by,
-                 new.schedule, new.notify_url)).fetchone()
-            _insert_items(tx, int(row[0]), new, 0)
-            return int(row[0])
-
-        seq = self.write(first)
-        if seq < 0:
-            return -seq, False, time.time()
-        starts = range(0, n, SLICE_ITEMS)  # the first went with the job row
-        try:
-            for start in starts[1:-1]:
-                self.write(functools.partial(_insert_items, seq=seq, new=new, start=start))
-
-            def finish(tx: Tx) -> tuple[int, bool, float]:
-                _insert_items(tx, seq, new, starts[-1])
-                if new.key is not None:
-                    found = _keyed_original(tx, new)
-                    if found is not None:  # the same key went in meanwhile: that job it is
-                        _give_up_insert(tx, seq)
-                        return found, False, tx.now
-                shown = tx.conn.execute(
-                    "UPDATE jobs SET doomed = 0, state = 'queued', n_queued = ?, key = ?, "
-                    "body_hash = ?, created_at = ? WHERE seq = ? AND doomed = 2",
-                    (n, new.key, new.body_hash, tx.now, seq)).rowcount
-                if not shown:  # taken for a crash's leftover by another process
-                    raise Unavailable("the submission took too long to write and was "
-                                      "dropped; submit it again", retry_after=1)
-                tx.queued_delta += n
-                tx.by_task[new.task]["queued"] += n
-                return seq, True, tx.now
-
-            return self.write(finish, durable=True)
-        except BaseException:
-            with contextlib.suppress(Exception):  # else a later start hands it over
-                self.write(lambda tx: _give_up_insert(tx, seq))
-            raise
 
     def recount(self) -> None:
         """Count ``queued`` again from the job rows, and the counts by task at their next
         read: other processes that share the database change them too. Done inside a
         write, so no commit of this process comes between the count and the figure."""
         def count(tx: Tx) -> None:
-            _drop_stale_inserts(tx.conn)
+            inserts.drop_stale_inserts(tx.conn)
             self.queued = int(tx.conn.execute(QUEUED_TOTAL).fetchone()[0])
             with self._counts_lock:
                 self._task_counts = None
@@ -330,7 +254,7 @@ class Writer:
 
     def _apply(self, op: _Op, tx: Tx) -> Any:
         if op.new is not None:
-            value = _insert_keyed(tx, op.new[0], self.queued, op.new[1])
+            value = inserts.insert_keyed(tx, op.new[0], self.queued, op.new[1])
         else:
             assert op.fn is not None
             value = op.fn(tx)
@@ -347,9 +271,9 @@ class Writer:
             new, max_queued = op.new
             n = len(new.items)
             if max_queued is not None and self.queued + n > max_queued:
-                op.error = _queue_full(self.queued, max_queued)
+                op.error = inserts.queue_full(self.queued, max_queued)
                 continue
-            _insert_new(self._conn, new, now)
+            inserts.insert_new(self._conn, new, now)
             self.queued += n
             by_task.setdefault(new.task, _zero_counts())["queued"] += n
             op.value = (0, True, now)  # the sequence number is not needed for a new job
@@ -390,85 +314,6 @@ class Writer:
                 row = counts.setdefault(task, _zero_counts())
                 for state, n in delta.items():
                     row[state] += n
-
-
-def _queue_full(queued: int, limit: int) -> QueueFull:
-    return QueueFull(f"the queue is full ({queued} items waiting, the limit is "
-                     f"jobs.max_queued = {limit}); try again later",
-                     retry_after=5, details={"queued": queued, "limit": limit})
-
-
-def _insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
-                  ) -> tuple[int, bool, float]:
-    """A new job with an idempotency key: the original job when the key is known."""
-    c = tx.conn
-    assert new.key is not None
-    found = _keyed_original(tx, new)
-    if found is not None:
-        return found, False, tx.now
-    n = len(new.items)
-    if max_queued is not None and queued + n > max_queued:
-        raise _queue_full(queued, max_queued)
-    _insert_new(c, new, tx.now)
-    tx.queued_delta += n
-    tx.by_task[new.task]["queued"] += n
-    return 0, True, tx.now  # the sequence number is not needed for a new job
-
-
-def _keyed_original(tx: Tx, new: NewJob) -> int | None:
-    """The sequence number of the visible job holding ``new``'s key, if any (KeyConflict
-    when its body differs)."""
-    row = tx.conn.execute("SELECT seq, body_hash FROM jobs WHERE key = ?",
-                          (new.key,)).fetchone()
-    if row is None:
-        return None
-    if row[1] != new.body_hash:
-        raise KeyConflict(f"the idempotency key {new.key!r} was used before with a "
-                          "different submission; use a new key", {"key": new.key})
-    return int(row[0])
-
-
-def _insert_items(tx: Tx, seq: int, new: NewJob, start: int) -> None:
-    """One slice of a big job's items, from index ``start``."""
-    part = list(new.items[start:start + SLICE_ITEMS])
-    tx.conn.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
-                    "SELECT ?, key + ?, value, 'queued', ? FROM json_each(?)",
-                    (seq, start, new.priority, json.dumps(part)))
-
-
-def _give_up_insert(tx: Tx, seq: int) -> None:
-    """Hand a hidden, half-written job to retention's deleter."""
-    tx.conn.execute("UPDATE jobs SET doomed = 1 WHERE seq = ? AND doomed = 2", (seq,))
-
-
-def _drop_stale_inserts(conn: sqlite3.Connection) -> None:
-    """Hand the hidden jobs that a crash left half-written to retention's deleter."""
-    conn.execute("UPDATE jobs SET doomed = 1 WHERE state = ? AND doomed = 2 "
-                 "AND created_at < ?", (INSERTING, time.time() - _STALE_INSERT))
-
-
-_INSERT_JOB = (
-    "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, created_at, "
-    "n_queued, key, body_hash, run_after, submitted_by, schedule, notify_url) "
-    "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-def _insert_new(conn: sqlite3.Connection, new: NewJob, now: float) -> None:
-    """A new job, visible and queued, with all its items (a job of up to SLICE_ITEMS).
-
-    Plain statements: an INSTEAD OF trigger doing the same costs about twice their time
-    for a one-item job, which is most submissions."""
-    seq = conn.execute(_INSERT_JOB, (
-        new.id, new.task, new.params_text, new.priority, new.max_attempts, new.timeout, now,
-        len(new.items), new.key, new.body_hash, new.run_after, new.submitted_by,
-        new.schedule, new.notify_url)).lastrowid
-    if len(new.items) == 1:
-        conn.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
-                     "VALUES (?, 0, ?, 'queued', ?)", (seq, new.items[0], new.priority))
-    else:
-        conn.execute("INSERT INTO items (job_seq, idx, params, state, priority) "
-                     "SELECT ?, key, value, 'queued', ? FROM json_each(?)",
-                     (seq, new.priority, json.dumps(list(new.items))))
 
 
 __all__ = ["Writer"]
