@@ -5,6 +5,8 @@ rows in state ``queued``; the dispatcher claims them job by job as its claim pol
 (``claims.py``), or in priority then FIFO order without one.
 
 - ``writer.py``: group commit (every write of every thread, batched on one connection);
+  ``inserts.py``: new jobs, a big one in slices;
+- ``turns.py``: the dispatcher's turn, its ends, reports and claims in one transaction;
 - ``jobs.py``: reads of jobs and items, cancel and retry; ``exports.py``: what exports read;
 - ``transitions.py``: how items move (claims, ends of attempts, re-queue, progress);
 - ``claims.py``: what the claim policy reads (waiting jobs, pauses) and its planned claims;
@@ -22,12 +24,11 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from bulkrunner.errors import NotFound, StoreUnavailable, StoreUnwritable
 from bulkrunner.models import STATES, Item, Job, State
-from bulkrunner.store import claims, jobs, leases, outbox, prune, schedules, transitions
+from bulkrunner.store import claims, jobs, leases, outbox, prune, schedules, transitions, turns
 from bulkrunner.store.claims import Planner, Waiting
 from bulkrunner.store.exports import ExportRows
 from bulkrunner.store.outbox import Attempt, Delivery
@@ -35,26 +36,13 @@ from bulkrunner.store.prune import PRUNE_BUDGET
 from bulkrunner.store.records import Claimed, Finish, JobChange, NewJob, Tx
 from bulkrunner.store.schedules import ScheduleRun
 from bulkrunner.store.schema import MIGRATIONS, migrate
+from bulkrunner.store.turns import Turn
 from bulkrunner.store.writer import QUEUED_TOTAL, Writer
 
 __all__ = ["MIGRATIONS", "PRUNE_BUDGET", "Claimed", "ExportRows", "Finish", "JobChange",
            "NewJob", "Planner", "Store", "Turn", "Tx", "Waiting", "migrate"]
 
 T = TypeVar("T")
-
-
-@dataclass
-class Turn:
-    """What one dispatcher turn did: the items claimed, what each finish made of its item
-    (``queued`` to run again, ``succeeded``, ``failed``, or ``stale`` when ignored), the
-    jobs whose state changed, when the earliest retry queued is due (or None), and why the
-    progress and output of the turn were dropped (None when they were stored)."""
-
-    claimed: list[Claimed] = field(default_factory=list)
-    states: list[str] = field(default_factory=list)
-    changes: list[JobChange] = field(default_factory=list)
-    retry_due: float | None = None
-    dropped: str | None = None
 
 
 class Store:
@@ -242,49 +230,11 @@ class Store:
              progress: Mapping[tuple[int, int], tuple[float | None, str | None]] | None = None,
              logs: Mapping[tuple[int, int, int], str] | None = None,
              planner: Planner | None = None) -> Turn:
-        """The dispatcher's turn in one transaction: store ``progress`` and captured output
-        (``logs``) reported meanwhile, record ``finishes`` (stale ones, whose item no longer
-        runs that claim, are ignored), then claim up to ``n`` queued items: as ``planner``
-        decides (the claim policy: which jobs, how many of each), or without one in
-        priority then oldest-first order. One commit for all of it instead of one each.
+        """The dispatcher's turn in one transaction (see :func:`turns.turn`): record
+        ``finishes``, ``progress`` and ``logs``, claim up to ``n`` items."""
+        return turns.turn(self._writer, self._holds, self._job_info, finishes, n, backoff,
+                          progress=progress, logs=logs, planner=planner)
 
-        ``backoff(attempt)`` is the delay before the retry of an item that failed its
-        ``attempt``-th attempt and has attempts left. Progress and output that cannot be
-        stored are dropped (``Turn.dropped`` says why), never the rest of the turn. When
-        the transaction fails, the planner is told to give back what it planned.
-        """
-        out = Turn()
-        if not finishes and n <= 0 and not progress and not logs:
-            return out
-
-        def op(tx: Tx) -> list[Claimed]:
-            if progress or logs:
-                out.dropped = transitions.reports(tx, progress or {}, logs or {})
-            if finishes:
-                out.retry_due = transitions._finish(tx, finishes, backoff, out.states)
-                if planner is not None:
-                    for f, state in zip(finishes, out.states, strict=True):
-                        if state == "queued":
-                            planner.requeued(f.job_seq)
-            if n <= 0 or not self._holds(tx):
-                return []
-            if planner is None:
-                return transitions._claim(tx, n)
-            planner.begin(n, tx.now)
-            return claims.claim_planned(tx, planner.plan, planner.took, tx.now,
-                                        self._job_info)
-
-        try:
-            out.claimed, out.changes = self._writer.write_tx(op)
-        except BaseException:
-            if planner is not None and n > 0:
-                planner.abandon_plan()
-            raise
-        if planner is not None and n > 0:
-            planner.end_plan()
-        return out
-
-    # ------------------------------------------------------------------ pacing
     def waiting_jobs(self, limit: int = 50_000) -> list[Waiting]:
         """Jobs with queued items, highest priority then oldest first, at most ``limit``."""
         return claims.waiting_jobs(self._read(), limit)
