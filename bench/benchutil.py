@@ -36,21 +36,22 @@ class Server:
     """A server subprocess whose log announces ``serving on http://host:port``."""
 
     def __init__(self, name: str, argv: Sequence[str], workdir: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, src: Path | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.workdir = workdir
-        # $BENCH_SRC: benchmark another checkout of bulkrunner (bench.tasks still from here).
-        src = os.environ.get("BENCH_SRC")
+        # Another checkout of bulkrunner to run (bench.tasks still from here): ``src``,
+        # else $BENCH_SRC.
+        other = str(src) if src is not None else os.environ.get("BENCH_SRC")
         path = str(ROOT)
-        if src:
+        if other and Path(other).resolve() != ROOT:
             # That checkout has a bench/ of its own (older tasks): a directory holding only
             # a link to this bench/ comes first, so bench.* is still this one.
             shim = workdir / "bench-pythonpath"
             shim.mkdir(exist_ok=True)
             if not (shim / "bench").is_symlink():
                 (shim / "bench").symlink_to(BENCH, target_is_directory=True)
-            path = os.pathsep.join([str(shim), src, str(ROOT)])
+            path = os.pathsep.join([str(shim), other, str(ROOT)])
         self.env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         self.env.pop("BULKRUNNER_URL", None)
         self.env.pop("BULKRUNNER_CONFIG", None)
