@@ -18,6 +18,10 @@ behind a long item), and knows after a crash which unit was running.
 
 Workers start from a ``forkserver`` (``spawn`` where that is missing): forking the threaded
 server process itself is unsafe.
+
+The server's handle of one worker (starting it, its pipe, taking units back from it, what
+its units come to once it is dead) is :mod:`bulkrunner.executors.process_handle`; the
+worker process itself is :mod:`bulkrunner.executors.process_worker`.
 """
 
 from __future__ import annotations
@@ -25,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -36,20 +38,13 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import PENDING
-from multiprocessing.connection import Connection
 from typing import Any
 
-from bulkrunner.errors import ExecutorLost, WorkerDied
+from bulkrunner.errors import ExecutorLost
 from bulkrunner.executors.batching import BatchPolicy, Paces, split
 from bulkrunner.executors.futures import UnitFuture
-from bulkrunner.executors.process_worker import (
-    HI,
-    LO,
-    PROTOCOL,
-    STARTED,
-    read_frames,
-    worker_main,
-)
+from bulkrunner.executors.process_handle import WorkerHandle, describe_exit, settle, spawn
+from bulkrunner.executors.process_worker import PROTOCOL
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
 log = logging.getLogger("bulkrunner.executors.process")
@@ -68,7 +63,6 @@ _PIPELINE_BYTES = 64 * 1024
 #: A unit that has run this long while others wait behind it on its worker hands them to
 #: other workers (at least; or 20 times the average item).
 _STUCK = 0.02
-_READ = 1 << 16
 
 
 # ---------------------------------------------------------------------- in the server
@@ -80,9 +74,9 @@ class _UnitFuture(UnitFuture):
         super().__init__(condition)
         self.pool = pool
         self.unit = unit
-        self.worker: _Worker | None = None   # the worker it was handed to, if any
-        self.ordinal = -1                    # its number on that worker
-        self.gone = False                    # taken out of the pending queue
+        self.worker: WorkerHandle | None = None  # the worker it was handed to, if any
+        self.ordinal = -1                        # its number on that worker
+        self.gone = False                        # taken out of the pending queue
 
     def cancel(self) -> bool:
         with self.pool._lock:
@@ -91,46 +85,6 @@ class _UnitFuture(UnitFuture):
             if not self.pool._take_back(self):
                 return False  # a worker has started it
             return super().cancel()
-
-
-class _Worker:
-    __slots__ = ("aborted", "buf", "conn", "ctl", "held", "held_from", "lock", "next",
-                 "proc", "queue", "started_at", "started_seen")
-
-    def __init__(self, proc: Any, conn: Connection, ctl: Any, lock: Any) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.ctl = ctl
-        self.lock = lock
-        self.queue: deque[_UnitFuture] = deque()  # handed over, no outcome yet, in order
-        self.next = 0                             # the ordinal of the next unit sent
-        self.aborted: set[int] = set()            # ordinals killed by abort
-        self.buf = bytearray()
-        self.held: bytes | None = None            # a batch waiting for the worker to idle
-        self.held_from = 0
-        self.started_seen = 0                     # the started count last seen
-        self.started_at = 0.0                     # when it was first seen
-
-    @property
-    def unit(self) -> WorkUnit | None:
-        """The unit this worker runs now, if any (the first handed over, once started)."""
-        if self.queue and self.queue[0].ordinal < self.ctl[STARTED]:
-            return self.queue[0].unit
-        return None
-
-
-def describe_exit(code: int | None) -> str:
-    """'exit code 3' or 'signal SIGKILL' for a process exit code."""
-    if code is None:
-        return "an unknown cause"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        hint = " (killed: out of memory, or by an operator)" if -code == signal.SIGKILL else ""
-        return f"signal {name}{hint}"
-    return f"exit code {code}"
 
 
 class ProcessExecutor:
@@ -150,7 +104,7 @@ class ProcessExecutor:
                                               *(preload or [])])
         # Re-entrant: a future cancelled under it runs its callbacks, which may submit.
         self._lock = threading.RLock()
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._pending: deque[_UnitFuture] = deque()
         self._units: dict[int, _UnitFuture] = {}  # id(unit) -> its future, until it ends
         self._stopping = False
@@ -205,7 +159,7 @@ class ProcessExecutor:
                 fut.set_exception(ExecutorLost("aborted before it started"))
                 return
             w.aborted.add(fut.ordinal)
-            _kill(w)
+            w.kill()
 
     def health(self) -> tuple[bool, str]:
         """(ok, detail). Not ok while the supervisor is gone, or while no worker is alive
@@ -234,15 +188,15 @@ class ProcessExecutor:
             pending = [f for f in self._pending if not f.gone]
             self._pending.clear()
             for w in self._workers:
-                _kill(w)
+                w.kill()
         for f in pending:
-            _settle(f, ExecutorLost("the process pool shut down"))
+            settle(f, ExecutorLost("the process pool shut down"))
         self._wake()
         self._thread.join(timeout=10)
         for w in self._workers:
             w.proc.join(timeout=5)
             for f in w.queue:
-                _settle(f, ExecutorLost("the process pool shut down"))
+                settle(f, ExecutorLost("the process pool shut down"))
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -260,30 +214,22 @@ class ProcessExecutor:
         del self._units[id(fut.unit)]
         return True
 
-    def _revoke(self, w: _Worker, ordinal: int, fut: _UnitFuture | None) -> bool:
+    def _revoke(self, w: WorkerHandle, ordinal: int, fut: _UnitFuture | None) -> bool:
         """Take back unit ``ordinal`` of worker ``w`` and every unit after it, unless the
         worker has started it (the lock is held). Those after it go back to the front of
         the pending queue, in order; ``fut``, the one asked for, does not."""
-        if not w.lock.acquire(timeout=0.1):  # a worker killed inside it leaves it held
+        back = w.revoke(ordinal)
+        if back is None:
             return False
-        try:
-            started, lo, hi = w.ctl[STARTED], w.ctl[LO], w.ctl[HI]
-            if started > ordinal:
-                return False
-            # The range grows over one still ahead of the worker: what it holds stays out.
-            w.ctl[LO] = min(lo, ordinal) if hi > started else ordinal
-            w.ctl[HI] = w.next
-            cut = w.ctl[LO]
-        finally:
-            w.lock.release()
-        back = [f for f in w.queue if f.ordinal >= cut]
-        while w.queue and w.queue[-1].ordinal >= cut:
-            w.queue.pop()
-        again = [f for f in back if f is not fut]
+        self._requeue([f for f in back if f is not fut])
+        return True
+
+    def _requeue(self, again: list[_UnitFuture]) -> None:
+        """Put units taken off a worker back at the front of the pending queue, in order
+        (the lock is held), to go to any worker."""
         for f in again:
             f.worker, f.ordinal = None, -1
         self._pending.extendleft(reversed(again))
-        return True
 
     # ------------------------------------------------------------------ supervisor
     def _wake(self) -> None:
@@ -292,20 +238,8 @@ class ProcessExecutor:
         except OSError:
             pass
 
-    def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        ctl = self._ctx.RawArray("q", 3)
-        lock = self._ctx.Lock()
-        try:
-            proc = self._ctx.Process(target=worker_main, args=(child, ctl, lock), daemon=True,
-                                     name="bulkrunner-worker")
-            proc.start()
-        except BaseException:
-            parent.close()  # a failed start must not leak descriptors (EMFILE feeds on them)
-            child.close()
-            raise
-        child.close()
-        return _Worker(proc, parent, ctl, lock)
+    def _spawn(self) -> WorkerHandle:
+        return spawn(self._ctx)
 
     def _replenish(self) -> None:
         """Start workers until there are ``max_workers``, unless backing off after a failure.
@@ -331,7 +265,7 @@ class ProcessExecutor:
                 self._spawn_delay = _SPAWN_RETRY_FIRST
                 stopping = self._stopping
             if stopping:
-                _kill(w)  # shutdown() killed the others before this one was listed
+                w.kill()  # shutdown() killed the others before this one was listed
 
     def _spawn_failed(self, e: Exception) -> None:
         with self._lock:
@@ -376,7 +310,7 @@ class ProcessExecutor:
                 sends = []
         for w, first, units, busy in sends:
             self._send(w, first, units, busy)
-        dead: set[_Worker] = set()
+        dead: set[WorkerHandle] = set()
         for key, _ in self._selector.select(timeout):
             if key.data is None:
                 try:
@@ -403,14 +337,7 @@ class ProcessExecutor:
         for w in self._workers:
             if not w.queue:
                 continue
-            started = w.ctl[STARTED]
-            if started != w.started_seen:
-                w.started_seen, w.started_at = started, now
-            for f in w.queue:
-                if f.ordinal >= started:
-                    break
-                if f._state == PENDING:
-                    f.set_running_or_notify_cancel()
+            started = w.see_started(now)
             if len(w.queue) > 1:
                 look = True
                 head = w.queue[0]
@@ -421,18 +348,18 @@ class ProcessExecutor:
                     pace.reset()  # a long item came along: one per message for now
         return look
 
-    def _assign(self) -> list[tuple[_Worker, int, list[WorkUnit], bool]]:
+    def _assign(self) -> list[tuple[WorkerHandle, int, list[WorkUnit], bool]]:
         """Hand pending units to workers that may take more (the lock is held): an idle
         worker, or while items are short one with at most a batch left. Returns the
         messages to send. Each task's units go in batches of its own size."""
-        out: list[tuple[_Worker, int, list[WorkUnit], bool]] = []
+        out: list[tuple[WorkerHandle, int, list[WorkUnit], bool]] = []
         while True:
             sends = self._assign_task()
             if not sends:
                 return out
             out += sends
 
-    def _assign_task(self) -> list[tuple[_Worker, int, list[WorkUnit], bool]]:
+    def _assign_task(self) -> list[tuple[WorkerHandle, int, list[WorkUnit], bool]]:
         """What :meth:`_assign` hands out of the first pending unit's task."""
         while self._pending and self._pending[0].gone:
             self._pending.popleft()
@@ -464,15 +391,13 @@ class ProcessExecutor:
                 f = self._pending.popleft()
                 if f.gone:
                     continue
-                f.worker, f.ordinal = w, w.next
-                w.next += 1
-                w.queue.append(f)
+                w.hand(f)
                 units.append(f.unit)
             if units:
                 out.append((w, first, units, busy))
         return out
 
-    def _send(self, w: _Worker, first: int, units: list[WorkUnit], busy: bool) -> None:
+    def _send(self, w: WorkerHandle, first: int, units: list[WorkUnit], busy: bool) -> None:
         try:
             data = pickle.dumps((first, units), PROTOCOL)
         except Exception as e:  # a unit that cannot be pickled: fail those, not the pool
@@ -482,38 +407,22 @@ class ProcessExecutor:
             with self._lock:
                 w.held, w.held_from = data, first  # sent once the worker is idle
             return
-        self._send_bytes(w, data)
+        w.send(data)
 
-    def _send_bytes(self, w: _Worker, data: bytes) -> None:
-        try:
-            w.conn.send_bytes(data)
-        except (OSError, ValueError):
-            pass  # the worker died: its sentinel says so, and _bury hands its units on
-
-    def _unsendable(self, w: _Worker, first: int, n: int, e: Exception) -> None:
+    def _unsendable(self, w: WorkerHandle, first: int, n: int, e: Exception) -> None:
         with self._lock:
             lost = [f for f in w.queue if first <= f.ordinal < first + n]
             for f in lost:  # the worker never sees these numbers: nothing else changes
                 w.queue.remove(f)
                 self._units.pop(id(f.unit), None)
         for f in lost:
-            _settle(f, ExecutorLost(f"could not send the item: {e}"))
+            settle(f, ExecutorLost(f"could not send the item: {e}"))
 
-    def _read(self, w: _Worker, dead: set[_Worker]) -> None:
+    def _read(self, w: WorkerHandle, dead: set[WorkerHandle]) -> None:
         """Read what the worker sent (many messages a read) and act on it."""
-        fd = w.conn.fileno()
-        try:
-            while w.conn.poll():
-                chunk = os.read(fd, _READ)
-                if not chunk:
-                    dead.add(w)
-                    break
-                w.buf += chunk
-                if len(chunk) < _READ:
-                    break
-        except (OSError, ValueError):
+        msgs, ended = w.receive()
+        if ended:
             dead.add(w)
-        msgs = read_frames(w.buf)
         if not msgs:
             return
         outcomes: dict[int, _UnitFuture] = {}
@@ -521,7 +430,7 @@ class ProcessExecutor:
         with self._lock:
             for m in msgs:
                 if m[0] == "done":
-                    f = _pop_ordinal(w, m[1])
+                    f = w.pop(m[1])
                     if f is not None:
                         self._units.pop(id(f.unit), None)
                         if f._state == PENDING:
@@ -530,12 +439,9 @@ class ProcessExecutor:
                         s = spent.setdefault(f.unit.task, [0.0, 0])
                         s[0] += m[3]
                         s[1] += 1
-            if w.held is not None and (not w.queue or w.queue[0].ordinal >= w.held_from):
-                held, w.held = w.held, None
-            else:
-                held = None
+            held = w.release()
         if held is not None:
-            self._send_bytes(w, held)
+            w.send(held)
         for task, (seconds, n) in spent.items():
             self.paces.observe(task, seconds, int(n))
         for m in msgs:
@@ -543,7 +449,7 @@ class ProcessExecutor:
             if kind == "done":
                 f = outcomes.get(m[1])
                 if f is not None:
-                    _settle(f, m[2])
+                    settle(f, m[2])
             elif kind == "progress":
                 if self._reporter is not None:
                     try:
@@ -556,7 +462,7 @@ class ProcessExecutor:
                 except Exception:
                     log.exception("log sink failed")
 
-    def _bury(self, w: _Worker) -> None:
+    def _bury(self, w: WorkerHandle) -> None:
         for obj in (w.conn, w.proc.sentinel):
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(obj)
@@ -567,46 +473,20 @@ class ProcessExecutor:
                 self._workers.remove(w)
             if not self._stopping:
                 self.rebuilds += 1
-            started = w.ctl[STARTED]
-            running = started - 1  # the unit it was on, if it still has no outcome
-            settle: list[tuple[_UnitFuture, BaseException]] = []
-            again: list[_UnitFuture] = []
-            culprit: _UnitFuture | None = None
-            for f in w.queue:
-                if f.ordinal == running:
-                    culprit = f
-                    if f.ordinal in w.aborted:
-                        settle.append((f, ExecutorLost(
-                            "the worker was stopped (cancel or timeout)")))
-                    elif self._stopping:
-                        settle.append((f, ExecutorLost("the process pool shut down")))
-                    elif w.aborted:
-                        again.append(f)  # killed to stop another unit: not its fault
-                    else:
-                        settle.append((f, WorkerDied(
-                            f"the worker process (pid {w.proc.pid}) running this item died "
-                            f"with {describe_exit(code)}")))
-                elif self._stopping:
-                    settle.append((f, ExecutorLost("the process pool shut down")))
-                elif f.ordinal > running:
-                    again.append(f)  # never started: it runs on another worker
-                else:
-                    settle.append((f, ExecutorLost("its outcome was lost with its worker")))
+            failed, again, culprit = w.remains(code, self._stopping)
             w.queue.clear()
-            for f, _ in settle:
+            for f, _ in failed:
                 self._units.pop(id(f.unit), None)
-            for f in again:
-                f.worker, f.ordinal = None, -1
-            self._pending.extendleft(reversed(again))
+            self._requeue(again)
         w.conn.close()
-        for f, e in settle:
-            _settle(f, e)
+        for f, e in failed:
+            settle(f, e)
         if again:
             self._wake()
         if culprit is None:
             return
         unit = culprit.unit
-        if self._stopping and running not in w.aborted:
+        if self._stopping and culprit.ordinal not in w.aborted:
             # shutdown() killed it: the server is stopping, the worker did not crash.
             log.info("stopping: worker pid %s ended with the server while running item %s "
                      "of job %s (the item goes back to the queue)",
@@ -616,35 +496,3 @@ class ProcessExecutor:
                         w.proc.pid, describe_exit(code), unit.index, unit.job_id,
                         f" ({len(again)} item(s) queued behind it go to other workers)"
                         if again else "")
-
-
-def _pop_ordinal(w: _Worker, ordinal: int) -> _UnitFuture | None:
-    """The unit ``ordinal`` out of ``w``'s queue (outcomes come in order: the head)."""
-    q = w.queue
-    if q and q[0].ordinal == ordinal:
-        return q.popleft()
-    for f in q:
-        if f.ordinal == ordinal:
-            q.remove(f)
-            return f
-    return None
-
-
-def _settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
-    if fut.done():
-        return
-    try:
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
-    except Exception:  # settled meanwhile (cancelled): nothing to tell
-        pass
-
-
-def _kill(w: _Worker) -> None:
-    try:
-        if w.proc.pid is not None:
-            os.kill(w.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, OSError):
-        pass

@@ -1,0 +1,234 @@
+"""The server's view of one worker process of the process executor: its handle.
+
+A :class:`WorkerHandle` holds the process, its pipe, the three numbers it shares with the
+supervisor (see :mod:`bulkrunner.executors.process_worker`) and the futures of the units
+handed to it, in order. It owns what concerns that one worker: starting it
+(:func:`spawn`), handing it units and taking back those it has not started (the
+supervisor's side of their shared lock), the bytes to and from its pipe, killing it, and,
+once it is dead, sorting its units into those that fail, those that run again elsewhere
+and the one it was running. The pool of workers, its supervisor and its lock are
+:mod:`bulkrunner.executors.process`'s: nothing here takes that lock, and a method that
+needs it held says so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures._base import PENDING
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from bulkrunner.errors import ExecutorLost, WorkerDied
+from bulkrunner.executors.process_worker import HI, LO, STARTED, read_frames, worker_main
+from bulkrunner.runtime import Outcome, WorkUnit
+
+if TYPE_CHECKING:
+    from bulkrunner.executors.process import _UnitFuture
+
+_READ = 1 << 16
+
+
+class Remains(NamedTuple):
+    """What the units a dead worker held come to (see :meth:`WorkerHandle.remains`)."""
+
+    failed: list[tuple[_UnitFuture, BaseException]]  # each ends with that error
+    again: list[_UnitFuture]                         # each runs on another worker, in order
+    culprit: _UnitFuture | None                      # the one it was running, if any
+
+
+class WorkerHandle:
+    """One worker process: the process, its pipe, the numbers shared with it under its
+    lock, and the futures of the units handed to it that have no outcome yet."""
+
+    __slots__ = ("aborted", "buf", "conn", "ctl", "held", "held_from", "lock", "next",
+                 "proc", "queue", "started_at", "started_seen")
+
+    def __init__(self, proc: Any, conn: Connection, ctl: Any, lock: Any) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.ctl = ctl
+        self.lock = lock
+        self.queue: deque[_UnitFuture] = deque()  # handed over, no outcome yet, in order
+        self.next = 0                             # the ordinal of the next unit sent
+        self.aborted: set[int] = set()            # ordinals killed by abort
+        self.buf = bytearray()
+        self.held: bytes | None = None            # a batch waiting for the worker to idle
+        self.held_from = 0
+        self.started_seen = 0                     # the started count last seen
+        self.started_at = 0.0                     # when it was first seen
+
+    @property
+    def unit(self) -> WorkUnit | None:
+        """The unit this worker runs now, if any (the first handed over, once started)."""
+        if self.queue and self.queue[0].ordinal < self.ctl[STARTED]:
+            return self.queue[0].unit
+        return None
+
+    def hand(self, fut: _UnitFuture) -> None:
+        """Queue ``fut`` on this worker, as the next unit sent (the pool's lock is held)."""
+        fut.worker, fut.ordinal = self, self.next
+        self.next += 1
+        self.queue.append(fut)
+
+    def send(self, data: bytes) -> None:
+        """Send one message down the pipe (a dead worker's is dropped)."""
+        try:
+            self.conn.send_bytes(data)
+        except (OSError, ValueError):
+            pass  # the worker died: its sentinel says so, and the pool's _bury hands its units on
+
+    def release(self) -> bytes | None:
+        """The batch held back for this worker, once it has no unit ahead of that batch
+        left (the pool's lock is held); it is no longer held."""
+        if self.held is not None and (not self.queue or self.queue[0].ordinal >= self.held_from):
+            held, self.held = self.held, None
+            return held
+        return None
+
+    def receive(self) -> tuple[list[Any], bool]:
+        """Read what the worker sent (many messages a read): the messages complete so far,
+        and whether its pipe ended."""
+        ended = False
+        fd = self.conn.fileno()
+        try:
+            while self.conn.poll():
+                chunk = os.read(fd, _READ)
+                if not chunk:
+                    ended = True
+                    break
+                self.buf += chunk
+                if len(chunk) < _READ:
+                    break
+        except (OSError, ValueError):
+            ended = True
+        return read_frames(self.buf), ended
+
+    def see_started(self, now: float) -> int:
+        """The count of units the worker has started; notes the time ``now`` when it
+        changed, and marks the futures of the units started as running (the pool's lock
+        is held)."""
+        started: int = self.ctl[STARTED]
+        if started != self.started_seen:
+            self.started_seen, self.started_at = started, now
+        for f in self.queue:
+            if f.ordinal >= started:
+                break
+            if f._state == PENDING:
+                f.set_running_or_notify_cancel()
+        return started
+
+    def pop(self, ordinal: int) -> _UnitFuture | None:
+        """The unit ``ordinal`` out of the queue (outcomes come in order: the head)."""
+        q = self.queue
+        if q and q[0].ordinal == ordinal:
+            return q.popleft()
+        for f in q:
+            if f.ordinal == ordinal:
+                q.remove(f)
+                return f
+        return None
+
+    def revoke(self, ordinal: int) -> list[_UnitFuture] | None:
+        """Take back unit ``ordinal`` and every unit after it, unless the worker has
+        started it (the pool's lock is held): the futures taken off the queue, in order,
+        or None when it has started it and nothing changed."""
+        if not self.lock.acquire(timeout=0.1):  # a worker killed inside it leaves it held
+            return None
+        try:
+            started, lo, hi = self.ctl[STARTED], self.ctl[LO], self.ctl[HI]
+            if started > ordinal:
+                return None
+            # The range grows over one still ahead of the worker: what it holds stays out.
+            self.ctl[LO] = min(lo, ordinal) if hi > started else ordinal
+            self.ctl[HI] = self.next
+            cut = self.ctl[LO]
+        finally:
+            self.lock.release()
+        back = [f for f in self.queue if f.ordinal >= cut]
+        while self.queue and self.queue[-1].ordinal >= cut:
+            self.queue.pop()
+        return back
+
+    def kill(self) -> None:
+        """Kill the process with SIGKILL (one already gone is no error)."""
+        try:
+            if self.proc.pid is not None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def remains(self, code: int | None, stopping: bool) -> Remains:
+        """Sort the units of this dead worker (it ended with exit code ``code``; the pool
+        is shutting down if ``stopping``) by what becomes of each. Changes nothing."""
+        running = self.ctl[STARTED] - 1  # the unit it was on, if it still has no outcome
+        failed: list[tuple[_UnitFuture, BaseException]] = []
+        again: list[_UnitFuture] = []
+        culprit: _UnitFuture | None = None
+        for f in self.queue:
+            if f.ordinal == running:
+                culprit = f
+                if f.ordinal in self.aborted:
+                    failed.append((f, ExecutorLost(
+                        "the worker was stopped (cancel or timeout)")))
+                elif stopping:
+                    failed.append((f, ExecutorLost("the process pool shut down")))
+                elif self.aborted:
+                    again.append(f)  # killed to stop another unit: not its fault
+                else:
+                    failed.append((f, WorkerDied(
+                        f"the worker process (pid {self.proc.pid}) running this item died "
+                        f"with {describe_exit(code)}")))
+            elif stopping:
+                failed.append((f, ExecutorLost("the process pool shut down")))
+            elif f.ordinal > running:
+                again.append(f)  # never started: it runs on another worker
+            else:
+                failed.append((f, ExecutorLost("its outcome was lost with its worker")))
+        return Remains(failed, again, culprit)
+
+
+def spawn(ctx: Any) -> WorkerHandle:
+    """Start one worker process from the multiprocessing context ``ctx``."""
+    parent, child = ctx.Pipe(duplex=True)
+    ctl = ctx.RawArray("q", 3)
+    lock = ctx.Lock()
+    try:
+        proc = ctx.Process(target=worker_main, args=(child, ctl, lock), daemon=True,
+                           name="bulkrunner-worker")
+        proc.start()
+    except BaseException:
+        parent.close()  # a failed start must not leak descriptors (EMFILE feeds on them)
+        child.close()
+        raise
+    child.close()
+    return WorkerHandle(proc, parent, ctl, lock)
+
+
+def describe_exit(code: int | None) -> str:
+    """'exit code 3' or 'signal SIGKILL' for a process exit code."""
+    if code is None:
+        return "an unknown cause"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        hint = " (killed: out of memory, or by an operator)" if -code == signal.SIGKILL else ""
+        return f"signal {name}{hint}"
+    return f"exit code {code}"
+
+
+def settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
+    """Settle ``fut`` with an outcome or an error, unless it is done already."""
+    if fut.done():
+        return
+    try:
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+    except Exception:  # settled meanwhile (cancelled): nothing to tell
+        pass
