@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
-import pickle
 import selectors
 import socket
 import threading
@@ -38,53 +36,30 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import PENDING
-from typing import Any
 
 from bulkrunner.errors import ExecutorLost
 from bulkrunner.executors.batching import BatchPolicy, Paces, split
-from bulkrunner.executors.futures import UnitFuture
-from bulkrunner.executors.process_handle import WorkerHandle, describe_exit, settle, spawn
-from bulkrunner.executors.process_worker import PROTOCOL
+from bulkrunner.executors.process_handle import (
+    PoolFuture,
+    Starts,
+    WorkerHandle,
+    deliver_reports,
+    describe_exit,
+    settle,
+    spawn,
+    worker_context,
+)
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
 log = logging.getLogger("bulkrunner.executors.process")
 
-# After a worker fails to start (EMFILE, ENOMEM, a broken forkserver), wait this long before
-# the next try, doubling up to the cap: such causes pass in seconds, not microseconds.
-_SPAWN_RETRY_FIRST = 0.1
-_SPAWN_RETRY_MAX = 5.0
 #: While items take under 100 ms, a worker holds a second message behind the one it runs,
 #: so it starts its next item at once instead of waiting for the supervisor and the
 #: dispatcher (a 25 ms item took 28 ms from claim to record without it).
 POLICY = BatchPolicy(window=0.004, max_batch=256, short=0.1, cap=4096)
-#: Bytes a batch may have to be queued on a busy worker's pipe: it must fit in the socket
-#: buffer, or the send would block the supervisor until the worker finishes its item.
-_PIPELINE_BYTES = 64 * 1024
 #: A unit that has run this long while others wait behind it on its worker hands them to
 #: other workers (at least; or 20 times the average item).
 _STUCK = 0.02
-
-
-# ---------------------------------------------------------------------- in the server
-class _UnitFuture(UnitFuture):
-    """A unit's future; ``cancel()`` takes the unit back while no worker has started it."""
-
-    def __init__(self, pool: ProcessExecutor, unit: WorkUnit,
-                 condition: threading.Condition) -> None:
-        super().__init__(condition)
-        self.pool = pool
-        self.unit = unit
-        self.worker: WorkerHandle | None = None  # the worker it was handed to, if any
-        self.ordinal = -1                        # its number on that worker
-        self.gone = False                        # taken out of the pending queue
-
-    def cancel(self) -> bool:
-        with self.pool._lock:
-            if self._state != PENDING:
-                return super().cancel()
-            if not self.pool._take_back(self):
-                return False  # a worker has started it
-            return super().cancel()
 
 
 class ProcessExecutor:
@@ -97,22 +72,16 @@ class ProcessExecutor:
         self.max_workers = max_workers
         self._reporter = reporter
         self._sink = getattr(reporter, "log", None)
-        methods = mp.get_all_start_methods()
-        self._ctx: Any = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if "forkserver" in methods:
-            self._ctx.set_forkserver_preload(["bulkrunner.executors.process_worker",
-                                              *(preload or [])])
+        self._ctx = worker_context(preload or [])
         # Re-entrant: a future cancelled under it runs its callbacks, which may submit.
         self._lock = threading.RLock()
         self._workers: list[WorkerHandle] = []
-        self._pending: deque[_UnitFuture] = deque()
-        self._units: dict[int, _UnitFuture] = {}  # id(unit) -> its future, until it ends
+        self._pending: deque[PoolFuture] = deque()
+        self._units: dict[int, PoolFuture] = {}  # id(unit) -> its future, until it ends
         self._stopping = False
         self.rebuilds = 0
         self.paces = Paces(max_workers, POLICY)
-        self._spawn_error: str | None = None  # why the last worker start failed, if it did
-        self._spawn_delay = _SPAWN_RETRY_FIRST
-        self._spawn_at = 0.0  # time.monotonic() before which no worker is started
+        self._starts = Starts()  # when the next worker may start, after a failed start
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         # Kept across steps (the supervisor's alone): each worker's pipe and sentinel are
@@ -133,7 +102,7 @@ class ProcessExecutor:
         """Queue the attempts for the worker processes (in batches while items are
         short); one future per unit."""
         cond = threading.Condition()  # one for the hand-over (see executors.futures)
-        futs = [_UnitFuture(self, u, cond) for u in units]
+        futs = [PoolFuture(u, cond, self._lock, self._take_back) for u in units]
         with self._lock:
             if self._stopping:
                 for f in futs:
@@ -170,7 +139,7 @@ class ProcessExecutor:
             # The supervisor takes a dead worker off the list within moments (its
             # sentinel); asking each process would cost a system call per turn.
             n = len(self._workers)
-            error = self._spawn_error
+            error = self._starts.error
         if error is not None and n == 0:
             return False, f"cannot start worker processes: {error}"
         detail = f"{n} of {self.max_workers} worker processes"
@@ -202,7 +171,7 @@ class ProcessExecutor:
         self._wake_w.close()
 
     # ------------------------------------------------------------------ taking back
-    def _take_back(self, fut: _UnitFuture) -> bool:
+    def _take_back(self, fut: PoolFuture) -> bool:
         """Take a unit that no worker has started out of the pool (the lock is held):
         True when it will not run here."""
         if id(fut.unit) not in self._units:
@@ -214,7 +183,7 @@ class ProcessExecutor:
         del self._units[id(fut.unit)]
         return True
 
-    def _revoke(self, w: WorkerHandle, ordinal: int, fut: _UnitFuture | None) -> bool:
+    def _revoke(self, w: WorkerHandle, ordinal: int, fut: PoolFuture | None) -> bool:
         """Take back unit ``ordinal`` of worker ``w`` and every unit after it, unless the
         worker has started it (the lock is held). Those after it go back to the front of
         the pending queue, in order; ``fut``, the one asked for, does not."""
@@ -224,7 +193,7 @@ class ProcessExecutor:
         self._requeue([f for f in back if f is not fut])
         return True
 
-    def _requeue(self, again: list[_UnitFuture]) -> None:
+    def _requeue(self, again: list[PoolFuture]) -> None:
         """Put units taken off a worker back at the front of the pending queue, in order
         (the lock is held), to go to any worker."""
         for f in again:
@@ -249,7 +218,7 @@ class ProcessExecutor:
         """
         with self._lock:
             missing = 0 if self._stopping else self.max_workers - len(self._workers)
-        if missing <= 0 or time.monotonic() < self._spawn_at:
+        if missing <= 0 or time.monotonic() < self._starts.at:
             return
         for _ in range(missing):
             try:
@@ -261,22 +230,17 @@ class ProcessExecutor:
             self._selector.register(w.proc.sentinel, selectors.EVENT_READ, (w, False))
             with self._lock:
                 self._workers.append(w)
-                self._spawn_error = None
-                self._spawn_delay = _SPAWN_RETRY_FIRST
+                self._starts.succeeded()
                 stopping = self._stopping
             if stopping:
                 w.kill()  # shutdown() killed the others before this one was listed
 
     def _spawn_failed(self, e: Exception) -> None:
         with self._lock:
-            first = self._spawn_error is None
-            self._spawn_error = str(e) or type(e).__name__
-            delay = self._spawn_delay
-            self._spawn_at = time.monotonic() + delay
-            self._spawn_delay = min(delay * 2, _SPAWN_RETRY_MAX)
+            first, delay = self._starts.failed(e)
         # The traceback once per outage; then one line per try (at most one per 5 s).
         log.error("cannot start a worker process (%s); trying again in %.1f s",
-                  self._spawn_error, delay, exc_info=first)
+                  self._starts.error, delay, exc_info=first)
 
     def _supervise(self) -> None:
         while True:
@@ -302,7 +266,7 @@ class ProcessExecutor:
             if not self._stopping:
                 if len(self._workers) < self.max_workers:
                     # Wake for the next try to start a worker (backing off after a failure).
-                    timeout = min(timeout, max(0.0, self._spawn_at - now))
+                    timeout = min(timeout, max(0.0, self._starts.at - now))
                 if self._watch(now):
                     timeout = min(timeout, _STUCK / 2)
                 sends = self._assign()
@@ -398,16 +362,9 @@ class ProcessExecutor:
         return out
 
     def _send(self, w: WorkerHandle, first: int, units: list[WorkUnit], busy: bool) -> None:
-        try:
-            data = pickle.dumps((first, units), PROTOCOL)
-        except Exception as e:  # a unit that cannot be pickled: fail those, not the pool
-            self._unsendable(w, first, len(units), e)
-            return
-        if busy and len(data) > _PIPELINE_BYTES:
-            with self._lock:
-                w.held, w.held_from = data, first  # sent once the worker is idle
-            return
-        w.send(data)
+        error = w.send_units(first, units, busy, self._lock)
+        if error is not None:  # a unit that cannot be pickled: fail those, not the pool
+            self._unsendable(w, first, len(units), error)
 
     def _unsendable(self, w: WorkerHandle, first: int, n: int, e: Exception) -> None:
         with self._lock:
@@ -425,7 +382,8 @@ class ProcessExecutor:
             dead.add(w)
         if not msgs:
             return
-        outcomes: dict[int, _UnitFuture] = {}
+        outcomes: dict[int, PoolFuture] = {}
+        done: list[tuple[int, Outcome]] = []
         spent: dict[str, list[float]] = {}  # run time and count by task, for the paces
         with self._lock:
             for m in msgs:
@@ -436,6 +394,7 @@ class ProcessExecutor:
                         if f._state == PENDING:
                             f.set_running_or_notify_cancel()
                         outcomes[m[1]] = f
+                        done.append((m[1], m[2]))
                         s = spent.setdefault(f.unit.task, [0.0, 0])
                         s[0] += m[3]
                         s[1] += 1
@@ -444,23 +403,11 @@ class ProcessExecutor:
             w.send(held)
         for task, (seconds, n) in spent.items():
             self.paces.observe(task, seconds, int(n))
-        for m in msgs:
-            kind = m[0]
-            if kind == "done":
-                f = outcomes.get(m[1])
-                if f is not None:
-                    settle(f, m[2])
-            elif kind == "progress":
-                if self._reporter is not None:
-                    try:
-                        self._reporter(m[1], m[2], m[3])
-                    except Exception:
-                        log.exception("progress reporter failed")
-            elif kind == "log" and self._sink is not None:
-                try:
-                    self._sink(m[1], m[2], m[3])
-                except Exception:
-                    log.exception("log sink failed")
+        # A unit's output came before its outcome, and is handed on before it too, so the
+        # turn that records the outcome has all of the output.
+        deliver_reports(msgs, self._reporter, self._sink)
+        for ordinal, result in done:
+            settle(outcomes[ordinal], result)
 
     def _bury(self, w: WorkerHandle) -> None:
         for obj in (w.conn, w.proc.sentinel):

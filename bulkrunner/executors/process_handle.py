@@ -13,30 +13,100 @@ needs it held says so.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
 import os
+import pickle
 import signal
+import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures._base import PENDING
+from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from bulkrunner.errors import ExecutorLost, WorkerDied
-from bulkrunner.executors.process_worker import HI, LO, STARTED, read_frames, worker_main
-from bulkrunner.runtime import Outcome, WorkUnit
+from bulkrunner.executors.futures import UnitFuture
+from bulkrunner.executors.process_worker import (
+    HI,
+    LO,
+    PROTOCOL,
+    STARTED,
+    read_frames,
+    worker_main,
+)
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
-if TYPE_CHECKING:
-    from bulkrunner.executors.process import _UnitFuture
+log = logging.getLogger("bulkrunner.executors.process")
 
 _READ = 1 << 16
+#: Bytes a batch may have to be queued on a busy worker's pipe: it must fit in the socket
+#: buffer, or the send would block the supervisor until the worker finishes its item.
+_PIPELINE_BYTES = 64 * 1024
+# After a worker fails to start (EMFILE, ENOMEM, a broken forkserver), wait this long before
+# the next try, doubling up to the cap: such causes pass in seconds, not microseconds.
+_START_RETRY_FIRST = 0.1
+_START_RETRY_MAX = 5.0
+
+
+class PoolFuture(UnitFuture):
+    """A unit's future in the pool; ``cancel()`` takes the unit back while no worker has
+    started it (``take_back``, under the pool's ``lock``)."""
+
+    def __init__(self, unit: WorkUnit, condition: threading.Condition,
+                 lock: AbstractContextManager[Any], take_back: Callable[[PoolFuture], bool]
+                 ) -> None:
+        super().__init__(condition)
+        self.unit = unit
+        self._pool_lock = lock
+        self._take_back = take_back
+        self.worker: WorkerHandle | None = None  # the worker it was handed to, if any
+        self.ordinal = -1                        # its number on that worker
+        self.gone = False                        # taken out of the pending queue
+
+    def cancel(self) -> bool:
+        """Cancel it unless a worker has started it (then False, as for a running one)."""
+        with self._pool_lock:
+            if self._state != PENDING:
+                return super().cancel()
+            if not self._take_back(self):
+                return False  # a worker has started it
+            return super().cancel()
+
+
+class Starts:
+    """When the next worker process may start: at once, or, after a failed start, later
+    and later (doubling up to a cap) until one succeeds again."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None  # why the last start failed, if it did
+        self.at = 0.0                  # time.monotonic() before which none is started
+        self._delay = _START_RETRY_FIRST
+
+    def failed(self, e: Exception) -> tuple[bool, float]:
+        """A start failed: (whether it is the first failure in a row, seconds to wait)."""
+        first = self.error is None
+        self.error = str(e) or type(e).__name__
+        delay = self._delay
+        self.at = time.monotonic() + delay
+        self._delay = min(delay * 2, _START_RETRY_MAX)
+        return first, delay
+
+    def succeeded(self) -> None:
+        """A worker started: the next failure waits the shortest time again."""
+        self.error = None
+        self._delay = _START_RETRY_FIRST
 
 
 class Remains(NamedTuple):
     """What the units a dead worker held come to (see :meth:`WorkerHandle.remains`)."""
 
-    failed: list[tuple[_UnitFuture, BaseException]]  # each ends with that error
-    again: list[_UnitFuture]                         # each runs on another worker, in order
-    culprit: _UnitFuture | None                      # the one it was running, if any
+    failed: list[tuple[PoolFuture, BaseException]]  # each ends with that error
+    again: list[PoolFuture]                         # each runs on another worker, in order
+    culprit: PoolFuture | None                      # the one it was running, if any
 
 
 class WorkerHandle:
@@ -51,7 +121,7 @@ class WorkerHandle:
         self.conn = conn
         self.ctl = ctl
         self.lock = lock
-        self.queue: deque[_UnitFuture] = deque()  # handed over, no outcome yet, in order
+        self.queue: deque[PoolFuture] = deque()  # handed over, no outcome yet, in order
         self.next = 0                             # the ordinal of the next unit sent
         self.aborted: set[int] = set()            # ordinals killed by abort
         self.buf = bytearray()
@@ -67,11 +137,27 @@ class WorkerHandle:
             return self.queue[0].unit
         return None
 
-    def hand(self, fut: _UnitFuture) -> None:
+    def hand(self, fut: PoolFuture) -> None:
         """Queue ``fut`` on this worker, as the next unit sent (the pool's lock is held)."""
         fut.worker, fut.ordinal = self, self.next
         self.next += 1
         self.queue.append(fut)
+
+    def send_units(self, first: int, units: list[WorkUnit], busy: bool,
+                   pool_lock: AbstractContextManager[Any]) -> Exception | None:
+        """Send units numbered from ``first`` in one message, or, when the worker is
+        ``busy`` and the message too big to wait in its pipe, hold it (under the pool's
+        lock) until the worker is idle. The error when a unit cannot be pickled."""
+        try:
+            data = pickle.dumps((first, units), PROTOCOL)
+        except Exception as e:
+            return e
+        if busy and len(data) > _PIPELINE_BYTES:
+            with pool_lock:
+                self.held, self.held_from = data, first  # sent once the worker is idle
+            return None
+        self.send(data)
+        return None
 
     def send(self, data: bytes) -> None:
         """Send one message down the pipe (a dead worker's is dropped)."""
@@ -120,7 +206,7 @@ class WorkerHandle:
                 f.set_running_or_notify_cancel()
         return started
 
-    def pop(self, ordinal: int) -> _UnitFuture | None:
+    def pop(self, ordinal: int) -> PoolFuture | None:
         """The unit ``ordinal`` out of the queue (outcomes come in order: the head)."""
         q = self.queue
         if q and q[0].ordinal == ordinal:
@@ -131,7 +217,7 @@ class WorkerHandle:
                 return f
         return None
 
-    def revoke(self, ordinal: int) -> list[_UnitFuture] | None:
+    def revoke(self, ordinal: int) -> list[PoolFuture] | None:
         """Take back unit ``ordinal`` and every unit after it, unless the worker has
         started it (the pool's lock is held): the futures taken off the queue, in order,
         or None when it has started it and nothing changed."""
@@ -164,9 +250,9 @@ class WorkerHandle:
         """Sort the units of this dead worker (it ended with exit code ``code``; the pool
         is shutting down if ``stopping``) by what becomes of each. Changes nothing."""
         running = self.ctl[STARTED] - 1  # the unit it was on, if it still has no outcome
-        failed: list[tuple[_UnitFuture, BaseException]] = []
-        again: list[_UnitFuture] = []
-        culprit: _UnitFuture | None = None
+        failed: list[tuple[PoolFuture, BaseException]] = []
+        again: list[PoolFuture] = []
+        culprit: PoolFuture | None = None
         for f in self.queue:
             if f.ordinal == running:
                 culprit = f
@@ -190,6 +276,17 @@ class WorkerHandle:
         return Remains(failed, again, culprit)
 
 
+def worker_context(preload: list[str]) -> Any:
+    """The multiprocessing context workers start from: a ``forkserver`` that has imported
+    the worker's module and ``preload`` (``spawn`` where there is none; forking the
+    threaded server process itself is unsafe)."""
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        ctx.set_forkserver_preload(["bulkrunner.executors.process_worker", *preload])
+    return ctx
+
+
 def spawn(ctx: Any) -> WorkerHandle:
     """Start one worker process from the multiprocessing context ``ctx``."""
     parent, child = ctx.Pipe(duplex=True)
@@ -205,6 +302,21 @@ def spawn(ctx: Any) -> WorkerHandle:
         raise
     child.close()
     return WorkerHandle(proc, parent, ctl, lock)
+
+
+def deliver_reports(msgs: list[Any], reporter: Reporter | None,
+                    sink: Callable[[tuple[int, int], int, str], None] | None) -> None:
+    """Hand the progress and output messages among a worker's ``msgs`` to the server's
+    reporter and log sink, in order; one that fails is logged, never raised."""
+    for m in msgs:
+        kind = m[0]
+        try:
+            if kind == "progress" and reporter is not None:
+                reporter(m[1], m[2], m[3])
+            elif kind == "log" and sink is not None:
+                sink(m[1], m[2], m[3])
+        except Exception:
+            log.exception("%s reporter failed", kind)
 
 
 def describe_exit(code: int | None) -> str:
