@@ -2,17 +2,9 @@
 
 Imported only when Dask is chosen (see :mod:`bulkrunner.executors`). With
 ``executor.address`` it connects to a running ``dask scheduler``; with an empty address it
-starts a :class:`distributed.LocalCluster` of ``max_workers`` worker processes (one thread
-each, on loopback), so Dask can be tried on one machine. Its scheduler runs in a process of
-its own (:mod:`~bulkrunner.executors.dask_cluster`), not in the server's.
-
-A Dask scheduler, its workers and nannies run whatever a connected client sends, and
-loopback is open to every user of the machine, so the local cluster speaks TLS with a key
-and certificate made for this run (:meth:`distributed.security.Security.temporary`, kept in
-memory and handed to the worker processes when they start): it listens on ``tls://``
-addresses and requires every peer, this server's own client included, to present that
-certificate. An external scheduler is secured by Dask's own configuration
-(``distributed.comm.tls.*``, which ``Client`` reads): see docs/dask.md.
+starts a local cluster of ``max_workers`` worker processes, which speaks TLS with a
+certificate of this run only. The client, the local cluster and the watch over them are
+:class:`~bulkrunner.executors.dask_connection.DaskConnection`; this module is the items.
 
 The queue stays in SQLite: the dispatcher hands this executor the items it has room for.
 Long items, and items with a short timeout, become one Dask task each
@@ -29,7 +21,7 @@ asked to give a task back) so the dispatcher cannot tell executors apart:
 - an item cancelled because the scheduler connection was lost is :class:`ExecutorLost`:
   it is re-queued without spending one. :meth:`DaskExecutor.health` is False until the
   client is connected to a scheduler with workers again, so the dispatcher claims nothing
-  meanwhile; a background thread reconnects.
+  meanwhile; the connection's background thread reconnects.
 - a batch whose worker died is run again by Dask (at least once); one that killed every
   worker it ran on (``KilledWorker``) is split into one task per unit, without spending an
   attempt, so that only the unit that kills its worker ends :class:`WorkerDied`;
@@ -64,26 +56,22 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 from distributed import Client, Event, KilledWorker
-from distributed.security import Security
 
 from bulkrunner.config import Config
-from bulkrunner.errors import ConfigError, ExecutorLost, WorkerDied
+from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.executors.batching import BatchPolicy, Paces, by_task, split
-from bulkrunner.executors.dask_cluster import LocalClusterProcess
+from bulkrunner.executors.dask_connection import DaskConnection
 from bulkrunner.executors.dask_worker import (
     cancel_event_name,
     run_batch_on_worker,
     run_on_worker,
     take_back,
 )
-from bulkrunner.executors.futures import unit_futures
+from bulkrunner.executors.futures import settle, unit_futures
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit, error_dict
 
 log = logging.getLogger("bulkrunner.dask")
 
-CONNECT_TIMEOUT = 10.0   # seconds for one attempt to reach the scheduler
-CLOSE_TIMEOUT = 10.0     # seconds for closing the client or the local cluster
-_WATCH_INTERVAL = 1.0    # seconds between looks at the connection and the worker count
 _EVENT_TTL = 600.0       # seconds before a cancel Event that was set is cleared again
 
 _Ident = tuple[tuple[int, int], int]
@@ -138,7 +126,6 @@ class DaskExecutor:
 
     def __init__(self, cfg: Config, reporter: Reporter | None = None) -> None:
         self.max_workers = cfg.executor.max_workers
-        self.address = cfg.executor.address
         self._reporter = reporter
         # Private to this server, so that servers sharing a scheduler never see each
         # other's reports (item keys are only unique within one database); the same
@@ -155,38 +142,12 @@ class DaskExecutor:
         self.paces = Paces(self.max_workers, POLICY)
         self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
                             for n in itertools.count())
-        self._client: Client | None = None
-        self._cluster: LocalClusterProcess | None = None
-        # The local cluster's TLS credentials; None for an external scheduler, where
-        # Client takes them from Dask's config (distributed.comm.tls.*), if any.
-        self._security: Security | None = None
-        self._up = False               # client connected and subscribed, as last seen
-        self._state = (False, "connecting to the Dask scheduler")
-        self._threads = 0              # the cluster's threads, as last seen by the watcher
-        self._logged = ""              # the last unhealthy detail logged, to log changes only
-        self._stopping = False
-        self._stop = threading.Event()
         self._set_events: deque[tuple[float, str]] = deque()
         # Abort talks to the scheduler (blocking calls); the dispatcher thread must not wait.
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="bulkrunner-dask-abort")
-        if not self.address:
-            # A local cluster failing to start is a setup error: let `serve` report it.
-            # Worker processes, so CPU-bound items do not share the server's GIL, and the
-            # scheduler in a process of its own for the same reason. TLS with this run's
-            # own certificate (see the module docstring).
-            self._security = _temporary_security(cfg)
-            self._cluster = LocalClusterProcess(self.max_workers, self._security)
-            self.address = self._cluster.scheduler_address
-            log.info("started a local Dask cluster of %d worker processes at %s, TLS with "
-                     "a certificate of this run only (dashboard %s)", self.max_workers,
-                     self.address, self._cluster.dashboard_link)
-        # A remote scheduler that is down at start is not fatal: the server comes up,
-        # /healthz says why, and the watcher keeps trying.
-        self._connect()
-        self._refresh()
-        self._watcher = threading.Thread(target=self._watch, name="bulkrunner-dask-watch",
-                                         daemon=True)
-        self._watcher.start()
+        self._conn = DaskConnection(cfg, self._lock, self._topic, self._on_event,
+                                    self._forget, self._upkeep)
+        self._conn.start()
 
     # ------------------------------------------------------------------ protocol
     def submit(self, unit: WorkUnit) -> Future[Outcome]:
@@ -200,9 +161,9 @@ class DaskExecutor:
         for fut in futs:
             fut.set_running_or_notify_cancel()  # handed to Dask: it cannot be taken back
         with self._lock:
-            client = self._client
-            why = ("the Dask executor is shutting down" if self._stopping else
-                   self._unreachable("not connected")
+            client = self._conn.client
+            why = ("the Dask executor is shutting down" if self._conn.stopping else
+                   self._conn.unreachable("not connected")
                    if client is None or client.status != "running" else None)
             if why is not None:
                 for f in futs:
@@ -289,33 +250,24 @@ class DaskExecutor:
     def workers(self) -> int:
         """Threads the cluster offers for items, as last seen by the watcher (for
         ``/healthz``)."""
-        return self._threads if self._state[0] else 0
+        return self._conn.workers()
 
     def health(self) -> tuple[bool, str]:
         """(ok, detail). Not ok while the scheduler is unreachable or has no workers."""
-        client = self._client
-        if client is not None and client.status != "running":
-            return False, self._unreachable(f"connection lost, client {client.status}")
-        return self._state
+        return self._conn.health()
 
     def shutdown(self) -> None:
         """Fail what is in flight with ExecutorLost, close the client (and local cluster)."""
         with self._lock:
-            self._stopping = True
+            self._conn.stopping = True
             items = list(self._items.values())
             self._items.clear()
             self._batches.clear()
-        self._stop.set()
+        self._conn.stop()
         for it in items:
-            _settle(it.future, ExecutorLost("the Dask executor shut down"))
+            settle(it.future, ExecutorLost("the Dask executor shut down"))
         self._aux.shutdown(wait=False, cancel_futures=True)
-        self._watcher.join(timeout=CONNECT_TIMEOUT + CLOSE_TIMEOUT)
-        self._close_client()
-        if self._cluster is not None:
-            try:
-                self._cluster.close(timeout=CLOSE_TIMEOUT)
-            except Exception as e:
-                log.warning("closing the local Dask cluster failed: %r", e)
+        self._conn.close()
 
     # ------------------------------------------------------------------ outcomes
     async def _collect(self, ident: _Ident, task: str, client: Client, dfut: Any) -> None:
@@ -348,7 +300,7 @@ class DaskExecutor:
     def _finish(self, ident: _Ident, result: Outcome | BaseException) -> None:
         it = self._pop(ident)
         if it is not None:
-            _settle(it.future, result)
+            settle(it.future, result)
 
     def _pop(self, ident: _Ident) -> _Inflight | None:
         # Whoever pops the entry settles the future: exactly once, whichever thread wins.
@@ -405,7 +357,7 @@ class DaskExecutor:
                     break
             else:
                 return
-            client = self._client
+            client = self._conn.client
         if client is None:
             self._finish((it.unit.key, it.unit.claim), ExecutorLost("lost with the Dask client"))
             self._probe_ended((it.unit.key, it.unit.claim))
@@ -517,97 +469,25 @@ class DaskExecutor:
         except Exception:
             log.exception("bad event from a Dask worker: %.200r", event)
 
-    # ------------------------------------------------------------------ connection
-    def _connect(self) -> bool:
-        try:
-            client = Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False,
-                            security=self._security)
-        except Exception as e:
-            self._state = (False, self._unreachable(str(e) or type(e).__name__))
-            return False
-        with self._lock:
-            if not self._stopping:
-                self._client = client
-        if self._stopping:  # shut down while we were connecting
-            client.close(timeout=CLOSE_TIMEOUT)
-            return False
-        log.info("connected to the Dask scheduler at %s", self.address)
-        return True
-
-    def _close_client(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-            lost = [i for i in self._items.values() if i.client is client]
-            for i in lost:
-                self._items.pop((i.unit.key, i.unit.claim), None)
-            for key in [k for k, b in self._batches.items() if b.client is client]:
-                del self._batches[key]
+    # ------------------------------------------------------------------ called by the connection
+    def _forget(self, client: Client | None) -> list[Future[Outcome]]:
+        """Drop what is in flight on ``client``, which the connection is letting go of
+        (called under the lock), and return their futures for it to fail."""
+        lost = [i for i in self._items.values() if i.client is client]
         for i in lost:
-            _settle(i.future, ExecutorLost("lost with the Dask client"))
-        if client is not None:
-            try:
-                client.close(timeout=CLOSE_TIMEOUT)
-            except Exception as e:
-                log.debug("closing the Dask client: %r", e)
+            self._items.pop((i.unit.key, i.unit.claim), None)
+        for key in [k for k, b in self._batches.items() if b.client is client]:
+            del self._batches[key]
+        return [i.future for i in lost]
 
-    def _unreachable(self, why: str) -> str:
-        return f"scheduler unreachable at {self.address}: {why}; reconnecting"
-
-    def _watch(self) -> None:
-        while not self._stop.wait(_WATCH_INTERVAL):
-            try:
-                client = self._client
-                if client is None or client.status in ("closing", "closed", "failed"):
-                    # The client gave up reconnecting by itself (after CONNECT_TIMEOUT):
-                    # start a new one. A failed attempt already took CONNECT_TIMEOUT
-                    # retrying, so no further back-off is needed.
-                    self._close_client()
-                    if not self._connect():
-                        continue
-                self._refresh()
-                self._clear_old_events()
-                self._stuck()
-            except Exception:  # background code logs and carries on
-                log.exception("Dask watcher error")
-
-    def _refresh(self) -> None:
-        """Look at the connection and the worker count; log changes of health."""
-        client = self._client
-        was_ok = self._state[0]
-        if client is None:
-            ok, detail = self._state
-        elif client.status != "running":
-            self._up = False
-            ok, detail = False, self._unreachable(f"connection lost, client {client.status}")
-        else:
-            if not self._up:
-                # Events are pushed only to subscribers; a reconnected client is new to
-                # the scheduler, so subscribe (again).
-                client.subscribe_topic(self._topic, self._on_event)
-                self._up = True
-            try:
-                try:
-                    info = client.scheduler_info(n_workers=0)  # totals only: cheap
-                except TypeError:  # distributed < 2025.4 always sends every worker
-                    info = client.scheduler_info()
-                workers = info.get("workers") or {}
-                n = int(info.get("n_workers", len(workers)))
-                threads = int(info.get("total_threads",
-                                       sum(w.get("nthreads", 0) for w in workers.values())))
-                ok = n > 0
-                self._threads = threads if ok else 0
-                detail = (f"{n} Dask workers ({threads} threads) at {self.address}" if ok
-                          else f"the Dask scheduler at {self.address} has no workers")
-            except Exception as e:
-                ok, detail = False, self._unreachable(str(e) or type(e).__name__)
-        self._state = (ok, detail)
-        if ok != was_ok or (not ok and detail != self._logged):
-            self._logged = detail
-            (log.info if ok else log.warning)("Dask executor %s: %s",
-                                              "available" if ok else "unavailable", detail)
+    def _upkeep(self) -> None:
+        """The watcher's turn, after each look at the connection: clear old cancel
+        Events, take back what waits behind stuck batches."""
+        self._clear_old_events()
+        self._stuck()
 
     def _clear_old_events(self) -> None:
-        client = self._client
+        client = self._conn.client
         while self._set_events and time.monotonic() - self._set_events[0][0] > _EVENT_TTL:
             _, name = self._set_events.popleft()
             if client is not None and client.status == "running":
@@ -615,27 +495,6 @@ class DaskExecutor:
                     Event(name, client=client).clear()
                 except Exception as e:
                     log.debug("clearing %s: %r", name, e)
-
-
-def _temporary_security(cfg: Config) -> Security:
-    """A key and self-signed certificate for one run of the local cluster (in memory)."""
-    try:
-        security: Security = Security.temporary()
-    except ImportError:  # it needs the cryptography package
-        raise ConfigError('the local Dask cluster (executor.address = "") needs the '
-                          '"cryptography" package for its TLS certificates: '
-                          "pip install cryptography",
-                          file=cfg.source, key="executor.address") from None
-    return security
-
-
-def _settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
 
 
 def _killed_message(e: KilledWorker) -> str:

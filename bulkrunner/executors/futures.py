@@ -88,6 +88,16 @@ def unit_futures(n: int) -> list[UnitFuture]:
     return [UnitFuture(cond) for _ in range(n)]
 
 
+def settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
+    """Settle ``fut`` with ``result``, an Outcome or the error it raises, unless it is done."""
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
+
+
 def add_done_callbacks(futs: Sequence[Future[Outcome]],
                        fn: Callable[[Future[Outcome]], object]) -> None:
     """``fut.add_done_callback(fn)`` for each of ``futs``, taking each shared condition
@@ -115,4 +125,4 @@ def add_done_callbacks(futs: Sequence[Future[Outcome]],
         f.add_done_callback(fn)  # calls it now, logging what it raises
 
 
-__all__ = ["UnitFuture", "add_done_callbacks", "unit_futures"]
+__all__ = ["UnitFuture", "add_done_callbacks", "settle", "unit_futures"]
