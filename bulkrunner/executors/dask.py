@@ -30,9 +30,8 @@ asked to give a task back) so the dispatcher cannot tell executors apart:
   back from the worker (:func:`~bulkrunner.executors.dask_worker.take_back`, through
   ``Client.run``) and handed to Dask again, so nobody waits behind a stuck item.
 
-Progress reports and captured output travel worker -> scheduler -> server as Dask events
-on a topic private to this server; cooperative cancel is a ``distributed.Event`` per
-attempt that the item's :class:`~bulkrunner.runtime.Context` polls while the task checks it.
+Progress, output and cancel flags travel as Dask events: see
+:mod:`bulkrunner.executors.dask_messages`.
 """
 
 # distributed ships partial type hints: many of its calls are untyped.
@@ -42,11 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import itertools
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -55,24 +51,29 @@ from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
-from distributed import Client, Event, KilledWorker
+from distributed import Client, KilledWorker
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ExecutorLost, WorkerDied
 from bulkrunner.executors.batching import BatchPolicy, Paces, by_task, split
 from bulkrunner.executors.dask_connection import DaskConnection
+from bulkrunner.executors.dask_messages import (
+    CancelEvents,
+    dask_failed,
+    killed_message,
+    report_handler,
+    report_topic,
+)
 from bulkrunner.executors.dask_worker import (
-    cancel_event_name,
     run_batch_on_worker,
     run_on_worker,
     take_back,
+    taken_back,
 )
 from bulkrunner.executors.futures import settle, unit_futures
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit, error_dict
+from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
 log = logging.getLogger("bulkrunner.dask")
-
-_EVENT_TTL = 600.0       # seconds before a cancel Event that was set is cleared again
 
 _Ident = tuple[tuple[int, int], int]
 
@@ -91,7 +92,6 @@ _BATCH_TIMEOUT_MIN = 10.0
 _STUCK = 1.0
 
 
-# ---------------------------------------------------------------------- on the server
 @dataclasses.dataclass(eq=False)
 class _Inflight:
     unit: WorkUnit
@@ -100,6 +100,10 @@ class _Inflight:
     client: Client
     batch: _Batch | None = None  # the batch it travels in now, if any
     index: int = 0               # its place in that batch
+
+    @property
+    def ident(self) -> _Ident:
+        return (self.unit.key, self.unit.claim)
 
 
 @dataclasses.dataclass(eq=False)
@@ -127,11 +131,7 @@ class DaskExecutor:
     def __init__(self, cfg: Config, reporter: Reporter | None = None) -> None:
         self.max_workers = cfg.executor.max_workers
         self._reporter = reporter
-        # Private to this server, so that servers sharing a scheduler never see each
-        # other's reports (item keys are only unique within one database); the same
-        # after a restart, because the scheduler keeps up to 1,000 events per topic.
-        ident = f"{socket.gethostname()}:{os.path.abspath(cfg.store.path)}"
-        self._topic = f"bulkrunner-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+        self._topic = report_topic(cfg.store.path)
         self._lock = threading.Lock()
         self._items: dict[_Ident, _Inflight] = {}
         self._batches: dict[str, _Batch] = {}
@@ -142,10 +142,10 @@ class DaskExecutor:
         self.paces = Paces(self.max_workers, POLICY)
         self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
                             for n in itertools.count())
-        self._set_events: deque[tuple[float, str]] = deque()
+        self._cancels = CancelEvents()
         # Abort talks to the scheduler (blocking calls); the dispatcher thread must not wait.
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="bulkrunner-dask-abort")
-        self._conn = DaskConnection(cfg, self._lock, self._topic, self._on_event,
+        self._conn = DaskConnection(cfg, self._lock, self._topic, report_handler(reporter),
                                     self._forget, self._upkeep)
         self._conn.start()
 
@@ -172,7 +172,7 @@ class DaskExecutor:
             assert client is not None
             items = [_Inflight(u, f, None, client) for u, f in zip(units, futs, strict=True)]
             for it in items:
-                self._items[(it.unit.key, it.unit.claim)] = it
+                self._items[it.ident] = it
         self._dispatch(items, client)
         return futs
 
@@ -228,7 +228,7 @@ class DaskExecutor:
             lost = ExecutorLost(f"could not hand the item to Dask: {e}")
             for it in items:
                 if id(it) not in sent:
-                    self._finish((it.unit.key, it.unit.claim), lost)
+                    self._finish(it.ident, lost)
 
     def abort(self, unit: WorkUnit) -> None:
         """Cancel the attempt: free its slot now, set its cancel Event, cancel the task.
@@ -280,20 +280,13 @@ class DaskExecutor:
             self._probe_ended(ident)
             raise
         except KilledWorker as e:
-            result = WorkerDied(_killed_message(e))
+            result = WorkerDied(killed_message(e))
         except CancelledError as e:
             # Cancelled by us (abort), or with every other pending task when the
             # scheduler connection was lost: either way not the item's fault.
             result = ExecutorLost(f"Dask cancelled the task: {e}")
         except BaseException as e:
-            # run_item turns the task's own errors (an unimportable task module included)
-            # into an Outcome, so this is Dask failing around it: the result cannot be
-            # unpickled here, a task that raised a BaseException, an error of Dask's own.
-            # Charge an attempt with the reason in the item's error rather than
-            # re-queueing it for ever.
-            err = error_dict(e)
-            err["message"] = f"Dask could not run the item: {err['message']}"
-            result = Outcome(ok=False, error=err)
+            result = dask_failed(e)
         self._finish(ident, result)
         self._probe_ended(ident)
 
@@ -330,10 +323,8 @@ class DaskExecutor:
         except CancelledError as e:
             self._end_batch(batch, ExecutorLost(f"Dask cancelled the task: {e}"))
             return
-        except BaseException as e:  # Dask failing around the items (see _collect)
-            err = error_dict(e)
-            err["message"] = f"Dask could not run the item: {err['message']}"
-            self._end_batch(batch, Outcome(ok=False, error=err))
+        except BaseException as e:
+            self._end_batch(batch, dask_failed(e))
             return
         _, outcomes, seconds, ran = got
         if ran:  # a batch holds one task's items
@@ -342,7 +333,7 @@ class DaskExecutor:
             self._batches.pop(batch.key, None)
         for it, out in zip(batch.items, outcomes, strict=True):
             if it.batch is batch:  # else taken back and handed out again
-                self._finish((it.unit.key, it.unit.claim), ExecutorLost(
+                self._finish(it.ident, ExecutorLost(
                     "taken back from its batch") if out is None else out)
 
     def _next_probe(self) -> None:
@@ -352,26 +343,26 @@ class DaskExecutor:
                 return
             while self._probes:
                 it = self._probes.popleft()
-                if self._items.get((it.unit.key, it.unit.claim)) is it:  # not aborted
+                if self._items.get(it.ident) is it:  # not aborted
                     self._probe = it
                     break
             else:
                 return
             client = self._conn.client
         if client is None:
-            self._finish((it.unit.key, it.unit.claim), ExecutorLost("lost with the Dask client"))
-            self._probe_ended((it.unit.key, it.unit.claim))
+            self._finish(it.ident, ExecutorLost("lost with the Dask client"))
+            self._probe_ended(it.ident)
             return
         try:
             self._aux.submit(self._dispatch, [it], client, True)
         except RuntimeError:  # shut down meanwhile
-            self._finish((it.unit.key, it.unit.claim), ExecutorLost("the Dask executor shut down"))
+            self._finish(it.ident, ExecutorLost("the Dask executor shut down"))
 
     def _probe_ended(self, ident: _Ident) -> None:
         """The unit ``ident`` ended: when it was the one run alone, hand out the next."""
         with self._lock:
             probe = self._probe
-            if probe is None or (probe.unit.key, probe.unit.claim) != ident:
+            if probe is None or probe.ident != ident:
                 return
             self._probe = None
         self._next_probe()
@@ -383,10 +374,10 @@ class DaskExecutor:
         with self._lock:
             self._batches.pop(batch.key, None)
             mine = [it for it in batch.items if it.batch is batch
-                    and self._items.get((it.unit.key, it.unit.claim)) is it]
+                    and self._items.get(it.ident) is it]
         if result is not None:
             for it in mine:
-                self._finish((it.unit.key, it.unit.claim), result)
+                self._finish(it.ident, result)
             return []
         return mine
 
@@ -403,28 +394,18 @@ class DaskExecutor:
             log.info("could not take back the rest of a batch from Dask: %r", e)
             batch.taking_back = False
             return
-        seen = [a for a in answers.values() if isinstance(a, tuple) and len(a) == 3]
-        running = [a for a in seen if a[0] == "running"]
-        ended: list[tuple[int, Outcome]] = []
-        if running:
-            cut = min(a[1] for a in running)
-            for a in running:
-                ended += a[2]
-        elif any(a[0] == "ended" for a in seen):
-            cut = len(batch.items)  # it ended: its result tells every unit
-        else:
-            cut = start  # not started anywhere yet: skipped wherever it starts
+        cut, ended = taken_back(answers, start, len(batch.items))
         with self._lock:
             batch.taking_back = False
             live = batch.key in self._batches
             moved = [it for it in batch.items[cut:] if live and it.batch is batch
-                     and self._items.get((it.unit.key, it.unit.claim)) is it]
+                     and self._items.get(it.ident) is it]
             for it in moved:
                 it.batch = None
         for i, out in ended:  # those that ended need not wait for the batch's end
             it = batch.items[i]
             if it.batch is batch:
-                self._finish((it.unit.key, it.unit.claim), out)
+                self._finish(it.ident, out)
         if moved:
             log.info("took %d item(s) not yet started back from a Dask batch, to run "
                      "elsewhere", len(moved))
@@ -446,36 +427,18 @@ class DaskExecutor:
 
     def _abort_remote(self, it: _Inflight) -> None:
         try:
-            Event(cancel_event_name(it.unit), client=it.client).set()
-            self._set_events.append((time.monotonic(), cancel_event_name(it.unit)))
+            self._cancels.set(it.unit, it.client)
             if it.batch is None:
                 it.dask_future.cancel()
         except Exception as e:
             log.info("could not cancel item %s of job %s on Dask: %r",
                      it.unit.index, it.unit.job_id, e)
 
-    def _on_event(self, event: tuple[float, Any]) -> None:
-        # Runs on the client's event loop: the reporter only updates dicts under a lock.
-        if self._reporter is None:
-            return
-        try:
-            kind, seq, index, *rest = event[1]
-            if kind == "progress":
-                self._reporter((int(seq), int(index)), rest[0], rest[1])
-            elif kind == "log":
-                sink = getattr(self._reporter, "log", None)
-                if sink is not None:
-                    sink((int(seq), int(index)), int(rest[0]), str(rest[1]))
-        except Exception:
-            log.exception("bad event from a Dask worker: %.200r", event)
-
     # ------------------------------------------------------------------ called by the connection
     def _forget(self, client: Client | None) -> list[Future[Outcome]]:
         """Drop what is in flight on ``client``, which the connection is letting go of
         (called under the lock), and return their futures for it to fail."""
-        lost = [i for i in self._items.values() if i.client is client]
-        for i in lost:
-            self._items.pop((i.unit.key, i.unit.claim), None)
+        lost = [self._items.pop(k) for k, i in list(self._items.items()) if i.client is client]
         for key in [k for k, b in self._batches.items() if b.client is client]:
             del self._batches[key]
         return [i.future for i in lost]
@@ -483,25 +446,5 @@ class DaskExecutor:
     def _upkeep(self) -> None:
         """The watcher's turn, after each look at the connection: clear old cancel
         Events, take back what waits behind stuck batches."""
-        self._clear_old_events()
+        self._cancels.clear_old(self._conn.client)
         self._stuck()
-
-    def _clear_old_events(self) -> None:
-        client = self._conn.client
-        while self._set_events and time.monotonic() - self._set_events[0][0] > _EVENT_TTL:
-            _, name = self._set_events.popleft()
-            if client is not None and client.status == "running":
-                try:
-                    Event(name, client=client).clear()
-                except Exception as e:
-                    log.debug("clearing %s: %r", name, e)
-
-
-def _killed_message(e: KilledWorker) -> str:
-    last = getattr(e, "last_worker", None)
-    where = getattr(last, "address", last)
-    tries = getattr(e, "allowed_failures", None)
-    return (f"the Dask worker running this item died (last on {where}), and so did every "
-            f"worker Dask re-ran it on ({tries} re-runs allowed: "
-            "distributed.scheduler.allowed-failures); out of memory, a crash in native "
-            "code, or the task killed its worker")

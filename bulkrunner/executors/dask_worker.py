@@ -183,4 +183,20 @@ def take_back(key: str, start: int) -> tuple[str, int, list[tuple[int, Outcome]]
         return ("unknown", start, [])
 
 
-__all__ = ["cancel_event_name", "run_batch_on_worker", "run_on_worker", "take_back"]
+def taken_back(answers: dict[str, Any], start: int, size: int
+               ) -> tuple[int, list[tuple[int, Outcome]]]:
+    """What the workers' answers to :func:`take_back` (by worker address) mean for a batch
+    of ``size`` units: (the index from which its units will run nowhere, the outcomes of
+    those that ended meanwhile). An answer that is an error (a worker that went away) says
+    nothing."""
+    seen = [a for a in answers.values() if isinstance(a, tuple) and len(a) == 3]
+    running = [a for a in seen if a[0] == "running"]
+    if running:
+        return min(a[1] for a in running), [e for a in running for e in a[2]]
+    if any(a[0] == "ended" for a in seen):
+        return size, []  # it ended: its result tells every unit
+    return start, []  # not started anywhere yet: skipped wherever it starts
+
+
+__all__ = ["cancel_event_name", "run_batch_on_worker", "run_on_worker", "take_back",
+           "taken_back"]

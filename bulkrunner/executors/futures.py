@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -89,13 +89,17 @@ def unit_futures(n: int) -> list[UnitFuture]:
 
 
 def settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
-    """Settle ``fut`` with ``result``, an Outcome or the error it raises, unless it is done."""
+    """Settle ``fut`` with ``result``, an Outcome or the error it raises, unless it is done
+    (also when another thread settles or cancels it meanwhile: the first one counts)."""
     if fut.done():
         return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
+    try:
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:  # settled meanwhile: nothing to tell
+        pass
 
 
 def add_done_callbacks(futs: Sequence[Future[Outcome]],

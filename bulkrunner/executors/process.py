@@ -39,13 +39,13 @@ from concurrent.futures._base import PENDING
 
 from bulkrunner.errors import ExecutorLost
 from bulkrunner.executors.batching import BatchPolicy, Paces, split
+from bulkrunner.executors.futures import settle
 from bulkrunner.executors.process_handle import (
     PoolFuture,
     Starts,
     WorkerHandle,
     deliver_reports,
     describe_exit,
-    settle,
     spawn,
     worker_context,
 )

@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from concurrent.futures._base import PENDING
 from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
@@ -38,7 +37,7 @@ from bulkrunner.executors.process_worker import (
     read_frames,
     worker_main,
 )
-from bulkrunner.runtime import Outcome, Reporter, WorkUnit
+from bulkrunner.runtime import Reporter, WorkUnit
 
 log = logging.getLogger("bulkrunner.executors.process")
 
@@ -331,16 +330,3 @@ def describe_exit(code: int | None) -> str:
         hint = " (killed: out of memory, or by an operator)" if -code == signal.SIGKILL else ""
         return f"signal {name}{hint}"
     return f"exit code {code}"
-
-
-def settle(fut: Future[Outcome], result: Outcome | BaseException) -> None:
-    """Settle ``fut`` with an outcome or an error, unless it is done already."""
-    if fut.done():
-        return
-    try:
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
-    except Exception:  # settled meanwhile (cancelled): nothing to tell
-        pass
