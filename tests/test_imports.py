@@ -1,5 +1,6 @@
 """The four import rules of the package's rooms, third-party libraries kept at their edges,
-and the client side and the worker side loading nothing heavy.
+the client side and the worker side loading nothing heavy, and no module past a few
+hundred lines.
 
 - ``client/`` imports no server code (``server``, ``store``, ``executors``, ``runtime``) and
   none of Flask, waitress, Dask or sqlite3;
@@ -87,6 +88,17 @@ def test_every_module_keeps_its_rooms_rules() -> None:
                 problems.append(f"{path.relative_to(PKG)} imports {parts[0]} (runtime is "
                                 "standard library only)")
     assert not problems, "\n".join(problems)
+
+
+#: Lines a module may have. Modules are split by concept, a few hundred lines each; one
+#: that grows past this holds two things, and the second gets a module of its own.
+MAX_LINES = 450
+
+
+def test_no_module_is_over_a_few_hundred_lines() -> None:
+    long = {str(p.relative_to(PKG)): n for p in sorted(PKG.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines, split by what each part owns: {long}"
 
 
 def test_the_rules_catch_a_wrong_import(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ and /healthz."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -104,8 +103,9 @@ def test_queue_depth_oldest_age_and_inflight(app_factory: Callable[..., Flask]) 
     busy = submit(app, {"task": "slow", "params": {"seconds": 10}})
     wait_for(lambda: job(app, busy)["state"] == "running", 10, "the slow job starts")
     waiting = submit(app, {"task": "add", "items": [{"a": 1}, {"a": 2}]})
-    time.sleep(0.3)
-    m = scrape(app)
+    m = wait_for(lambda: (m := scrape(app)) and value(
+        m, "bulkrunner_oldest_queued_age_seconds") >= 0.3 and m, 10,
+        "the queued items' age never reached 0.3 s")
     assert value(m, "bulkrunner_queue_depth") == 2
     assert value(m, "bulkrunner_items", task="add", state="queued") == 2
     assert value(m, "bulkrunner_items", task="slow", state="running") == 1
