@@ -1,10 +1,13 @@
 """The dispatcher's bounds: never more than max_workers running while items take time;
-a short claim-ahead only while items are very short; cancel reaches items claimed ahead."""
+a short claim-ahead only while items are very short; cancel reaches items claimed ahead;
+a drain waits for what a turn claimed."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from bulkrunner.server.events import JobChanged
 from tests.conftest import wait_for
 
 
@@ -105,3 +108,31 @@ def test_items_claimed_ahead_behind_a_long_one_are_given_back(app_factory: Any,
     items = client.get(f"/api/v1/jobs/{job_id}/items?limit=100").json["items"]
     assert sorted(int(x) for x in runs.read_text().split()) == list(range(20))  # once each
     assert {it["attempts"] for it in items} == {1}
+
+
+def test_a_drain_waits_for_items_a_turn_claimed_and_has_not_handed_over(
+        app_factory: Any) -> None:
+    # The turn is held between its commit (the item is running in the store) and its
+    # hand-over to the executor, when the drain begins: the drain must wait for that item
+    # as for any running one, not stop at once and leave it to be re-queued.
+    app = app_factory(max_workers=1)
+    svc = app.extensions["bulkrunner"]
+    blocked, release = threading.Event(), threading.Event()
+
+    def hold(e: JobChanged) -> None:
+        if e.new == "running" and not blocked.is_set():
+            blocked.set()
+            release.wait(10)
+
+    svc.events.subscribe(JobChanged, hold)
+    job_id = app.test_client().post("/api/v1/jobs", json={
+        "task": "slow", "params": {"seconds": 0.3}}).json["id"]
+    assert blocked.wait(10), "the job never became running"
+    drain = threading.Thread(target=svc.dispatcher.drain, args=(10,))
+    drain.start()
+    wait_for(lambda: svc.dispatcher.draining, 10, "the drain did not begin")
+    release.set()
+    drain.join(30)
+    assert not drain.is_alive(), "the drain did not end"
+    job = svc.store.get_job(job_id)
+    assert job.state.value == "succeeded", (job.state, job.counts)

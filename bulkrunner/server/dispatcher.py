@@ -78,6 +78,7 @@ class Dispatcher:
         self._stop = threading.Event()
         self.draining = False
         self._drain_lock = threading.Lock()
+        self._turn_lock = threading.Lock()  # held by the loop through each turn
         self._hurry = threading.Event()
         self._drained = False
         self._thread: threading.Thread | None = None
@@ -171,6 +172,10 @@ class Dispatcher:
             if self._drained:
                 return
             deadline = time.monotonic() + grace
+            # A turn under way may have claimed items it has not handed over yet (they are
+            # running in the store, not in flight here): they are waited for like the rest.
+            with self._turn_lock:
+                pass
             while (self._inflight and time.monotonic() < deadline
                    and not self._hurry.is_set()):
                 self._hurry.wait(0.05)
@@ -207,7 +212,9 @@ class Dispatcher:
             try:
                 now = time.monotonic()
                 flush = now - last_flush >= _PROGRESS_FLUSH
-                if self._turn(flush=flush) or flush:
+                with self._turn_lock:
+                    turned = self._turn(flush=flush)
+                if turned or flush:
                     last_flush = now
                 self._store_wait.succeeded()
             except StoreUnwritable as e:  # disk full or locked: the ends wait in memory
