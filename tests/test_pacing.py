@@ -13,8 +13,8 @@ from bulkrunner.store.records import NewJob
 
 
 def _w(seq: int, task: str = "t", priority: int = 0, run_after: float | None = None,
-       paused: bool = False) -> Waiting:
-    return Waiting(seq, priority, task, run_after, paused)
+       paused: bool = False, queued: int | None = None) -> Waiting:
+    return Waiting(seq, priority, task, run_after, paused, queued)
 
 
 def _plan(p: Pacer, n: int, now: float = 100.0) -> list[tuple[int, int]]:
@@ -31,6 +31,22 @@ def test_fair_share_takes_turns_by_job_and_a_new_job_goes_first() -> None:
     p.add([_w(3)], 0)
     assert _plan(p, 1) == [(3, 1)]  # never served: before the two served ones
     assert _plan(p, 3) == [(1, 1), (2, 1), (3, 1)]
+
+
+def test_a_job_whose_last_item_was_claimed_leaves_the_plans() -> None:
+    # Hundreds of finished one-item jobs left in the view were each asked again for
+    # nothing, and as rivals held a new bulk to one item a turn: 40 items of 25 ms on 4
+    # workers took 2.8 s instead of 0.27.
+    p = Pacer()
+    p.load([_w(1, queued=1), _w(2, queued=10)], set(), 0)
+    p.begin(2, 100.0)
+    assert p.plan() == [(1, 1), (2, 1)]
+    p.took(1, 1, 1)  # its only item
+    p.took(2, 1, 1)
+    p.end_plan()
+    assert _plan(p, 4) == [(2, 4)]  # no rival left: the whole claim at once
+    p.requeued(1)  # its item failed and goes back to the queue: it is planned again
+    assert _plan(p, 2) == [(1, 1), (2, 1)]
 
 
 def test_short_items_take_turns_a_batch_at_a_time() -> None:

@@ -49,6 +49,9 @@ class _Job:
     served: int = 0
     #: No claimable item now (all waiting for a retry's backoff, or none left).
     dry: bool = False
+    #: Its queued items as far as the view knows (None: not known): read with the job,
+    #: less what claims took, plus what went back to the queue.
+    left: int | None = None
     #: In its task's heap (runnable as far as the job itself goes).
     listed: bool = False
     #: Which of its heap entries is the live one (older entries are stale).
@@ -173,7 +176,7 @@ class Pacer:
 
     def _add(self, w: Waiting, served: int, now: float) -> None:
         j = self._jobs[w.seq] = _Job(w.seq, w.priority, w.task, w.run_after, w.paused,
-                                     served)
+                                     served, left=w.queued)
         self.task(w.task)
         if w.paused:
             return
@@ -197,7 +200,11 @@ class Pacer:
     def requeued(self, seq: int) -> None:
         """An item of job ``seq`` went back to the queue claimable at once."""
         j = self._jobs.get(seq)
-        if j is not None and j.dry:
+        if j is None:
+            return
+        if j.left is not None:
+            j.left += 1
+        if j.dry:
             j.dry = False
             if not j.paused and not j.listed:
                 self._list(j)
@@ -243,10 +250,17 @@ class Pacer:
 
     def took(self, seq: int, asked: int, got: int) -> None:
         """What a planned step gave: a job that gave fewer than asked has no claimable item
-        left now; its unused reservations are given back."""
-        if got >= asked:
-            return
+        left now; its unused reservations are given back. A job whose last queued item was
+        taken leaves the plans too: kept there, it would be asked again for nothing and,
+        with fair share, hold every other job to a turn at a time as their rival."""
         j = self._jobs.get(seq)
+        if j is not None and j.left is not None:
+            j.left -= got
+        if got >= asked:
+            if j is not None and j.left is not None and j.left <= 0:
+                j.dry = True
+                j.listed = False  # its heap entry goes stale and is dropped when reached
+            return
         if j is not None:
             self._release(j.task, asked - got)
             self.slots += (asked - got) * self._cost(j.task)

@@ -24,6 +24,8 @@ class Waiting:
     task: str
     run_after: float | None
     paused: bool
+    #: Its queued items when read (None: not known).
+    queued: int | None = None
 
 
 class Planner(Protocol):
@@ -55,7 +57,7 @@ class Planner(Protocol):
         ...
 
 
-_WAITING_COLS = "seq, priority, task, run_after, paused"
+_WAITING_COLS = "seq, priority, task, run_after, paused, n_queued"
 
 
 def waiting_jobs(conn: sqlite3.Connection, limit: int) -> list[Waiting]:
@@ -64,14 +66,14 @@ def waiting_jobs(conn: sqlite3.Connection, limit: int) -> list[Waiting]:
     rows = conn.execute(f"SELECT {_WAITING_COLS} FROM jobs INDEXED BY jobs_waiting "
                         "WHERE n_queued > 0 ORDER BY priority DESC, seq LIMIT ?",
                         (limit,)).fetchall()
-    return [Waiting(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+    return [Waiting(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
 
 def new_waiting_jobs(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Waiting]:
     """Jobs with queued items submitted after job ``after_seq`` (a primary-key range)."""
     rows = conn.execute(f"SELECT {_WAITING_COLS} FROM jobs WHERE seq > ? AND n_queued > 0 "
                         "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
-    return [Waiting(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+    return [Waiting(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
 
 def paused_tasks(conn: sqlite3.Connection) -> set[str]:
