@@ -3,12 +3,18 @@
 A :class:`WorkerHandle` holds the process, its pipe, the three numbers it shares with the
 supervisor (see :mod:`bulkrunner.executors.process_worker`) and the futures of the units
 handed to it, in order. It owns what concerns that one worker: starting it
-(:func:`spawn`), handing it units and taking back those it has not started (the
-supervisor's side of their shared lock), the bytes to and from its pipe, killing it, and,
-once it is dead, sorting its units into those that fail, those that run again elsewhere
-and the one it was running. The pool of workers, its supervisor and its lock are
-:mod:`bulkrunner.executors.process`'s: nothing here takes that lock, and a method that
-needs it held says so.
+(:func:`spawn`, from :func:`worker_context`), handing it units and taking back those it has
+not started (the supervisor's side of their shared lock), the bytes to and from its pipe,
+killing it, and, once it is dead, sorting its units into those that fail, those that run
+again elsewhere and the one it was running.
+
+Also here, as the pool hands them to its workers: a unit's future (:class:`PoolFuture`),
+when the next worker may start after a failed start (:class:`Starts`), and the hand-on of
+the progress and output a worker sends (:func:`deliver_reports`).
+
+The pool of workers, its supervisor and its lock are :mod:`bulkrunner.executors.process`'s.
+Two things here take that lock, each given it: a future's ``cancel()`` and
+:meth:`WorkerHandle.send_units` holding back a batch; a method that needs it held says so.
 """
 
 from __future__ import annotations
