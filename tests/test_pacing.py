@@ -49,6 +49,20 @@ def test_a_job_whose_last_item_was_claimed_leaves_the_plans() -> None:
     assert _plan(p, 2) == [(1, 1), (2, 1)]
 
 
+def test_a_claim_rolled_back_gives_its_jobs_their_items_back() -> None:
+    p = Pacer()
+    p.load([_w(1, queued=2)], set(), 0)
+    p.begin(4, 100.0)
+    assert p.plan() == [(1, 4)]
+    p.took(1, 4, 2)  # both of its items: none left
+    p.abandon_plan()  # the transaction failed: nothing was claimed, both are queued
+    p.begin(1, 100.0)
+    assert p.plan() == [(1, 1)]
+    p.took(1, 1, 1)
+    p.end_plan()
+    assert _plan(p, 4) == [(1, 4)]  # one item is still left: the job is still planned
+
+
 def test_short_items_take_turns_a_batch_at_a_time() -> None:
     p = Pacer()
     p.quantum = lambda task: 4  # the executor's batch while items are short

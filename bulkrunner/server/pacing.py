@@ -199,11 +199,15 @@ class Pacer:
 
     def requeued(self, seq: int) -> None:
         """An item of job ``seq`` went back to the queue claimable at once."""
+        self._restore(seq, 1)
+
+    def _restore(self, seq: int, n: int) -> None:
+        """``n`` items of job ``seq`` are queued again: it is planned again."""
         j = self._jobs.get(seq)
         if j is None:
             return
         if j.left is not None:
-            j.left += 1
+            j.left += n
         if j.dry:
             j.dry = False
             if not j.paused and not j.listed:
@@ -384,7 +388,7 @@ class Pacer:
         for (seq, task), n in net.items():
             if n > 0:
                 self._release(task, n)
-            self.requeued(seq)
+            self._restore(seq, max(n, 0))  # what its steps took is queued again
 
     # ------------------------------------------------------------------ telling
     def next_due(self, now: float) -> float | None:
