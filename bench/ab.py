@@ -34,6 +34,7 @@ if str(_ROOT) not in sys.path:  # run as a script: the tasks are imported as ben
 from bench.benchutil import (  # noqa: E402
     ROOT,
     Server,
+    bulkrunner_config,
     loadavg,
     print_table,
     proc_cpu_seconds,
@@ -51,22 +52,11 @@ class Run:
     cpu_us: float       # server CPU microseconds per item
 
 
-def config(workdir: Path, executor: str, workers: int) -> Path:
-    """A server config: loopback, port 0, ``executor`` with ``workers``, both tasks."""
-    lines = ["[server]", 'host = "127.0.0.1"', "port = 0", "threads = 8",
-             "shutdown_grace = 0", "[executor]", f'type = "{executor}"',
-             f"max_workers = {workers}", "[store]", 'path = "bench.db"', "[jobs]",
-             "max_items = 1000000", "[tasks]"]
-    lines += [f'{name} = "{target}"' for name, target in TASKS.items()]
-    path = workdir / "bulkrunner.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def one_run(side: str, src: Path, args: argparse.Namespace) -> Run:
     """A fresh server of checkout ``src``: a warm-up bulk, then the timed one."""
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-ab-{side}-"))
-    cfg = config(workdir, args.executor, args.workers)
+    cfg = bulkrunner_config(workdir, max_workers=args.workers, tasks=TASKS,
+                            jobs="max_items = 1000000", executor=args.executor)
     server = Server(side, [sys.executable, "-m", "bulkrunner", "--config", str(cfg), "serve",
                            "--log-level", "info"], workdir, src=src)
     try:

@@ -101,11 +101,12 @@ class Server:
 
 
 def bulkrunner_config(workdir: Path, *, max_workers: int = 4, tasks: dict[str, str] | None = None,
-                      threads: int = 8, jobs: str = "") -> Path:
-    """A config for a benchmark server: loopback, port 0, thread executor, ``bench.db``."""
+                      threads: int = 8, jobs: str = "", executor: str = "thread") -> Path:
+    """A config for a benchmark server: loopback, port 0, ``executor`` (threads unless
+    said), ``bench.db``."""
     lines = ["[server]", 'host = "127.0.0.1"', "port = 0", f"threads = {threads}",
              "shutdown_grace = 0",
-             "[executor]", 'type = "thread"', f"max_workers = {max_workers}",
+             "[executor]", f'type = "{executor}"', f"max_workers = {max_workers}",
              "[store]", 'path = "bench.db"', "[jobs]", jobs, "[tasks]"]
     lines += [f'{name} = "{target}"' for name, target in (tasks or {}).items()]
     path = workdir / "bulkrunner.toml"

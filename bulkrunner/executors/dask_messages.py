@@ -66,8 +66,9 @@ def report_handler(reporter: Reporter | None) -> Callable[[tuple[float, Any]], N
 
 class CancelEvents:
     """The cancel Events this server has set, each cleared again after ``_EVENT_TTL``
-    seconds (the scheduler would keep them all otherwise). Not thread-safe: one thread
-    sets them, and the executor's watcher clears them."""
+    seconds (the scheduler would keep them all otherwise). One thread sets them (the
+    executor's abort thread) and one clears them (its watcher): the deque's append and
+    popleft need no lock between the two."""
 
     def __init__(self) -> None:
         self._set: deque[tuple[float, str]] = deque()

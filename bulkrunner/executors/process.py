@@ -382,8 +382,7 @@ class ProcessExecutor:
             dead.add(w)
         if not msgs:
             return
-        outcomes: dict[int, PoolFuture] = {}
-        done: list[tuple[int, Outcome]] = []
+        done: list[tuple[PoolFuture, Outcome]] = []
         spent: dict[str, list[float]] = {}  # run time and count by task, for the paces
         with self._lock:
             for m in msgs:
@@ -393,8 +392,7 @@ class ProcessExecutor:
                         self._units.pop(id(f.unit), None)
                         if f._state == PENDING:
                             f.set_running_or_notify_cancel()
-                        outcomes[m[1]] = f
-                        done.append((m[1], m[2]))
+                        done.append((f, m[2]))
                         s = spent.setdefault(f.unit.task, [0.0, 0])
                         s[0] += m[3]
                         s[1] += 1
@@ -406,8 +404,8 @@ class ProcessExecutor:
         # A unit's output came before its outcome, and is handed on before it too, so the
         # turn that records the outcome has all of the output.
         deliver_reports(msgs, self._reporter, self._sink)
-        for ordinal, result in done:
-            settle(outcomes[ordinal], result)
+        for f, result in done:
+            settle(f, result)
 
     def _bury(self, w: WorkerHandle) -> None:
         for obj in (w.conn, w.proc.sentinel):

@@ -191,12 +191,6 @@ class Pacer:
         order = j.served if self.fair_share else 0
         heapq.heappush(self._tasks[j.task].heap, (-j.priority, order, j.seq, j.ver))
 
-    def forget(self, seq: int) -> None:
-        """A job that has no queued item any more (finished, cancelled)."""
-        j = self._jobs.pop(seq, None)
-        if j is not None:
-            j.listed = False
-
     def requeued(self, seq: int) -> None:
         """An item of job ``seq`` went back to the queue claimable at once."""
         self._restore(seq, 1)
