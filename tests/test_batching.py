@@ -262,3 +262,33 @@ def test_each_task_is_batched_by_its_own_run_times() -> None:
     assert paces.batch("long") == 1 and paces.cost("long") == 1
     paces.reset("short")  # an item claimed ahead waited too long: alone until measured
     assert paces.cost("short") == 1 and paces.cost("long") == 1
+
+
+@needs_dask
+def test_dask_batches_stay_whole_as_workers_free_up() -> None:
+    # What held 50 ms CPU items on Dask to about one item a task: every hand-over was
+    # spread over all the workers, so the four items that follow a batch of four went as
+    # two tasks, whose successors went as four, and so on down to one.
+    from bulkrunner.executors.dask_tasks import POLICY, Inflight, plan
+
+    def units(n: int, task: str = "t", timeout: float = 0.0) -> list[Inflight]:
+        return [Inflight(work_unit("tests.sample_tasks:add", index=i, task=task,
+                                   timeout=timeout), Future(), None, None)
+                for i in range(n)]
+
+    paces = Paces(2, POLICY)
+    alone, batches = plan(units(3), paces, idle=2)  # nothing measured: one per task
+    assert len(alone) == 3 and batches == []
+    paces.observe("t", 0.05 * 20, 20)  # 50 ms an item: a batch holds 5
+    assert paces.batch("t") == 5
+    # Nothing running yet: spread over both workers, then whole batches.
+    assert [len(b) for b in plan(units(4), paces, idle=2)[1]] == [2, 2]
+    assert [len(b) for b in plan(units(20), paces, idle=2)[1]] == [5, 5, 5, 5]
+    # One batch ended, the other worker still busy: its successors go as one batch.
+    assert [len(b) for b in plan(units(5), paces, idle=1)[1]] == [5]
+    assert [len(b) for b in plan(units(5), paces, idle=-2)[1]] == [5]
+    # Short timeouts and an explicit single go one per task; tasks are batched apart.
+    alone, batches = plan(units(3, timeout=5.0) + units(5, task="u"), paces, idle=1)
+    assert len(alone) == 8 and batches == []  # "u" is not measured yet: alone too
+    alone, batches = plan(units(5), paces, idle=1, single=True)
+    assert len(alone) == 5 and batches == []

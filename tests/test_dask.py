@@ -121,7 +121,15 @@ def chatty(n: int = 3) -> int:
     return n
 
 
-TASKS = {**SAMPLE_TASKS, "chatty": "tests.test_dask:chatty"}
+def profiling() -> bool:
+    """Whether Dask's statistical profiler samples this worker's threads."""
+    import dask.config
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
+TASKS = {**SAMPLE_TASKS, "chatty": "tests.test_dask:chatty",
+         "profiling": "tests.test_dask:profiling"}
 
 
 def dask_config(tmp: Path, address: str, max_workers: int = 4, jobs: str = "") -> Path:
@@ -373,6 +381,9 @@ def test_local_cluster_worker_died_timeout_and_stop(tmp_path: Path, serve: Serve
         assert wait_job(c, job["id"], 60)["state"] == "succeeded"
         workers = {it["worker"] for it in all_items(c, job["id"])}
         assert len(workers) == 1 and next(iter(workers)).startswith("tls://127.0.0.1:")
+        # The local cluster's workers run without Dask's profiler (it costs the items CPU).
+        job = c.submit("profiling")
+        assert wait_job(c, job["id"], 30)["result"] is False
 
         # What a task prints and logs on a Dask worker reaches the item's log, and
         # progress reaches the job, both through the scheduler as Dask events.

@@ -40,7 +40,6 @@ Progress, output and cancel flags travel as Dask events: see
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import threading
@@ -55,7 +54,7 @@ from distributed import Client, KilledWorker
 
 from bulkrunner.config import Config
 from bulkrunner.errors import ExecutorLost, WorkerDied
-from bulkrunner.executors.batching import BatchPolicy, Paces, by_task, split
+from bulkrunner.executors.batching import Paces
 from bulkrunner.executors.dask_connection import DaskConnection
 from bulkrunner.executors.dask_messages import (
     CancelEvents,
@@ -63,6 +62,14 @@ from bulkrunner.executors.dask_messages import (
     killed_message,
     report_handler,
     report_topic,
+)
+from bulkrunner.executors.dask_tasks import (
+    POLICY,
+    STUCK,
+    Batch,
+    Ident,
+    Inflight,
+    plan,
 )
 from bulkrunner.executors.dask_worker import (
     run_batch_on_worker,
@@ -74,47 +81,6 @@ from bulkrunner.executors.futures import settle, unit_futures
 from bulkrunner.runtime import Outcome, Reporter, WorkUnit
 
 log = logging.getLogger("bulkrunner.dask")
-
-_Ident = tuple[tuple[int, int], int]
-
-#: Batches: a Dask task costs the scheduler about a millisecond, so a batch holds up to
-#: 10 ms of work, and each worker has a second one waiting on the scheduler. Items up to
-#: 100 ms, one per task, also have a second one waiting: an item's way back through the
-#: scheduler and the dispatcher takes 10-25 ms, which a worker would spend idle (a third
-#: of a 50 ms item's time), and the one waiting waits at most one such item. Nothing
-#: handed to Dask is given back by the dispatcher, so the recent rate sets no bound.
-POLICY = BatchPolicy(window=0.01, max_batch=500, short=0.1, cap=8192)
-#: Units with a timeout shorter than this go one per task: a stuck neighbour could keep
-#: them waiting for about _STUCK before they are taken back.
-_BATCH_TIMEOUT_MIN = 10.0
-#: A batch still running after this long (or 20 times what its items should take) has the
-#: units it has not started taken back and handed out again.
-_STUCK = 1.0
-
-
-@dataclasses.dataclass(eq=False)
-class _Inflight:
-    unit: WorkUnit
-    future: Future[Outcome]
-    dask_future: Any
-    client: Client
-    batch: _Batch | None = None  # the batch it travels in now, if any
-    index: int = 0               # its place in that batch
-
-    @property
-    def ident(self) -> _Ident:
-        return (self.unit.key, self.unit.claim)
-
-
-@dataclasses.dataclass(eq=False)
-class _Batch:
-    key: str
-    items: list[_Inflight]
-    dask_future: Any
-    client: Client
-    submitted: float = dataclasses.field(default_factory=time.monotonic)
-    taking_back: bool = False
-
 
 class DaskExecutor:
     """Runs items as tasks on a Dask cluster.
@@ -133,12 +99,12 @@ class DaskExecutor:
         self._reporter = reporter
         self._topic = report_topic(cfg.store.path)
         self._lock = threading.Lock()
-        self._items: dict[_Ident, _Inflight] = {}
-        self._batches: dict[str, _Batch] = {}
+        self._items: dict[Ident, Inflight] = {}
+        self._batches: dict[str, Batch] = {}
         #: Units of batches that killed every worker they ran on, run one at a time: a
         #: unit queued on the worker that the culprit kills would be charged too.
-        self._probes: deque[_Inflight] = deque()
-        self._probe: _Inflight | None = None
+        self._probes: deque[Inflight] = deque()
+        self._probe: Inflight | None = None
         self.paces = Paces(self.max_workers, POLICY)
         self._batch_keys = (f"bulkrunner-batch-{uuid.uuid4().hex[:12]}-{n}"
                             for n in itertools.count())
@@ -170,26 +136,19 @@ class DaskExecutor:
                     f.set_exception(ExecutorLost(why))
                 return futs
             assert client is not None
-            items = [_Inflight(u, f, None, client) for u, f in zip(units, futs, strict=True)]
+            items = [Inflight(u, f, None, client) for u, f in zip(units, futs, strict=True)]
             for it in items:
                 self._items[it.ident] = it
         self._dispatch(items, client)
         return futs
 
-    def _dispatch(self, items: list[_Inflight], client: Client,
+    def _dispatch(self, items: list[Inflight], client: Client,
                   single: bool = False) -> None:
         """Submit the items to Dask: in batches while items are short (``single``: one
-        task each), each unit with a timeout under _BATCH_TIMEOUT_MIN on its own."""
-        alone: list[_Inflight] = []
-        batched: list[tuple[list[_Inflight], int]] = []  # one task's items, its batch size
-        for group in by_task(items, lambda it: it.unit.task):
-            size = 1 if single else self.paces.batch(group[0].unit.task)
-            rest: list[_Inflight] = []
-            for it in group:
-                (alone if size == 1 or 0 < it.unit.timeout < _BATCH_TIMEOUT_MIN
-                 else rest).append(it)
-            if rest:
-                batched.append((rest, size))
+        task each), each unit with a short timeout on its own (see :func:`plan`)."""
+        with self._lock:
+            idle = self.max_workers - len(self._batches)
+        alone, batches = plan(items, self.paces, idle, single)
         loop: Any = client.loop  # a tornado IOLoop over an asyncio loop, in its own thread
         sent: set[int] = set()
         try:
@@ -208,22 +167,18 @@ class DaskExecutor:
                 asyncio.run_coroutine_threadsafe(
                     self._collect((u.key, u.claim), u.task, client, it.dask_future),
                     loop.asyncio_loop)
-            for together, size in batched:
-                start = 0
-                for n in split(len(together), self.max_workers, size):
-                    chunk = together[start:start + n]
-                    start += n
-                    key = next(self._batch_keys)
-                    dfut = client.submit(run_batch_on_worker, [it.unit for it in chunk],
-                                         self._topic, key, pure=False, key=key)
-                    batch = _Batch(key, chunk, dfut, client)
-                    for i, it in enumerate(chunk):
-                        it.batch, it.index, it.dask_future, it.client = batch, i, dfut, client
-                        sent.add(id(it))
-                    with self._lock:
-                        self._batches[key] = batch
-                    asyncio.run_coroutine_threadsafe(self._collect_batch(batch),
-                                                     loop.asyncio_loop)
+            for chunk in batches:
+                key = next(self._batch_keys)
+                dfut = client.submit(run_batch_on_worker, [it.unit for it in chunk],
+                                     self._topic, key, pure=False, key=key)
+                batch = Batch(key, chunk, dfut, client)
+                for i, it in enumerate(chunk):
+                    it.batch, it.index, it.dask_future, it.client = batch, i, dfut, client
+                    sent.add(id(it))
+                with self._lock:
+                    self._batches[key] = batch
+                asyncio.run_coroutine_threadsafe(self._collect_batch(batch),
+                                                 loop.asyncio_loop)
         except Exception as e:  # the client closed meanwhile: not the items' fault
             lost = ExecutorLost(f"could not hand the item to Dask: {e}")
             for it in items:
@@ -270,7 +225,7 @@ class DaskExecutor:
         self._conn.close()
 
     # ------------------------------------------------------------------ outcomes
-    async def _collect(self, ident: _Ident, task: str, client: Client, dfut: Any) -> None:
+    async def _collect(self, ident: Ident, task: str, client: Client, dfut: Any) -> None:
         result: Outcome | BaseException
         try:
             result, seconds = await client.gather(dfut, asynchronous=True)
@@ -290,17 +245,17 @@ class DaskExecutor:
         self._finish(ident, result)
         self._probe_ended(ident)
 
-    def _finish(self, ident: _Ident, result: Outcome | BaseException) -> None:
+    def _finish(self, ident: Ident, result: Outcome | BaseException) -> None:
         it = self._pop(ident)
         if it is not None:
             settle(it.future, result)
 
-    def _pop(self, ident: _Ident) -> _Inflight | None:
+    def _pop(self, ident: Ident) -> Inflight | None:
         # Whoever pops the entry settles the future: exactly once, whichever thread wins.
         with self._lock:
             return self._items.pop(ident, None)
 
-    async def _collect_batch(self, batch: _Batch) -> None:
+    async def _collect_batch(self, batch: Batch) -> None:
         try:
             got = await batch.client.gather(batch.dask_future, asynchronous=True)
         except asyncio.CancelledError:  # the client's loop is closing
@@ -358,7 +313,7 @@ class DaskExecutor:
         except RuntimeError:  # shut down meanwhile
             self._finish(it.ident, ExecutorLost("the Dask executor shut down"))
 
-    def _probe_ended(self, ident: _Ident) -> None:
+    def _probe_ended(self, ident: Ident) -> None:
         """The unit ``ident`` ended: when it was the one run alone, hand out the next."""
         with self._lock:
             probe = self._probe
@@ -367,8 +322,8 @@ class DaskExecutor:
             self._probe = None
         self._next_probe()
 
-    def _end_batch(self, batch: _Batch, result: Outcome | BaseException | None
-                   ) -> list[_Inflight]:
+    def _end_batch(self, batch: Batch, result: Outcome | BaseException | None
+                   ) -> list[Inflight]:
         """The batch is over: settle its units still in it with ``result``, or with None
         return them (still in flight) to be handed out again."""
         with self._lock:
@@ -381,7 +336,7 @@ class DaskExecutor:
             return []
         return mine
 
-    def _take_back(self, batch: _Batch, start: int) -> None:
+    def _take_back(self, batch: Batch, start: int) -> None:
         """Take the units of ``batch`` from ``start`` on that no worker has started yet and
         hand them to Dask again (runs on the aux thread: it waits on the workers)."""
         with self._lock:
@@ -416,7 +371,7 @@ class DaskExecutor:
         now = time.monotonic()
         with self._lock:
             late = [b for b in self._batches.values() if not b.taking_back and now - b.submitted
-                    > max(_STUCK, 20 * (self.paces.get(b.items[0].unit.task).average or 0.0)
+                    > max(STUCK, 20 * (self.paces.get(b.items[0].unit.task).average or 0.0)
                           * len(b.items))]
         for b in late:
             self.paces.reset(b.items[0].unit.task)
@@ -425,7 +380,7 @@ class DaskExecutor:
             except RuntimeError:
                 return
 
-    def _abort_remote(self, it: _Inflight) -> None:
+    def _abort_remote(self, it: Inflight) -> None:
         try:
             self._cancels.set(it.unit, it.client)
             if it.batch is None:

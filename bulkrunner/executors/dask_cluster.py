@@ -86,9 +86,15 @@ class LocalClusterProcess:
 
 def _serve() -> int:
     """The child's side: start the cluster, say where it is, run until stdin closes."""
+    import dask.config
     from distributed import LocalCluster
 
     n_workers, security = pickle.load(sys.stdin.buffer)
+    # Dask's statistical profiler samples each worker thread's stack every 10 ms: on a small
+    # machine that is CPU the items lose (about a tenth of a 2-core machine's throughput of
+    # 50 ms CPU items, with the scheduler and this server on the same cores). The nannies
+    # hand this config on to the workers they start.
+    dask.config.update_defaults({"distributed": {"worker": {"profile": {"enabled": False}}}})
     # The dashboard on a free loopback port: dashboard_address=None still binds the fixed
     # :8787, which a second server would collide with. With security= the scheduler, the
     # nannies and the workers all listen on tls:// addresses.

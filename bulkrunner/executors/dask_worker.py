@@ -45,19 +45,25 @@ class _RemoteFlag(threading.Event):
     :class:`Context` only calls ``is_set()``; here that asks the scheduler for the
     attempt's ``distributed.Event``, at most every ``_FLAG_POLL`` seconds (a check costs a
     round trip, about 0.4 ms on loopback), and nothing at all for tasks that never check.
-    ``first``: seconds before the first ask (a unit in a batch: a short item never asks).
+    ``first``: seconds from the first check (when the unit starts) to the first ask, for a
+    unit of a batch: a short item never asks. A unit not started yet needs no flag: the
+    batch's units are taken back from the worker instead (see :func:`take_back`).
     """
 
     def __init__(self, name: str, first: float = 0.0) -> None:
         super().__init__()
         self._name = name
         self._event: Event | None = None
-        self._next = time.monotonic() + first if first else 0.0
+        self._first = first
+        self._next: float | None = None if first else 0.0
 
     def is_set(self) -> bool:
         if super().is_set():
             return True
         now = time.monotonic()
+        if self._next is None:  # the unit starts: its clock starts now
+            self._next = now + self._first
+            return False
         if now >= self._next:
             self._next = now + _FLAG_POLL
             try:
