@@ -121,11 +121,13 @@ def chatty(n: int = 3) -> int:
     return n
 
 
-def profiling() -> bool:
-    """Whether Dask's statistical profiler samples this worker's threads."""
+def profiling() -> list[object]:
+    """This worker's profiler switch, tick and system monitor intervals."""
     import dask.config
 
-    return bool(dask.config.get("distributed.worker.profile.enabled"))
+    return [dask.config.get(k) for k in ("distributed.worker.profile.enabled",
+                                         "distributed.admin.tick.interval",
+                                         "distributed.admin.system-monitor.interval")]
 
 
 TASKS = {**SAMPLE_TASKS, "chatty": "tests.test_dask:chatty",
@@ -381,9 +383,10 @@ def test_local_cluster_worker_died_timeout_and_stop(tmp_path: Path, serve: Serve
         assert wait_job(c, job["id"], 60)["state"] == "succeeded"
         workers = {it["worker"] for it in all_items(c, job["id"])}
         assert len(workers) == 1 and next(iter(workers)).startswith("tls://127.0.0.1:")
-        # The local cluster's workers run without Dask's profiler (it costs the items CPU).
+        # The local cluster's workers run without Dask's profiler and tick less often
+        # (both cost the items CPU).
         job = c.submit("profiling")
-        assert wait_job(c, job["id"], 30)["result"] is False
+        assert wait_job(c, job["id"], 30)["result"] == [False, "1s", "2s"]
 
         # What a task prints and logs on a Dask worker reaches the item's log, and
         # progress reaches the job, both through the scheduler as Dask events.

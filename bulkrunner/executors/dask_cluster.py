@@ -90,11 +90,16 @@ def _serve() -> int:
     from distributed import LocalCluster
 
     n_workers, security = pickle.load(sys.stdin.buffer)
-    # Dask's statistical profiler samples each worker thread's stack every 10 ms: on a small
-    # machine that is CPU the items lose (about a tenth of a 2-core machine's throughput of
-    # 50 ms CPU items, with the scheduler and this server on the same cores). The nannies
-    # hand this config on to the workers they start.
-    dask.config.update_defaults({"distributed": {"worker": {"profile": {"enabled": False}}}})
+    # What Dask does on its own, every few milliseconds, is CPU the items lose on a small
+    # machine, where the scheduler, the workers and this server share the cores: idle, this
+    # cluster of two workers took 13 % of a core (the profiler sampling each worker
+    # thread's stack every 10 ms, a 20 ms tick in every process to spot a blocked event
+    # loop, a system monitor every 500 ms), and 4 % with these. A loop blocked for 3 s is
+    # still reported; the dashboard's system plots refresh every 2 s. The nannies hand this
+    # config on to the workers they start; a different value in the user's Dask config wins.
+    dask.config.update_defaults({"distributed": {
+        "worker": {"profile": {"enabled": False}},
+        "admin": {"tick": {"interval": "1s"}, "system-monitor": {"interval": "2s"}}}})
     # The dashboard on a free loopback port: dashboard_address=None still binds the fixed
     # :8787, which a second server would collide with. With security= the scheduler, the
     # nannies and the workers all listen on tls:// addresses.
