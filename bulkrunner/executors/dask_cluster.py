@@ -26,6 +26,20 @@ from typing import Any
 
 from distributed.security import Security
 
+#: Dask's own upkeep, quieter on the local cluster: what Dask does every few milliseconds
+#: is CPU the items lose on a small machine, where the scheduler, the workers and the
+#: server share the cores. Idle, a cluster of two workers took 13 % of a core with Dask's
+#: defaults (the profiler sampling each worker thread's stack every 10 ms, a 20 ms tick in
+#: every process to spot a blocked event loop, a system monitor every 500 ms), and 4 %
+#: with these. A loop blocked for 3 s is still reported; the dashboard's system plots
+#: refresh every 2 s. A value set in the user's Dask config (a file or a ``DASK_*``
+#: variable) is kept.
+QUIET: dict[str, object] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
 
 class LocalClusterProcess:
     """A :class:`distributed.LocalCluster` of ``n_workers`` worker processes (one thread
@@ -90,16 +104,10 @@ def _serve() -> int:
     from distributed import LocalCluster
 
     n_workers, security = pickle.load(sys.stdin.buffer)
-    # What Dask does on its own, every few milliseconds, is CPU the items lose on a small
-    # machine, where the scheduler, the workers and this server share the cores: idle, this
-    # cluster of two workers took 13 % of a core (the profiler sampling each worker
-    # thread's stack every 10 ms, a 20 ms tick in every process to spot a blocked event
-    # loop, a system monitor every 500 ms), and 4 % with these. A loop blocked for 3 s is
-    # still reported; the dashboard's system plots refresh every 2 s. The nannies hand this
-    # config on to the workers they start; a different value in the user's Dask config wins.
-    dask.config.update_defaults({"distributed": {
-        "worker": {"profile": {"enabled": False}},
-        "admin": {"tick": {"interval": "1s"}, "system-monitor": {"interval": "2s"}}}})
+    user = dask.config.collect()  # the user's config files and DASK_* variables
+    # The nannies hand the config on to the workers they start.
+    dask.config.set({k: v for k, v in QUIET.items()
+                     if dask.config.get(k, None, config=user) is None})
     # The dashboard on a free loopback port: dashboard_address=None still binds the fixed
     # :8787, which a second server would collide with. With security= the scheduler, the
     # nannies and the workers all listen on tls:// addresses.

@@ -201,7 +201,8 @@ def run_item(unit: WorkUnit, reporter: Reporter | None = None,
         with around() if around is not None else contextlib.nullcontext():
             value = fn(**kwargs)
             try:
-                text = _ENCODER.encode(value)
+                # None, the most common result, without the encoder's microsecond
+                text = "null" if value is None else _ENCODER.encode(value)
             except (TypeError, ValueError) as e:
                 return Outcome(ok=False, worker=worker_name(), retryable=False, error=cap_error({
                     "type": "ResultNotSerializable", "message": safe_text(
