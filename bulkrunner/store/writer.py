@@ -44,7 +44,7 @@ QUEUED_TOTAL = "SELECT COALESCE(SUM(n_queued), 0) FROM jobs WHERE n_queued > 0"
 class _Op:
     """One write waiting for a leader: a function of the transaction, or a new job."""
 
-    __slots__ = ("changes", "done", "durable", "error", "fn", "gate", "new", "value")
+    __slots__ = ("changes", "done", "durable", "error", "fn", "gate", "lead", "new", "value")
 
     def __init__(self, fn: Callable[[Tx], Any] | None, durable: bool,
                  new: tuple[NewJob, int | None] | None = None) -> None:
@@ -52,6 +52,7 @@ class _Op:
         self.new = new
         self.durable = durable
         self.done = False
+        self.lead = False  # the leader handed this operation's thread the lock
         self.value: Any = None
         self.error: BaseException | None = None
         self.changes: list[JobChange] = []
@@ -76,7 +77,7 @@ class Writer:
         path = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "")
         #: Why writes fail now (disk full, locked), kept until one succeeds again.
         self.faults = Faults(path)
-        self._lock = threading.Lock()          # held by the leader while it commits
+        self._lock = threading.Lock()          # the leader's, handed on while writes wait
         self._pending: list[_Op] = []
         self._pending_lock = threading.Lock()
         self._sync = ""
@@ -138,47 +139,68 @@ class Writer:
             raise RuntimeError("the store is closed")
         with self._pending_lock:
             self._pending.append(op)
-        # Lead if nobody does; else wait for the leader to commit this operation. Waiters
-        # are woken each by their own gate, all at once, not one after another through
-        # the lock (a chain of hand-offs that cost more than the commit itself).
+        # Lead if nobody does, or when the leader hands over; else wait for the leader to
+        # commit this operation. Waiters are woken each by their own gate, all at once,
+        # not one after another through the lock (a chain of hand-offs that cost more
+        # than the commit itself).
+        woken = False  # the gate was released for a hand-over, and taken
         while not op.done:
-            if self._lock.acquire(blocking=False):
-                try:
-                    self._lead()
-                finally:
-                    self._lock.release()
-                # An operation added after the last batch was taken, while the lock was
-                # still held, would wait for nobody: look once more.
-                continue
-            op.gate.acquire(timeout=0.05)
+            if op.lead:
+                if not woken:
+                    op.gate.acquire()  # the hand-over's release, set right after op.lead
+                op.lead = woken = False
+                self._lead(op)
+            elif self._lock.acquire(blocking=False):
+                self._lead(op)
+            elif op.gate.acquire(timeout=0.05) and not op.done:
+                woken = True  # a hand-over (op.lead is set before the gate is released)
         if op.error is not None:
             raise op.error
         return op
 
-    def _lead(self) -> None:
-        """Commit batches until nothing is pending (the caller holds the lock)."""
-        while True:
-            with self._pending_lock:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-            if not batch:
-                return
-            if self.closed:
-                for o in batch:
-                    o.error, o.done = RuntimeError("the store is closed"), True
-                    o.gate.release()
-                continue
-            fault = self._commit(batch)
-            if isinstance(fault, DatabaseLocked):
-                # The lock is another program's, held past the timeout: those who waited
-                # meanwhile would wait as long again, one batch after another.
+    def _lead(self, own: _Op) -> None:
+        """Commit batches until ``own`` is committed (the caller holds the lock), then
+        hand the lock to the thread of the next pending operation, or release it.
+
+        A leader that went on while anything was pending kept its own caller waiting for
+        as long as others kept writing: under eight busy clients, a tenth of a second and
+        more at the 99th percentile. Handing over makes each caller lead its own batch at
+        most; one that finds its operation committed by another leader just returns.
+        """
+        try:
+            while not own.done:
                 with self._pending_lock:
-                    waiting, self._pending = self._pending, []
-                for o in waiting:
-                    o.value, o.error, o.changes, o.done = None, copy.copy(fault), [], True
-                batch += waiting
-            for o in batch:
-                o.gate.release()
+                    batch = self._pending[:_MAX_BATCH]
+                    del self._pending[:_MAX_BATCH]
+                if not batch:
+                    break
+                if self.closed:
+                    for o in batch:
+                        o.error, o.done = RuntimeError("the store is closed"), True
+                        o.gate.release()
+                    continue
+                fault = self._commit(batch)
+                if isinstance(fault, DatabaseLocked):
+                    # The lock is another program's, held past the timeout: those who
+                    # waited meanwhile would wait as long again, one batch after another.
+                    with self._pending_lock:
+                        waiting, self._pending = self._pending, []
+                    for o in waiting:
+                        o.value, o.error, o.changes, o.done = None, copy.copy(fault), [], True
+                    batch += waiting
+                for o in batch:
+                    o.gate.release()
+        finally:
+            # Under the pending lock: an operation added after this look finds the lock
+            # free, one added before it is handed the lock.
+            with self._pending_lock:
+                nxt = self._pending[0] if self._pending else None
+                if nxt is not None:
+                    nxt.lead = True
+                else:
+                    self._lock.release()
+            if nxt is not None:
+                nxt.gate.release()
 
     def _commit(self, batch: list[_Op]) -> StoreUnwritable | None:
         """Commit ``batch`` in one transaction; the fault when the database could not be
