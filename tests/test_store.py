@@ -22,6 +22,7 @@ from bulkrunner.errors import (
 from bulkrunner.models import State
 from bulkrunner.store import MIGRATIONS, Finish, NewJob, Store
 from bulkrunner.store.records import Tx
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -247,6 +248,59 @@ def test_a_leader_commits_no_batch_without_its_own_write(store: Store) -> None:
         batches.setdefault((ran, batch), set()).add(asked)
     assert all(leader in asked for (leader, _), asked in batches.items()), batches
     assert any(len(asked) > 1 for asked in batches.values()), "no batch was shared"
+
+
+def test_a_writer_interrupted_while_it_waits_leaves_nobody_stuck(tmp_path: Path) -> None:
+    # Ctrl-C in a script that embeds the store stops a waiting writer mid-wait. Its write
+    # must be withdrawn, and the lock must not be handed to its thread, which is gone:
+    # every later write would wait for ever. (Not the fixture's store: a failure here
+    # would hang its close.)
+    import ctypes
+
+    store = Store(str(tmp_path / "t.db"))
+
+    in_commit, go_on = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def hold(tx: Tx) -> None:  # the leader, inside its transaction until told to go on
+        in_commit.set()
+        assert go_on.wait(30)
+        ran.append("leader")
+
+    def waiter(tx: Tx) -> None:
+        ran.append("withdrawn write")
+
+    class Interrupted(Exception):
+        pass
+
+    leader = threading.Thread(target=store._writer.write, args=(hold,), daemon=True)
+    leader.start()
+    assert in_commit.wait(30)
+    outcome: list[BaseException] = []
+
+    def wait_in_line() -> None:
+        try:
+            store._writer.write(waiter)
+        except Interrupted as e:
+            outcome.append(e)
+
+    waiting = threading.Thread(target=wait_in_line, daemon=True)
+    waiting.start()
+    wait_for(lambda: len(store._writer._pending) == 1, 10, "the second write never queued")
+    assert waiting.ident is not None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(waiting.ident),
+                                               ctypes.py_object(Interrupted))
+    waiting.join(10)
+    assert not waiting.is_alive() and len(outcome) == 1, "the waiting writer was not stopped"
+    go_on.set()
+    leader.join(10)
+    later = threading.Thread(target=store._writer.write, args=(lambda tx: ran.append("later"),),
+                             daemon=True)  # daemons: a failure must not hang the run
+    later.start()
+    later.join(10)
+    assert not later.is_alive(), "a write after the interrupted one never got the lock"
+    assert ran == ["leader", "later"]
+    store.close()
 
 
 def test_list_pages_newest_first(store: Store) -> None:

@@ -144,16 +144,27 @@ class Writer:
         # not one after another through the lock (a chain of hand-offs that cost more
         # than the commit itself).
         woken = False  # the gate was released for a hand-over, and taken
-        while not op.done:
-            if op.lead:
-                if not woken:
-                    op.gate.acquire()  # the hand-over's release, set right after op.lead
-                op.lead = woken = False
-                self._lead(op)
-            elif self._lock.acquire(blocking=False):
-                self._lead(op)
-            elif op.gate.acquire(timeout=0.05) and not op.done:
-                woken = True  # a hand-over (op.lead is set before the gate is released)
+        try:
+            while not op.done:
+                if op.lead:
+                    if not woken:
+                        op.gate.acquire()  # the hand-over's release, right after op.lead
+                    op.lead = woken = False
+                    self._lead(op)
+                elif self._lock.acquire(blocking=False):
+                    self._lead(op)
+                elif op.gate.acquire(timeout=0.05) and not op.done:
+                    woken = True  # a hand-over (op.lead is set before the gate is released)
+        except BaseException:
+            # Leaving without its answer (an interrupt): the operation is withdrawn if no
+            # leader took it yet, and a lock handed to this thread goes on to the next.
+            with self._pending_lock:
+                if op in self._pending:
+                    self._pending.remove(op)
+                handed = op.lead
+            if handed:
+                self._pass_on()
+            raise
         if op.error is not None:
             raise op.error
         return op
@@ -179,7 +190,17 @@ class Writer:
                         o.error, o.done = RuntimeError("the store is closed"), True
                         o.gate.release()
                     continue
-                fault = self._commit(batch)
+                try:
+                    fault = self._commit(batch)
+                except BaseException as e:  # outside the transaction: nobody may wait for ever
+                    for o in batch:
+                        if not o.done:
+                            o.value, o.changes = None, []
+                            o.error, o.done = RuntimeError(
+                                f"the write was interrupted ({e!r}); it may or may not "
+                                "be stored"), True
+                            o.gate.release()
+                    raise
                 if isinstance(fault, DatabaseLocked):
                     # The lock is another program's, held past the timeout: those who
                     # waited meanwhile would wait as long again, one batch after another.
@@ -191,15 +212,26 @@ class Writer:
                 for o in batch:
                     o.gate.release()
         finally:
-            # Under the pending lock: an operation added after this look finds the lock
-            # free, one added before it is handed the lock.
+            if not own.done:  # leaving on an error: the lock must not come back here
+                with self._pending_lock:
+                    if own in self._pending:
+                        self._pending.remove(own)
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        """Hand the lock (held by the caller) to the thread of the next pending operation,
+        or release it when nothing is pending. Under the pending lock: an operation added
+        after this look finds the lock free, one added before it is handed the lock."""
+        nxt = None
+        try:
             with self._pending_lock:
                 nxt = self._pending[0] if self._pending else None
                 if nxt is not None:
                     nxt.lead = True
                 else:
                     self._lock.release()
-            if nxt is not None:
+        finally:
+            if nxt is not None:  # even when interrupted: its thread waits for this
                 nxt.gate.release()
 
     def _commit(self, batch: list[_Op]) -> StoreUnwritable | None:
