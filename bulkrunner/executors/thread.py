@@ -12,13 +12,14 @@ from bulkrunner.executors.futures import unit_futures
 from bulkrunner.runtime import ItemContext, Outcome, Reporter, WorkUnit, run_batch
 
 #: Threads share one interpreter lock, so what is in flight is sized against one core:
-#: the run times measured in a thread include the waits for the lock. A batch holds up to
-#: 8 ms of work: each batch's end is a dispatcher turn (a commit, a claim), and batches of
-#: 2 ms drained no-op items about 15 % slower. While items take under 100 ms, one more
-#: waits in the pool behind each running one: a thread that ends an item takes the next
-#: at once instead of idling for the dispatcher's turn (a millisecond or more under load,
-#: 5% of a 25 ms item).
-POLICY = BatchPolicy(window=0.008, max_batch=512, short=0.1, cap=4096)
+#: the run times measured in a thread include the waits for the lock, and a thread's
+#: batch of 2 ms holds about 2 ms of the server's time. Batches of 8 ms drained no-op
+#: items about 15 % faster, but a one-item submission made during such a drain waited
+#: 80 ms at the 99th percentile instead of 32: the server stays responsive first. While
+#: items take under 100 ms, one more waits in the pool behind each running one: a thread
+#: that ends an item takes the next at once instead of idling for the dispatcher's turn
+#: (a millisecond or more under load, 5% of a 25 ms item).
+POLICY = BatchPolicy(window=0.002, max_batch=128, short=0.1, cap=1024)
 
 _Ident = tuple[tuple[int, int], int]
 
