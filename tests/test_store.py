@@ -6,7 +6,7 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -197,22 +197,32 @@ def test_backpressure_is_checked_in_the_transaction(store: Store) -> None:
     assert store.queued == 8
 
 
-def test_concurrent_writers_share_commits(store: Store) -> None:
+def in_threads(n: int, fn: Callable[[], object]) -> None:
+    """Run ``fn`` in ``n`` threads at once; raise the first error one of them raised."""
     errors: list[BaseException] = []
 
-    def submit() -> None:
+    def run() -> None:
         try:
-            for _ in range(50):
-                store.insert_job(new())
+            fn()
         except BaseException as e:  # surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=submit) for _ in range(8)]
+    threads = [threading.Thread(target=run) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert not errors
+    assert not any(t.is_alive() for t in threads), "a writer thread did not end within 60 s"
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_writers_share_commits(store: Store) -> None:
+    def submit() -> None:
+        for _ in range(50):
+            store.insert_job(new())
+
+    in_threads(8, submit)
     assert store.queued == 400
     jobs, nxt = store.list_jobs(limit=1000)
     assert len(jobs) == 400 and nxt is None
@@ -224,25 +234,17 @@ def test_a_leader_commits_no_batch_without_its_own_write(store: Store) -> None:
     # of eight busy clients). Each batch must hold an operation of the thread that led it.
     seen: list[tuple[int, int, float]] = []  # (thread that ran it, thread that asked, batch)
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def write() -> None:
         me = threading.get_ident()
-        try:
-            for _ in range(100):
-                def op(tx: Tx, asked: int = me) -> None:
-                    with lock:
-                        seen.append((threading.get_ident(), asked, tx.now))
-                store._writer.write(op)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+        for _ in range(100):
+            def op(tx: Tx, asked: int = me) -> None:
+                with lock:
+                    seen.append((threading.get_ident(), asked, tx.now))
+            store._writer.write(op)
 
-    threads = [threading.Thread(target=write) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and len(seen) == 600
+    in_threads(6, write)
+    assert len(seen) == 600
     batches: dict[tuple[int, float], set[int]] = {}
     for ran, asked, batch in seen:
         batches.setdefault((ran, batch), set()).add(asked)
