@@ -39,6 +39,7 @@ from bench.benchutil import (  # noqa: E402
     print_table,
     proc_cpu_seconds,
     remove_workdir,
+    spread,
 )
 from bench.executors import run_bulk, wait_healthy  # noqa: E402
 
@@ -126,17 +127,11 @@ def report(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> None:
           f"({args.workers} workers), {len(runs)} rounds, base {args.base or args.base_dir}")
     print_table(
         ["", "items/s, median (min-max)", "server CPU us/item, median (min-max)"],
-        [[side, _spread([x.rate for x in xs], "{:,.0f}"),
-          _spread([x.cpu_us for x in xs], "{:.1f}")]
+        [[side, spread([x.rate for x in xs]), spread([x.cpu_us for x in xs], "{:.1f}")]
          for side, xs in (("base", base), ("this", this))])
     ratio = statistics.median(t.rate / b.rate for b, t in runs)
     print(f"this checkout: {ratio:.3f}x the base's rate (median of the rounds' ratios); "
           f"faster in {faster} of {len(runs)} rounds, less CPU per item in {leaner}")
-
-
-def _spread(values: list[float], fmt: str) -> str:
-    return (f"{fmt.format(statistics.median(values))} "
-            f"({fmt.format(min(values))}-{fmt.format(max(values))})")
 
 
 if __name__ == "__main__":

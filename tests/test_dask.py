@@ -590,3 +590,19 @@ def test_a_local_cluster_that_cannot_start_says_so(tmp_path: Path,
         assert str(e.value) == ("the local Dask cluster did not start (its process exited "
                                 "with 1; its errors are in the server's log above)")
     assert time.monotonic() - t0 < 30
+
+
+@needs_dask
+def test_serve_with_a_local_cluster_that_cannot_start_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `serve` prints as a sentence and exit 2, not a RuntimeError's traceback.
+    from bulkrunner.executors.dask import DaskExecutor
+
+    fake = tmp_path / "broken" / "distributed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), str(ROOT)]))
+    cfg = load_config(dask_config(tmp_path, "", max_workers=1))
+    with pytest.raises(ConfigError, match=r"did not start .*bulkrunner\[dask\]") as e:
+        DaskExecutor(cfg)
+    assert e.value.key == "executor.address"

@@ -136,3 +136,32 @@ def test_a_drain_waits_for_items_a_turn_claimed_and_has_not_handed_over(
     assert not drain.is_alive(), "the drain did not end"
     job = svc.store.get_job(job_id)
     assert job.state.value == "succeeded", (job.state, job.counts)
+
+
+def test_a_drain_waits_for_a_turn_only_within_its_grace(app_factory: Any) -> None:
+    # A turn that does not end (a database locked by another program, an executor that
+    # hangs) must not hold a drain past its grace, nor a second Ctrl-C.
+    app = app_factory(max_workers=1)
+    svc = app.extensions["bulkrunner"]
+    blocked, release = threading.Event(), threading.Event()
+
+    def hold(e: JobChanged) -> None:
+        if e.new == "running" and not blocked.is_set():
+            blocked.set()
+            release.wait(30)
+
+    svc.events.subscribe(JobChanged, hold)
+    job_id = app.test_client().post("/api/v1/jobs", json={
+        "task": "slow", "params": {"seconds": 0.3}}).json["id"]
+    assert blocked.wait(10), "the job never became running"
+    drain = threading.Thread(target=svc.dispatcher.drain, args=(0.2,))
+    drain.start()
+    try:
+        wait_for(svc.dispatcher._stop.is_set, 10,
+                 "the drain waited past its grace for the turn under way")
+    finally:
+        release.set()
+    drain.join(30)
+    assert not drain.is_alive(), "the drain did not end"
+    job = svc.store.get_job(job_id)
+    assert job.state.value in ("queued", "succeeded"), (job.state, job.counts)

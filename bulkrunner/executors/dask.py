@@ -10,7 +10,8 @@ The queue stays in SQLite: the dispatcher hands this executor the items it has r
 Long items, and items with a short timeout, become one Dask task each
 (:func:`~bulkrunner.executors.dask_worker.run_on_worker`); while items are short, a batch
 of them becomes one task (:func:`~bulkrunner.executors.dask_worker.run_batch_on_worker`),
-since every Dask task costs the scheduler about a millisecond. Each unit still has its own
+since every Dask task costs several milliseconds of CPU (see
+:data:`~bulkrunner.executors.dask_tasks.POLICY`). Each unit still has its own
 future, progress, log and cancel flag. The Dask futures are bridged to plain
 ``concurrent.futures.Future`` objects (marked running once handed to Dask: Dask cannot be
 asked to give a task back) so the dispatcher cannot tell executors apart:
@@ -96,7 +97,6 @@ class DaskExecutor:
 
     def __init__(self, cfg: Config, reporter: Reporter | None = None) -> None:
         self.max_workers = cfg.executor.max_workers
-        self._reporter = reporter
         self._topic = report_topic(cfg.store.path)
         self._lock = threading.Lock()
         self._items: dict[Ident, Inflight] = {}
@@ -165,7 +165,7 @@ class DaskExecutor:
                 # Waits on the client's event loop without blocking it (no thread per
                 # item).
                 asyncio.run_coroutine_threadsafe(
-                    self._collect((u.key, u.claim), u.task, client, it.dask_future),
+                    self._collect(it.ident, u.task, client, it.dask_future),
                     loop.asyncio_loop)
             for chunk in batches:
                 key = next(self._batch_keys)

@@ -89,7 +89,12 @@ class DaskConnection:
             # own certificate (see the module docstring).
             n_workers = cfg.executor.max_workers
             self._security = _temporary_security(cfg)
-            self._cluster = LocalClusterProcess(n_workers, self._security)
+            try:
+                self._cluster = LocalClusterProcess(n_workers, self._security)
+            except RuntimeError as e:  # a sentence (exit 2), not a traceback
+                raise ConfigError(f"{e}; check that Dask is installed and works "
+                                  '(pip install "bulkrunner[dask]")',
+                                  file=cfg.source, key="executor.address") from None
             self.address = self._cluster.scheduler_address
             log.info("started a local Dask cluster of %d worker processes at %s, TLS with "
                      "a certificate of this run only (dashboard %s)", n_workers,

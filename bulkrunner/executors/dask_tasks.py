@@ -5,9 +5,6 @@ Long items, and items with a short timeout, go one per task; while a task's item
 short, they go in batches of about :data:`POLICY`'s window of work.
 """
 
-# distributed ships partial type hints: many of its calls are untyped.
-# mypy: disable-error-code="no-untyped-call"
-
 from __future__ import annotations
 
 import dataclasses
@@ -32,11 +29,13 @@ Ident = tuple[tuple[int, int], int]
 #: would spend idle. Nothing handed to Dask is given back by the dispatcher, so the recent
 #: rate sets no bound.
 POLICY = BatchPolicy(window=0.25, max_batch=500, short=0.1, cap=8192)
-#: Units with a timeout shorter than this go one per task: a stuck neighbour could keep
-#: them waiting for about STUCK before they are taken back.
+#: Units with a timeout shorter than this go one per task: a stuck neighbour keeps the
+#: units behind it waiting until its batch counts as stuck (see STUCK), up to about 5 s
+#: for a batch of 250 ms of work, before they are taken back.
 BATCH_TIMEOUT_MIN = 10.0
-#: A batch still running after this long (or 20 times what its items should take) has the
-#: units it has not started taken back and handed out again.
+#: A batch still running after this long, or after 20 times what its items should take
+#: (whichever is longer), has the units it has not started taken back and handed out
+#: again.
 STUCK = 1.0
 
 

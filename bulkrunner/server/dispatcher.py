@@ -173,11 +173,12 @@ class Dispatcher:
                 return
             deadline = time.monotonic() + grace
             # A turn under way may have claimed items it has not handed over yet (they are
-            # running in the store, not in flight here): they are waited for like the rest.
-            with self._turn_lock:
-                pass
-            while (self._inflight and time.monotonic() < deadline
-                   and not self._hurry.is_set()):
+            # running in the store, not in flight here): they are waited for like the rest,
+            # within the same grace. The lock is read first: a turn hands its items over
+            # before it lets go, and one that takes the lock later sees the drain and
+            # claims nothing.
+            while ((self._turn_lock.locked() or self._inflight)
+                   and time.monotonic() < deadline and not self._hurry.is_set()):
                 self._hurry.wait(0.05)
             self._shut_down()
             self._drained = True

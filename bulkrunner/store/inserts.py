@@ -169,5 +169,5 @@ def insert_new(conn: sqlite3.Connection, new: NewJob, now: float) -> None:
                      (seq, new.priority, json.dumps(list(new.items))))
 
 
-__all__ = ["INSERTING", "SLICE_ITEMS", "insert_keyed", "insert_new", "insert_sliced",
-           "queue_full"]
+__all__ = ["INSERTING", "SLICE_ITEMS", "drop_stale_inserts", "insert_keyed", "insert_new",
+           "insert_sliced", "queue_full"]
