@@ -110,37 +110,11 @@ def test_items_claimed_ahead_behind_a_long_one_are_given_back(app_factory: Any,
     assert {it["attempts"] for it in items} == {1}
 
 
-def test_a_drain_waits_for_items_a_turn_claimed_and_has_not_handed_over(
-        app_factory: Any) -> None:
-    # The turn is held between its commit (the item is running in the store) and its
-    # hand-over to the executor, when the drain begins: the drain must wait for that item
-    # as for any running one, not stop at once and leave it to be re-queued.
-    app = app_factory(max_workers=1)
-    svc = app.extensions["bulkrunner"]
-    blocked, release = threading.Event(), threading.Event()
-
-    def hold(e: JobChanged) -> None:
-        if e.new == "running" and not blocked.is_set():
-            blocked.set()
-            release.wait(10)
-
-    svc.events.subscribe(JobChanged, hold)
-    job_id = app.test_client().post("/api/v1/jobs", json={
-        "task": "slow", "params": {"seconds": 0.3}}).json["id"]
-    assert blocked.wait(10), "the job never became running"
-    drain = threading.Thread(target=svc.dispatcher.drain, args=(10,))
-    drain.start()
-    wait_for(lambda: svc.dispatcher.draining, 10, "the drain did not begin")
-    release.set()
-    drain.join(30)
-    assert not drain.is_alive(), "the drain did not end"
-    job = svc.store.get_job(job_id)
-    assert job.state.value == "succeeded", (job.state, job.counts)
-
-
-def test_a_drain_waits_for_a_turn_only_within_its_grace(app_factory: Any) -> None:
-    # A turn that does not end (a database locked by another program, an executor that
-    # hangs) must not hold a drain past its grace, nor a second Ctrl-C.
+def _drain_during_a_held_turn(app_factory: Any, grace: float
+                              ) -> tuple[Any, str, threading.Event, threading.Thread]:
+    """A one-item job whose turn is held between its commit (the item is running in the
+    store) and its hand-over to the executor, and a drain of ``grace`` seconds begun
+    meanwhile: (service, job id, the event that lets the turn go on, the drain's thread)."""
     app = app_factory(max_workers=1)
     svc = app.extensions["bulkrunner"]
     blocked, release = threading.Event(), threading.Event()
@@ -154,8 +128,28 @@ def test_a_drain_waits_for_a_turn_only_within_its_grace(app_factory: Any) -> Non
     job_id = app.test_client().post("/api/v1/jobs", json={
         "task": "slow", "params": {"seconds": 0.3}}).json["id"]
     assert blocked.wait(10), "the job never became running"
-    drain = threading.Thread(target=svc.dispatcher.drain, args=(0.2,))
+    drain = threading.Thread(target=svc.dispatcher.drain, args=(grace,))
     drain.start()
+    return svc, job_id, release, drain
+
+
+def test_a_drain_waits_for_items_a_turn_claimed_and_has_not_handed_over(
+        app_factory: Any) -> None:
+    # The drain must wait for the held turn's item as for any running one, not stop at
+    # once and leave it to be re-queued.
+    svc, job_id, release, drain = _drain_during_a_held_turn(app_factory, 10)
+    wait_for(lambda: svc.dispatcher.draining, 10, "the drain did not begin")
+    release.set()
+    drain.join(30)
+    assert not drain.is_alive(), "the drain did not end"
+    job = svc.store.get_job(job_id)
+    assert job.state.value == "succeeded", (job.state, job.counts)
+
+
+def test_a_drain_waits_for_a_turn_only_within_its_grace(app_factory: Any) -> None:
+    # A turn that does not end (a database locked by another program, an executor that
+    # hangs) must not hold a drain past its grace, nor a second Ctrl-C.
+    svc, job_id, release, drain = _drain_during_a_held_turn(app_factory, 0.2)
     try:
         wait_for(svc.dispatcher._stop.is_set, 10,
                  "the drain waited past its grace for the turn under way")
