@@ -129,6 +129,28 @@ def test_without_fair_share_the_oldest_job_takes_all() -> None:
     assert _plan(p, 5) == [(1, 5)]
 
 
+def test_an_item_requeued_in_a_failed_turn_is_counted_once() -> None:
+    # The finish of a failed turn comes again in the next one: counted twice, a job whose
+    # items were all claimed looked as if one were left, and was asked again for nothing
+    # while holding every other job to a turn at a time as their rival.
+    p = Pacer()
+    p.load([_w(1, queued=1), _w(2, queued=10)], set(), 0)
+    p.begin(2, 100.0)
+    assert p.plan() == [(1, 1), (2, 1)]
+    p.took(1, 1, 1)
+    p.took(2, 1, 1)
+    p.end_plan()
+    for committed in (False, True):  # the same finish: rolled back, then committed
+        p.requeued(1)
+        p.begin(2, 100.0)
+        steps = p.plan()
+        assert steps == [(1, 1), (2, 1)]
+        for seq, n in steps:
+            p.took(seq, n, n)
+        p.end_plan() if committed else p.abandon_plan()
+    assert _plan(p, 4) == [(2, 4)]  # job 1 has nothing queued: no rival left
+
+
 def test_priority_first_then_turns() -> None:
     p = Pacer()
     p.load([_w(1), _w(2, priority=5), _w(3, task="u", priority=5)], set(), 0)

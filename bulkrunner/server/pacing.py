@@ -137,6 +137,9 @@ class Pacer:
         self.max_seq = 0
         #: What the current plan reserved: (seq, task, n) in order.
         self._reserved: list[tuple[int, str, int]] = []
+        #: The jobs told :meth:`requeued` in the current transaction, one entry an item:
+        #: counted back out if it fails, for the same finishes come again in a later turn.
+        self._requeued: list[int] = []
         self._budget = 0
         self._now = 0.0
 
@@ -192,7 +195,9 @@ class Pacer:
         heapq.heappush(self._tasks[j.task].heap, (-j.priority, order, j.seq, j.ver))
 
     def requeued(self, seq: int) -> None:
-        """An item of job ``seq`` went back to the queue claimable at once."""
+        """An item of job ``seq`` went back to the queue claimable at once (in the current
+        transaction: :meth:`abandon_plan` counts it out again)."""
+        self._requeued.append(seq)
         self._restore(seq, 1)
 
     def _restore(self, seq: int, n: int) -> None:
@@ -370,11 +375,18 @@ class Pacer:
                 self._list(j)
 
     def end_plan(self) -> None:
-        """The claim is committed: its reservations stand."""
+        """The turn is committed: its reservations and requeued items stand."""
         self._reserved.clear()
+        self._requeued.clear()
 
     def abandon_plan(self) -> None:
-        """The claim's transaction failed: give back what it reserved."""
+        """The turn's transaction failed: give back what it reserved, and count out the
+        items it requeued (they are still running as far as the store knows)."""
+        for seq in self._requeued:
+            j = self._jobs.get(seq)
+            if j is not None and j.left is not None:
+                j.left -= 1
+        self._requeued.clear()
         net: dict[tuple[int, str], int] = {}
         for seq, task, n in self._reserved:
             net[seq, task] = net.get((seq, task), 0) + n

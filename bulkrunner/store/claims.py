@@ -49,11 +49,11 @@ class Planner(Protocol):
         ...
 
     def end_plan(self) -> None:
-        """The claim was committed."""
+        """The turn (its requeued items and its claim) was committed."""
         ...
 
     def abandon_plan(self) -> None:
-        """The claim's transaction failed."""
+        """The turn's transaction failed: none of it happened."""
         ...
 
 

@@ -67,10 +67,10 @@ def turn(writer: Writer, holds: Callable[[Tx], bool], job_info: JobInfo,
     try:
         out.claimed, out.changes = writer.write_tx(op)
     except BaseException:
-        if planner is not None and n > 0:
+        if planner is not None:
             planner.abandon_plan()
         raise
-    if planner is not None and n > 0:
+    if planner is not None:
         planner.end_plan()
     return out
 
