@@ -44,8 +44,9 @@ def insert_sliced(writer: Writer, new: NewJob, max_queued: int | None
             found = keyed_original(tx, new)
             if found is not None:
                 return -found  # an idempotent replay: nothing to write
-        if max_queued is not None and writer.queued + n > max_queued:
-            raise queue_full(writer.queued, max_queued)
+        full = queue_full(writer.queued, n, max_queued)
+        if full is not None:
+            raise full
         row = tx.conn.execute(
             "INSERT INTO jobs (id, task, params, priority, max_attempts, timeout, state, "
             "created_at, run_after, submitted_by, schedule, notify_url, doomed) "
@@ -89,8 +90,11 @@ def insert_sliced(writer: Writer, new: NewJob, max_queued: int | None
         raise
 
 
-def queue_full(queued: int, limit: int) -> QueueFull:
-    """The error of a submission that would put more than ``limit`` items in the queue."""
+def queue_full(queued: int, n: int, limit: int | None) -> QueueFull | None:
+    """The error of a submission of ``n`` items that would put more than ``limit`` items
+    in the queue, where ``queued`` wait already; None when they fit (or no limit is set)."""
+    if limit is None or queued + n <= limit:
+        return None
     return QueueFull(f"the queue is full ({queued} items waiting, the limit is "
                      f"jobs.max_queued = {limit}); try again later",
                      retry_after=5, details={"queued": queued, "limit": limit})
@@ -105,8 +109,9 @@ def insert_keyed(tx: Tx, new: NewJob, queued: int, max_queued: int | None
     if found is not None:
         return found, False, tx.now
     n = len(new.items)
-    if max_queued is not None and queued + n > max_queued:
-        raise queue_full(queued, max_queued)
+    full = queue_full(queued, n, max_queued)
+    if full is not None:
+        raise full
     insert_new(c, new, tx.now)
     tx.queued_delta += n
     tx.by_task[new.task]["queued"] += n

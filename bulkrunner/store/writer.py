@@ -324,8 +324,8 @@ class Writer:
             assert op.new is not None
             new, max_queued = op.new
             n = len(new.items)
-            if max_queued is not None and self.queued + n > max_queued:
-                op.error = inserts.queue_full(self.queued, max_queued)
+            op.error = inserts.queue_full(self.queued, n, max_queued)
+            if op.error is not None:
                 continue
             inserts.insert_new(self._conn, new, now)
             self.queued += n
