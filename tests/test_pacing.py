@@ -147,7 +147,10 @@ def test_an_item_requeued_in_a_failed_turn_is_counted_once() -> None:
         assert steps == [(1, 1), (2, 1)]
         for seq, n in steps:
             p.took(seq, n, n)
-        p.end_plan() if committed else p.abandon_plan()
+        if committed:
+            p.end_plan()
+        else:
+            p.abandon_plan()
     assert _plan(p, 4) == [(2, 4)]  # job 1 has nothing queued: no rival left
 
 

@@ -42,7 +42,8 @@ def turn(writer: Writer, holds: Callable[[Tx], bool], job_info: JobInfo,
     ``attempt``-th attempt and has attempts left. Progress and output that cannot be
     stored are dropped (``Turn.dropped`` says why), never the rest of the turn. Claims are
     made only while ``holds(tx)`` (this process holds the dispatcher lease). When the
-    transaction fails, the planner is told to give back what it planned.
+    transaction fails, the planner is told to give back what it planned and to count out
+    the items it was told were requeued (their finishes come again in a later turn).
     """
     out = Turn()
     if not finishes and n <= 0 and not progress and not logs:
